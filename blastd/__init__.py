@@ -1,0 +1,1 @@
+"""blastd: a crash-safe WhatsApp blast and video delivery daemon."""

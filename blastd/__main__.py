@@ -1,0 +1,3 @@
+from blastd.cli import main
+
+main()

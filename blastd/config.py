@@ -1,0 +1,139 @@
+"""Settings (pydantic-settings): nested sections, one entry per account, secrets from files."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from blastd.errors import ConfigError
+
+SECRET_FIELDS = ("token", "app_secret", "verify_token")
+
+
+class RetrySettings(BaseModel):
+    """Retries of transient provider answers; defaults from seed 003 (two retries, 5 s then 10 s)."""
+
+    attempts: int = Field(3, ge=1, le=20)
+    initial_s: float = Field(5.0, ge=0)
+    max_s: float = Field(10.0, ge=0)
+    jitter_s: float = Field(1.0, ge=0)
+
+
+class AccountSettings(BaseModel):
+    """A named provider login with its own rate, concurrency and connection pool."""
+
+    kind: Literal["cloud_api"]
+    base_url: str = "https://graph.facebook.com"
+    api_version: str = "v23.0"
+    phone_number_id: str | None = None
+    token: SecretStr | None = None
+    app_secret: SecretStr | None = None  # checks X-Hub-Signature-256 on status webhooks
+    verify_token: SecretStr | None = None  # answers Meta's GET verification handshake
+    rate_per_s: float = Field(80.0, ge=0)  # Cloud API default tier; 0 means no limit
+    concurrency: int = Field(10, ge=1, le=2000)  # seed 003: 10 requests in flight
+    connect_timeout_s: float = Field(10.0, gt=0)  # seed 000: 10 s connect
+    request_timeout_s: float = Field(30.0, gt=0)  # seed 000: 30 s read
+    retry: RetrySettings = RetrySettings()
+
+    @model_validator(mode="after")
+    def _require_cloud_api_fields(self) -> AccountSettings:
+        if self.kind == "cloud_api" and not self.phone_number_id:
+            raise ValueError("phone_number_id is required for a cloud_api account")
+        return self
+
+
+class AdminSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=0, le=65535)  # 0 picks a free port (tests)
+    token: SecretStr | None = None
+
+
+class Settings(BaseSettings):
+    """Everything blastd reads from BLASTD_* variables, an env file and the credentials dir."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BLASTD_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "blastd:"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/blastd"
+    instance_id: str = Field(default_factory=socket.gethostname)
+    credentials_dir: Path | None = Field(
+        default_factory=lambda: Path(d) if (d := os.environ.get("CREDENTIALS_DIRECTORY")) else None
+    )
+    accounts: dict[str, AccountSettings] = {}
+    admin: AdminSettings = AdminSettings()
+
+    default_region: str = "ID"  # region for numbers written without a country code
+    max_job_bytes: int = Field(1_048_576, ge=1024)
+    max_inline_recipients: int = Field(10_000, ge=1)
+    max_recipients: int = Field(2_000_000, ge=1)
+    recipients_page_size: int = Field(5_000, ge=1)  # rows per COPY page at intake
+    claim_page_size: int = Field(500, ge=1)  # recipients claimed from the ledger at once
+    outcome_flush_rows: int = Field(500, ge=1)
+    outcome_flush_interval_s: float = Field(0.05, gt=0)
+    campaign_poll_interval_s: float = Field(1.0, gt=0)
+    intake_block_s: float = Field(1.0, gt=0)  # BLMOVE timeout: how soon shutdown is noticed
+    redis_socket_timeout_s: float = Field(5.0, gt=0)
+    db_command_timeout_s: float = Field(10.0, gt=0)
+    dependency_retry_s: float = Field(1.0, gt=0)  # wait between reconnect attempts
+    drain_timeout_s: float = Field(20.0, gt=0)
+    uncertain_policy: Literal["hold", "resend"] = "hold"
+    max_job_deliveries: int = Field(3, ge=1)  # a job that crashed the daemon this often is dead
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    mask_phones: bool = True
+
+    @model_validator(mode="after")
+    def _read_secret_files(self) -> Settings:
+        """Fill missing account secrets from `{credentials_dir}/{account}.{field}` files."""
+        if self.credentials_dir is None:
+            return self
+        for name, account in self.accounts.items():
+            for field in SECRET_FIELDS:
+                path = self.credentials_dir / f"{name}.{field}"
+                if getattr(account, field) is None and path.is_file():
+                    setattr(account, field, SecretStr(path.read_text().strip()))
+        return self
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, so the log pipeline can scrub them from any output."""
+        secrets = [self.admin.token] + [
+            getattr(account, field) for account in self.accounts.values() for field in SECRET_FIELDS
+        ]
+        passwords = [_url_password(self.redis_url), _url_password(self.database_url)]
+        values = [s.get_secret_value() for s in secrets if s is not None] + passwords
+        return [v for v in values if v and len(v) >= 4]
+
+
+def _url_password(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).password or ""
+
+
+def load_settings(env_file: Path | None = None) -> Settings:
+    """Load and validate settings once; a bad value raises ConfigError naming the setting."""
+    try:
+        settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc)) from None
+    for name, account in settings.accounts.items():
+        if account.token is None:
+            raise ConfigError(f"BLASTD_ACCOUNTS__{name}__TOKEN: no token for account {name!r}")
+    return settings
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        setting = "BLASTD_" + "__".join(str(part) for part in error["loc"]).upper()
+        lines.append(f"{setting}: {error['msg']}")
+    return "invalid settings: " + "; ".join(lines)
