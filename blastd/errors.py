@@ -3,6 +3,8 @@
     BlastdError
     ├── ConfigError             bad settings: start-up stops with exit code 78
     ├── InvalidJobError         a job that cannot be accepted: dead-lettered with its reason
+    ├── InvalidNumberError      a number that is not a valid phone number: recorded as skipped
+    ├── SourceError             a recipients file for `blastd enqueue` cannot be read
     └── ProviderError           a provider answered something other than success
         ├── TransientError      retry with backoff and jitter, bounded attempts
         ├── ThrottledError      slow the account, honour retry_after_s, try again: not a failure
@@ -10,7 +12,7 @@
         ├── QualityError        pause the campaign and wait for an operator
         ├── PermanentError      fail this recipient, never retry
         ├── CampaignFatalError  stop the campaign at once
-        └── UncertainOutcomeError  the provider may have accepted it (unreadable 2xx): never resend
+        └── UncertainOutcomeError  unreadable 2xx: the provider may have accepted it
 
 The provider adapters translate HTTP statuses and provider codes into these classes; nothing
 outside `blastd.providers` knows a provider's codes.
@@ -36,6 +38,18 @@ class InvalidJobError(BlastdError):
         super().__init__(reason)
         self.reason = reason
         self.job_id = job_id
+
+
+class InvalidNumberError(BlastdError):
+    """A phone number cannot be normalised to E.164; `reason` is one line for the ledger."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SourceError(BlastdError):
+    """A recipients file cannot be read; the message names the file and what was expected."""
 
 
 class ProviderError(BlastdError):

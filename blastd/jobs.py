@@ -1,0 +1,402 @@
+"""Parsing and validation of the jobs that arrive on Redis, and rendering of their messages.
+
+A job is checked in order: size, UTF-8, JSON, object, `id`, control characters, `type`, then the
+type's own model (pydantic, strict: a number where a string belongs is an error, never coerced).
+Every failure is an InvalidJobError whose reason is one line that echoes at most 60 characters
+of the input. Unknown top-level fields are ignored so producers can add them first; unknown
+fields inside `message` and `options` are rejected, because there a typo changes what is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import orjson
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from blastd.errors import InvalidJobError, InvalidNumberError
+from blastd.providers import Body, TemplateBody, TextBody, VideoBody
+from blastd.recipients import CONTROL_CHARS, RecipientIn, normalize_number, preview
+
+MAX_ID_CHARS = 200
+MAX_TEXT_CHARS = 4096  # Cloud API text body limit
+MAX_CAPTION_CHARS = 1024  # Cloud API media caption limit
+MAX_URL_CHARS = 2048
+MAX_NAME_CHARS = 512
+MAX_LOCATION_CHARS = 80  # a field path in a reason; longer (hostile keys) is cut by preview()
+JSON_MAX_DEPTH = 1024  # orjson's fixed nesting limit
+MESSAGE_KINDS = ("text", "template", "video")
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+_JSON_KINDS = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
+# orjson's wording for its depth limit names no number; say what the producer has to change.
+_JSON_PROBLEMS = {"depth limit exceeded": f"nested deeper than {JSON_MAX_DEPTH} levels"}
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _rejecting(pattern: re.Pattern[str]) -> AfterValidator:
+    def check(value: str) -> str:
+        if found := pattern.search(value):
+            code = ord(found.group())
+            raise PydanticCustomError("control_char", f"control character U+{code:04X}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _http_url(value: str) -> str:
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PydanticCustomError("url", "must be an http(s) URL")
+    if not value.isprintable() or " " in value:
+        raise PydanticCustomError("url", "must be an http(s) URL without spaces")
+    return value
+
+
+def _id_problem(value: str) -> str | None:
+    if not value.strip():
+        return "id is empty"
+    if len(value) > MAX_ID_CHARS:
+        return f"id is longer than {MAX_ID_CHARS} characters"
+    if not value.isprintable():
+        return f"id {preview(value)} contains a control or invisible character"
+    return None
+
+
+def _valid_id(value: str) -> str:
+    if problem := _id_problem(value):
+        raise PydanticCustomError("job_id", problem)
+    return value
+
+
+def _list_as_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _aware_datetime(value: object) -> object:
+    """ISO-8601 with an explicit offset, converted to UTC; pydantic's strict mode takes no str."""
+    if isinstance(value, str) and len(value) <= 64:
+        with contextlib.suppress(ValueError):  # left a str: rejected just below
+            value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise PydanticCustomError("datetime", "must be an ISO-8601 datetime string")
+    if value.utcoffset() is None:
+        raise PydanticCustomError("datetime", "needs a timezone, e.g. +07:00 or Z")
+    return value.astimezone(UTC)
+
+
+# Length constraints go before these validators, so that pydantic words them for a string.
+_SINGLE_LINE = _rejecting(re.compile(r"[\x00-\x1f]"))
+_MESSAGE_TEXT = _rejecting(CONTROL_CHARS)
+Line = Annotated[str, _SINGLE_LINE]
+MessageText = Annotated[str, _MESSAGE_TEXT]
+RedisKey = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), _SINGLE_LINE]
+HttpUrl = Annotated[str, Field(max_length=MAX_URL_CHARS), AfterValidator(_http_url)]
+JobId = Annotated[str, AfterValidator(_valid_id)]
+
+_Parts = tuple[str, ...]  # literal, name, literal, name, ..., literal: re.split with one group
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    parts: tuple[_Parts, ...]
+    names: frozenset[str]
+
+
+def _fill(parts: _Parts, values: Mapping[str, str]) -> str:
+    if len(parts) == 1:
+        return parts[0]
+    filled = list(parts)
+    for index in range(1, len(parts), 2):
+        filled[index] = values[parts[index]]
+    return "".join(filled)
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+class TemplateSpec(_Spec):
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), _SINGLE_LINE]
+    language: Annotated[str, Field(pattern=r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})*$")]
+    params: Annotated[tuple[MessageText, ...], BeforeValidator(_list_as_tuple)] = ()
+    header_video: HttpUrl | None = None
+
+
+class VideoSpec(_Spec):
+    link: HttpUrl
+    caption: Annotated[str, Field(max_length=MAX_CAPTION_CHARS), _MESSAGE_TEXT] | None = None
+
+
+class MessageSpec(_Spec):
+    """Exactly one of text, template or video. Placeholder texts are split once, on first use,
+    so that rendering a recipient's message is a dict lookup per placeholder and a join."""
+
+    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), _MESSAGE_TEXT] | None = (
+        None
+    )
+    template: TemplateSpec | None = None
+    video: VideoSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _require_one_kind(cls, value: object) -> object:
+        if not isinstance(value, dict | MessageSpec):
+            raise PydanticCustomError("message_type", "must be an object")
+        if isinstance(value, dict):
+            kinds = [kind for kind in MESSAGE_KINDS if value.get(kind) is not None]
+            if len(kinds) != 1:
+                found = ", ".join(kinds) or "none"
+                raise PydanticCustomError(
+                    "message_kind",
+                    "needs exactly one of text, template, video (found: {found})",
+                    {"found": found},
+                )
+        return value
+
+    @functools.cached_property
+    def _compiled(self) -> _Compiled:
+        # A cached_property lives in the instance dict: reading it is a plain attribute lookup,
+        # where a pydantic private attribute costs microseconds per render.
+        parts = tuple(tuple(PLACEHOLDER.split(text)) for text in self._texts())
+        return _Compiled(parts, frozenset(name for split in parts for name in split[1::2]))
+
+    def _texts(self) -> tuple[str, ...]:
+        """The texts that may hold placeholders, in the order _body takes them back."""
+        if self.text is not None:
+            return (self.text,)
+        if self.template is not None:
+            return self.template.params
+        assert self.video is not None  # _require_one_kind
+        return () if self.video.caption is None else (self.video.caption,)
+
+    def _body(self, texts: list[str]) -> Body:
+        if self.text is not None:
+            return TextBody(texts[0])
+        if self.template is not None:
+            spec = self.template
+            return TemplateBody(spec.name, spec.language, tuple(texts), spec.header_video)
+        assert self.video is not None  # _require_one_kind
+        return VideoBody(self.video.link, texts[0] if texts else None)
+
+
+class BlastOptions(_Spec):
+    rate_per_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    not_before: Annotated[datetime, BeforeValidator(_aware_datetime)] | None = None
+
+
+class BlastJob(BaseModel):
+    """One message to many recipients, inline or in the Redis list named by recipients_key."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    type: Literal["blast"] = "blast"
+    id: JobId
+    account: Line
+    message: MessageSpec
+    recipients: Annotated[list[RecipientIn], Field(min_length=1)] | None = None
+    recipients_key: RedisKey | None = None
+    options: BlastOptions = BlastOptions()
+
+    @model_validator(mode="after")
+    def _require_one_recipient_source(self) -> BlastJob:
+        if (self.recipients is None) == (self.recipients_key is None):
+            raise PydanticCustomError(
+                "recipient_source", "exactly one of recipients and recipients_key is required"
+            )
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    accounts: Collection[str]
+    max_inline_recipients: int
+    default_region: str
+
+
+def parse_job(
+    raw: bytes,
+    *,
+    max_bytes: int,
+    accounts: Collection[str],
+    max_inline_recipients: int,
+    default_region: str,
+) -> BlastJob:
+    """Return the validated job or raise InvalidJobError with a one-line reason and its id."""
+    data = _load_object(raw, max_bytes)
+    job_id = _read_id(data)
+    try:
+        _check_control_chars(data)
+        parse = _JOB_TYPES[_read_type(data)]
+        return parse(data, _Limits(accounts, max_inline_recipients, default_region))
+    except InvalidJobError as exc:
+        exc.job_id = job_id
+        raise
+
+
+def _load_object(raw: bytes, max_bytes: int) -> dict[str, Any]:
+    if len(raw) > max_bytes:
+        raise InvalidJobError(f"job is {len(raw)} bytes, over the {max_bytes}-byte limit")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidJobError(f"job is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        problem = _JSON_PROBLEMS.get(exc.msg, exc.msg)
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise InvalidJobError(f"invalid JSON: {problem} at {where}") from None
+    if not isinstance(data, dict):
+        raise InvalidJobError(f"job must be a JSON object, not {_json_kind(data)}")
+    return data
+
+
+def _read_id(data: dict[str, Any]) -> str:
+    job_id = data.get("id")
+    if job_id is None:
+        raise InvalidJobError("missing id")
+    if not isinstance(job_id, str):
+        raise InvalidJobError(f"id must be a string, not {_json_kind(job_id)}")
+    if problem := _id_problem(job_id):
+        raise InvalidJobError(problem)
+    return job_id
+
+
+def _check_control_chars(data: dict[str, Any]) -> None:
+    """Reject C0 controls (but tab, CR, LF) in every string and key, ignored fields included:
+    PostgreSQL text and jsonb refuse NUL. Iterative: a valid document may be 1024 deep."""
+    stack: list[tuple[object, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            _reject_control_chars(value, path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else key
+                _reject_control_chars(key, child)
+                stack.append((item, child))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{index}]") for index, item in enumerate(value))
+
+
+def _reject_control_chars(text: str, path: str) -> None:
+    if found := CONTROL_CHARS.search(text):
+        code = ord(found.group())
+        raise InvalidJobError(f"control character U+{code:04X} in {preview(path)}")
+
+
+def _read_type(data: dict[str, Any]) -> str:
+    job_type = data.get("type")
+    if job_type is None:
+        raise InvalidJobError("missing type")
+    if not isinstance(job_type, str):
+        raise InvalidJobError(f"type must be a string, not {_json_kind(job_type)}")
+    if job_type not in _JOB_TYPES:
+        known = ", ".join(sorted(_JOB_TYPES))
+        raise InvalidJobError(f"unknown type {preview(job_type)} (known: {known})")
+    return job_type
+
+
+def _parse_blast(data: dict[str, Any], limits: _Limits) -> BlastJob:
+    recipients = data.get("recipients")
+    if isinstance(recipients, list) and len(recipients) > limits.max_inline_recipients:
+        raise InvalidJobError(
+            f"{len(recipients)} inline recipients, over the limit of "
+            f"{limits.max_inline_recipients}: use recipients_key"
+        )
+    try:
+        job = BlastJob.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidJobError(_describe(exc)) from None
+    if job.account not in limits.accounts:
+        raise InvalidJobError(f"unknown account {preview(job.account)}")
+    if job.recipients is not None:
+        _require_a_valid_number(job.recipients, limits.default_region)
+    return job
+
+
+def _require_a_valid_number(recipients: list[RecipientIn], default_region: str) -> None:
+    """Invalid numbers are skipped one by one later, but a job with no valid one is dead."""
+    first_problem = ""
+    for recipient in recipients:
+        try:
+            normalize_number(recipient.to, default_region)
+        except InvalidNumberError as exc:
+            first_problem = first_problem or exc.reason
+        else:
+            return
+    raise InvalidJobError(f"no valid recipient (first: {first_problem})")
+
+
+_JOB_TYPES: dict[str, Callable[[dict[str, Any], _Limits], BlastJob]] = {"blast": _parse_blast}
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first error as one line: 'message.template.name: String should have at least…'."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    first = errors[0]
+    where = _location(first)
+    if first["type"] == "missing":
+        reason = f"missing {where}"
+    elif first["type"] == "extra_forbidden":
+        reason = f"unknown field {where}"
+    else:
+        reason = f"{where}: {first['msg']}" if where else first["msg"]
+    more = len(errors) - 1
+    return reason + (f" (and {more} more)" if more else "")
+
+
+def _location(error: ErrorDetails) -> str:
+    where = ""
+    for part in error["loc"]:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        else:
+            where = f"{where}.{part}" if where else part
+    return where if where.isprintable() and len(where) <= MAX_LOCATION_CHARS else preview(where)
+
+
+def placeholders(message: MessageSpec) -> frozenset[str]:
+    """Return the names of the `{name}` placeholders the message uses."""
+    return message._compiled.names
+
+
+def missing_variables(message: MessageSpec, values: Mapping[str, str]) -> frozenset[str]:
+    """Return the placeholder names that `values` does not provide."""
+    return frozenset(name for name in message._compiled.names if name not in values)
+
+
+def render(message: MessageSpec, values: Mapping[str, str]) -> Body:
+    """Substitute `{name}` tokens only, in one pass; anything else stays literal.
+
+    Raises KeyError for a missing name: check missing_variables first. Values are never
+    re-scanned, and str.format is never used, so '{0.__class__}' from a producer stays text.
+    """
+    return message._body([_fill(parts, values) for parts in message._compiled.parts])
