@@ -1,0 +1,333 @@
+"""WhatsApp Cloud API: one message per request, answers classified by Graph error code.
+
+Also parses the status webhooks Meta sends back and answers its verification handshake.
+Codes and shapes: shared/providers/cloud-api.md (sections 4, 5 and 7).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+import orjson
+
+from blastd.config import AccountSettings
+from blastd.errors import (
+    CampaignFatalError,
+    ConfigError,
+    PairLimitError,
+    PermanentError,
+    ProviderError,
+    QualityError,
+    ThrottledError,
+    TransientError,
+    UncertainOutcomeError,
+)
+from blastd.providers import (
+    OutboundMessage,
+    SendReceipt,
+    StatusUpdate,
+    TemplateBody,
+    TextBody,
+    VideoBody,
+)
+
+CALLBACK_PREFIX = "blastd:"  # biz_opaque_callback_data = CALLBACK_PREFIX + ledger_id
+MAX_RETRY_AFTER_S = 300.0  # a Retry-After of hours would stall the account; our limiter decides
+MAX_ERROR_TEXT_CHARS = 300
+SIGNATURE_PREFIX = "sha256="
+WEBHOOK_STATUSES = frozenset({"sent", "delivered", "read", "failed"})
+
+# 131053 (media upload) is retried: tenacity's bounded attempts give the "once, then fail"
+# the research asks for without a class of its own.
+TRANSIENT_CODES = (1, 2, 131000, 131016, 131053)
+THROTTLED_CODES = (4, 80007, 130429)
+PAIR_LIMIT_CODES = (131056,)
+# 132015 (template paused for low quality) is lifted by Meta after hours: an operator resumes.
+QUALITY_CODES = (131048, 368, 132015)
+# 131049 (per-user marketing cap) may only be retried after 24 h, longer than a campaign waits.
+PERMANENT_CODES = (
+    100,
+    130472,
+    131008,
+    131009,
+    131014,
+    131026,
+    131047,
+    131049,
+    131050,
+    131051,
+    132000,
+)
+# Nothing on the account can succeed until a human acts: template gone (132001) or disabled
+# for good (132016), auth and permission (0, 3, 10, 190, 200-299), account locked (131031),
+# payment (131042, the Graph twin of HTTP 402). Pausing would only resume into the same wall.
+CAMPAIGN_FATAL_CODES = (0, 3, 10, 190, 131031, 131042, 132001, 132016, *range(200, 300))
+
+ERROR_CLASS_BY_CODE: dict[int, type[ProviderError]] = {
+    **dict.fromkeys(TRANSIENT_CODES, TransientError),
+    **dict.fromkeys(THROTTLED_CODES, ThrottledError),
+    **dict.fromkeys(PAIR_LIMIT_CODES, PairLimitError),
+    **dict.fromkeys(QUALITY_CODES, QualityError),
+    **dict.fromkeys(PERMANENT_CODES, PermanentError),
+    **dict.fromkeys(CAMPAIGN_FATAL_CODES, CampaignFatalError),
+}
+
+
+class CloudApiProvider:
+    """Sends messages through one Cloud API phone number."""
+
+    def __init__(self, name: str, account: AccountSettings, http: aiohttp.ClientSession) -> None:
+        if account.token is None or not account.phone_number_id:
+            raise ConfigError(f"account {name!r}: cloud_api needs token and phone_number_id")
+        self._token = account.token.get_secret_value()
+        base_url = account.base_url.rstrip("/")
+        self._url = f"{base_url}/{account.api_version}/{account.phone_number_id}/messages"
+        self._headers = {
+            "Authorization": f"Bearer {self._token}",
+            "Content-Type": "application/json",
+        }
+        self._timeout = aiohttp.ClientTimeout(
+            total=account.request_timeout_s, connect=account.connect_timeout_s
+        )
+        self._http = http
+
+    async def send(self, message: OutboundMessage) -> SendReceipt:
+        """Send one message; return Meta's wamid or raise the ProviderError its answer means."""
+        payload = orjson.dumps(build_request_body(message))
+        try:
+            async with self._http.post(
+                self._url, data=payload, headers=self._headers, timeout=self._timeout
+            ) as response:
+                raw_body = await response.read()
+                status = response.status
+                retry_after = response.headers.get("Retry-After")
+        except TimeoutError as exc:
+            raise TransientError("timeout", self._clean(repr(exc))) from exc
+        except aiohttp.ClientError as exc:
+            raise TransientError("network", self._clean(repr(exc))) from exc
+        if 200 <= status < 300:
+            return read_receipt(status, raw_body)
+        raise classify_failure(status, raw_body, retry_after, self._token)
+
+    def _clean(self, text: str) -> str:
+        return clean_error_text(text, self._token)
+
+
+def build_request_body(message: OutboundMessage) -> dict[str, object]:
+    """The JSON request for one message, carrying its ledger id for the status webhooks."""
+    request: dict[str, object] = {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": message.to.removeprefix("+"),
+        "biz_opaque_callback_data": f"{CALLBACK_PREFIX}{message.ledger_id}",
+    }
+    body = message.body
+    if isinstance(body, TextBody):
+        request["type"] = "text"
+        request["text"] = {"preview_url": False, "body": body.text}
+    elif isinstance(body, TemplateBody):
+        request["type"] = "template"
+        request["template"] = _template_object(body)
+    else:
+        request["type"] = "video"
+        request["video"] = _video_object(body)
+    return request
+
+
+def _template_object(body: TemplateBody) -> dict[str, object]:
+    components: list[dict[str, object]] = []
+    if body.header_video_link is not None:
+        video = {"type": "video", "video": {"link": body.header_video_link}}
+        components.append({"type": "header", "parameters": [video]})
+    if body.body_params:
+        texts = [{"type": "text", "text": param} for param in body.body_params]
+        components.append({"type": "body", "parameters": texts})
+    template: dict[str, object] = {"name": body.name, "language": {"code": body.language}}
+    if components:
+        template["components"] = components
+    return template
+
+
+def _video_object(body: VideoBody) -> dict[str, str]:
+    if body.caption is None:
+        return {"link": body.link}
+    return {"link": body.link, "caption": body.caption}
+
+
+def read_receipt(status: int, raw_body: bytes) -> SendReceipt:
+    """The wamid of a 2xx answer; an unreadable 2xx may still have been accepted: uncertain."""
+    try:
+        document = orjson.loads(raw_body)
+        message_id = document["messages"][0]["id"]
+    except (orjson.JSONDecodeError, LookupError, TypeError) as exc:
+        raise UncertainOutcomeError(f"http_{status}", "2xx without messages[0].id") from exc
+    if not isinstance(message_id, str) or not message_id:
+        raise UncertainOutcomeError(f"http_{status}", "2xx with an empty message id")
+    return SendReceipt(provider_message_id=message_id)
+
+
+def classify_failure(
+    status: int, raw_body: bytes, retry_after: str | None, token: str
+) -> ProviderError:
+    """The error a non-2xx answer means: by Graph error code, by HTTP status without one."""
+    graph_code, text = _read_graph_error(raw_body)
+    text = clean_error_text(text or f"HTTP {status}", token)
+    error_class = ERROR_CLASS_BY_CODE.get(graph_code) if graph_code is not None else None
+    if error_class is None:
+        error_class = _error_class_for_status(status)
+    code = str(graph_code) if graph_code is not None else f"http_{status}"
+    if error_class is ThrottledError:
+        return ThrottledError(code, text, parse_retry_after_s(retry_after, datetime.now(UTC)))
+    return error_class(code, text)
+
+
+def _error_class_for_status(status: int) -> type[ProviderError]:
+    if status == 429:
+        return ThrottledError
+    if status in (401, 402):
+        return CampaignFatalError
+    if status >= 500:
+        return TransientError
+    return PermanentError
+
+
+def _read_graph_error(raw_body: bytes) -> tuple[int | None, str]:
+    """Graph's error.code and its most useful text; (None, "") when the body is not Graph's."""
+    try:
+        error = orjson.loads(raw_body)["error"]
+        code = error["code"]
+    except (orjson.JSONDecodeError, LookupError, TypeError):
+        return None, ""
+    if not isinstance(code, int) or isinstance(code, bool):
+        return None, ""
+    return code, _error_text(error)
+
+
+def _error_text(error: Mapping[str, object]) -> str:
+    error_data = error.get("error_data")
+    # error_data is an object on messaging endpoints and a plain string on some others
+    details = error_data.get("details") if isinstance(error_data, dict) else error_data
+    if isinstance(details, str) and details:
+        return details
+    message = error.get("message")
+    return message if isinstance(message, str) else ""
+
+
+def clean_error_text(text: str, token: str) -> str:
+    """Text fit for the ledger: the token removed first, then cut to MAX_ERROR_TEXT_CHARS."""
+    if token:
+        text = text.replace(token, "[token]")
+    return text[:MAX_ERROR_TEXT_CHARS]
+
+
+def parse_retry_after_s(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), capped."""
+    if value is None:
+        return None
+    delay_s: float | None
+    try:
+        delay_s = float(value)
+    except ValueError:
+        delay_s = _seconds_until_http_date(value, now)
+    if delay_s is None or not math.isfinite(delay_s):
+        return None
+    return min(max(delay_s, 0.0), MAX_RETRY_AFTER_S)
+
+
+def _seconds_until_http_date(value: str, now: datetime) -> float | None:
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:  # RFC 9110 dates are GMT; parsedate returns "-0000" as naive
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - now).total_seconds()
+
+
+def is_valid_signature(raw_body: bytes, header: str | None, app_secret: str) -> bool:
+    """True when X-Hub-Signature-256 is the HMAC-SHA256 of the exact raw body bytes."""
+    if header is None or not header.startswith(SIGNATURE_PREFIX):
+        return False
+    expected = hmac.new(app_secret.encode(), raw_body, hashlib.sha256).hexdigest()
+    received = header.removeprefix(SIGNATURE_PREFIX).lower()
+    return hmac.compare_digest(expected.encode(), received.encode())
+
+
+def answer_verification(query: Mapping[str, str], verify_token: str) -> str | None:
+    """hub.challenge when Meta's GET handshake carries our verify token, else None."""
+    challenge = query.get("hub.challenge")
+    token = query.get("hub.verify_token")
+    if query.get("hub.mode") != "subscribe" or challenge is None or token is None:
+        return None
+    if not hmac.compare_digest(token.encode(), verify_token.encode()):
+        return None
+    return challenge
+
+
+def parse_status_webhook(raw_body: bytes) -> list[StatusUpdate]:
+    """Our statuses from a webhook body; others' and malformed entries are skipped.
+
+    Raises ValueError when the body is not JSON.
+    """
+    try:
+        document: object = orjson.loads(raw_body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"webhook body is not JSON: {exc}") from exc
+    updates: list[StatusUpdate] = []
+    for entry in _list_at(document, "entry"):
+        for change in _list_at(entry, "changes"):
+            value = change.get("value") if isinstance(change, dict) else None
+            for status in _list_at(value, "statuses"):
+                update = _read_status(status)
+                if update is not None:
+                    updates.append(update)
+    return updates
+
+
+def _list_at(container: object, key: str) -> list[object]:
+    value = container.get(key) if isinstance(container, dict) else None
+    return value if isinstance(value, list) else []
+
+
+def _read_status(status: object) -> StatusUpdate | None:
+    if not isinstance(status, dict):
+        return None
+    ledger_id = _ledger_id(status.get("biz_opaque_callback_data"))
+    state = status.get("status")
+    if ledger_id is None or not isinstance(state, str) or state not in WEBHOOK_STATUSES:
+        return None
+    message_id = status.get("id")
+    error_code, error_text = _status_error(status) if state == "failed" else (None, None)
+    return StatusUpdate(
+        ledger_id=ledger_id,
+        status=state,
+        provider_message_id=message_id if isinstance(message_id, str) else None,
+        error_code=error_code,
+        error_text=error_text,
+    )
+
+
+def _ledger_id(callback_data: object) -> int | None:
+    if not isinstance(callback_data, str) or not callback_data.startswith(CALLBACK_PREFIX):
+        return None
+    digits = callback_data.removeprefix(CALLBACK_PREFIX)
+    return int(digits) if digits.isascii() and digits.isdigit() else None
+
+
+def _status_error(status: Mapping[str, object]) -> tuple[str | None, str | None]:
+    errors = status.get("errors")
+    first = errors[0] if isinstance(errors, list) and errors else None
+    if not isinstance(first, dict):
+        return None, None
+    code = first.get("code")
+    title = first.get("title")
+    return (
+        str(code) if isinstance(code, int | str) else None,
+        title[:MAX_ERROR_TEXT_CHARS] if isinstance(title, str) else None,
+    )

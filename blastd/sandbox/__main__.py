@@ -1,0 +1,74 @@
+"""python -m blastd.sandbox: the Cloud API emulator as its own process, for benchmarks.
+
+Prints "sandbox listening on http://HOST:PORT" once bound, so a parent can wait for the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Sequence
+
+import uvloop
+from pydantic import ValidationError
+
+from blastd.sandbox.cloud_api import SandboxConfig, serve
+
+FLOAT_KNOBS = (
+    "rate_per_s",
+    "latency_ms",
+    "latency_jitter_ms",
+    "webhook_delay_ms",
+    "retry_after_s",
+    "transient_p",
+    "throttled_p",
+    "pair_limit_p",
+    "quality_p",
+    "permanent_p",
+    "fatal_p",
+    "malformed_body_p",
+)
+INT_KNOBS = ("seed", "webhook_batch_max")
+STR_KNOBS = ("webhook_url", "app_secret")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Flags for the main knobs; a knob left out keeps SandboxConfig's default."""
+    parser = argparse.ArgumentParser(prog="python -m blastd.sandbox", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8788, help="0 picks a free port")
+    parser.add_argument("--token", action="append", dest="tokens", help="repeat for several")
+    parser.add_argument("--pair-limit", action="store_true", default=None)
+    for knobs, kind in ((FLOAT_KNOBS, float), (INT_KNOBS, int), (STR_KNOBS, str)):
+        for knob in knobs:
+            parser.add_argument("--" + knob.replace("_", "-"), dest=knob, type=kind)
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> SandboxConfig:
+    """The SandboxConfig the flags describe; raises ValidationError on a bad value."""
+    names = (*FLOAT_KNOBS, *INT_KNOBS, *STR_KNOBS, "tokens", "pair_limit")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return SandboxConfig.model_validate(given)
+
+
+def announce(base_url: str) -> None:
+    """Tell the parent process the port is bound; flushed because stdout is a pipe there."""
+    sys.stdout.write(f"sandbox listening on {base_url}\n")
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve until interrupted; uvloop because benchmarks push thousands of requests a second."""
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValidationError as exc:
+        sys.exit(f"invalid sandbox flags: {exc}")
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve(config, args.host, args.port, announce))
+
+
+if __name__ == "__main__":
+    main()

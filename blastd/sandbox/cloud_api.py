@@ -1,0 +1,420 @@
+"""Emulates the WhatsApp Cloud API messages endpoint on loopback, with knobs for its failures.
+
+Faithful to shared/providers/cloud-api.md (error envelope, codes, limits, webhooks) and to
+Meta's OpenAPI spec for POST /{Version}/{Phone-Number-ID}/messages. Control endpoints under
+/_sandbox/ expose what arrived so tests and benchmarks can check it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import random
+import time
+from array import array
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import aiohttp
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from blastd.sandbox.cloud_api_requests import (
+    GRAPH_ERRORS,
+    UNKNOWN_ERROR,
+    Rejection,
+    SendRequest,
+    read_message,
+)
+from blastd.sandbox.cloud_api_webhooks import WebhookOutbox, WebhookTarget, status_event
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+DEFAULT_TEMPLATES = {("promo_nov", "id"): 2, ("hello_world", "en_US"): 0}
+RATE_WINDOW_S = 1.0
+
+
+FaultKind = Literal["transient", "throttled", "pair_limit", "quality", "permanent", "fatal"]
+FAULT_CODES: dict[FaultKind, tuple[int, ...]] = {
+    "transient": (131000, 131016, 2),  # rotated, so one knob covers 500 and both 503s
+    "throttled": (130429,),
+    "pair_limit": (131056,),
+    "quality": (131048,),
+    "permanent": (131026,),
+    "fatal": (190,),
+}
+MALFORMED_BODIES = (  # rotated: a cut-off body, then valid JSON without a message id
+    b'{"messaging_product":"whatsapp","contacts":[',
+    b'{"messaging_product":"whatsapp","contacts":[],"messages":[]}',
+)
+
+
+class SandboxConfig(BaseModel):
+    """Every knob of the emulator; POST /_sandbox/config replaces any subset at runtime."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    latency_ms: float = Field(0.0, ge=0)
+    latency_jitter_ms: float = Field(0.0, ge=0)  # uniform extra latency in [0, jitter]
+    tokens: frozenset[str] = frozenset({"sandbox-token"})
+    templates: dict[tuple[str, str], int] = Field(default_factory=lambda: dict(DEFAULT_TEMPLATES))
+    rate_per_s: float = Field(0.0, ge=0)  # accepted sends per phone_number_id; 0 means no limit
+    pair_limit: bool = False
+    pair_interval_s: float = Field(6.0, gt=0)  # one token per interval for each recipient
+    pair_burst: int = Field(45, ge=1)
+    transient_p: Probability = 0.0
+    throttled_p: Probability = 0.0
+    pair_limit_p: Probability = 0.0
+    quality_p: Probability = 0.0
+    permanent_p: Probability = 0.0
+    fatal_p: Probability = 0.0
+    malformed_body_p: Probability = 0.0  # accepted, but the 200 body cannot be read
+    retry_after_s: float | None = Field(None, ge=0)  # Retry-After on 130429 answers
+    fail_numbers: dict[str, int] = {}  # recipient digits -> Graph code answered synchronously
+    fail_numbers_http: dict[str, int] = {}  # recipient digits -> bare HTTP status, no Graph body
+    async_fail_numbers: dict[str, int] = {}  # recipient digits -> code in a failed webhook
+    seed: int | None = None
+    webhook_url: str | None = None
+    app_secret: str = "sandbox-app-secret"
+    webhook_statuses: tuple[Literal["sent", "delivered", "read"], ...] = (
+        "sent",
+        "delivered",
+        "read",
+    )
+    webhook_delay_ms: float = Field(0.0, ge=0)
+    webhook_batch_max: int = Field(100, ge=1)  # statuses per POST: Meta batches too
+    webhook_attempts: int = Field(5, ge=1)
+    webhook_retry_initial_ms: float = Field(100.0, ge=0)  # doubles after each failed POST
+
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _read_template_list(cls, value: object) -> object:
+        """JSON has no tuple keys: accept [{"name", "language", "param_count"}, ...] too."""
+        if not isinstance(value, list):
+            return value
+        return {(item["name"], item["language"]): item["param_count"] for item in value}
+
+    @field_validator("fail_numbers", "fail_numbers_http", "async_fail_numbers", mode="before")
+    @classmethod
+    def _keep_digits_of_numbers(cls, value: object) -> object:
+        """Keys match the digits of `to`, so "+62 812-1" and "628121" name one recipient."""
+        if not isinstance(value, dict):
+            return value
+        return {"".join(c for c in str(k) if c.isdigit()): v for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _check_fault_total(self) -> SandboxConfig:
+        if sum(p for p, _ in fault_slices(self)) > 1.0:
+            raise ValueError("fault probabilities add up to more than 1")
+        return self
+
+
+def fault_slices(config: SandboxConfig) -> list[tuple[float, FaultKind]]:
+    """Each fault class with its probability; one draw picks at most one of them."""
+    return [
+        (config.transient_p, "transient"),
+        (config.throttled_p, "throttled"),
+        (config.pair_limit_p, "pair_limit"),
+        (config.quality_p, "quality"),
+        (config.permanent_p, "permanent"),
+        (config.fatal_p, "fatal"),
+    ]
+
+
+def _active_faults(config: SandboxConfig) -> list[tuple[float, FaultKind]]:
+    return [(probability, kind) for probability, kind in fault_slices(config) if probability]
+
+
+@dataclass(slots=True)
+class _Traffic:
+    """What arrived since start or the last reset, and the limiters' state."""
+
+    requests: int = 0
+    accepted: int = 0
+    rejected_by_code: Counter[str] = field(default_factory=Counter)
+    accepted_by_recipient: Counter[str] = field(default_factory=Counter)
+    arrivals: array[float] = field(default_factory=lambda: array("d"))
+    rate_windows: dict[str, deque[float]] = field(default_factory=dict)
+    pair_buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # tokens, at_s
+    fault_turns: Counter[str] = field(default_factory=Counter)  # rotation of codes and bodies
+
+
+class CloudApiSandbox:
+    """The emulator's state and its request handlers."""
+
+    def __init__(self, config: SandboxConfig, now: Callable[[], float]) -> None:
+        self._now = now
+        self._rng = random.Random(config.seed)
+        self._config = config
+        self._faults = _active_faults(config)
+        self._traffic = _Traffic()
+        self.outbox = WebhookOutbox()
+
+    def apply(self, config: SandboxConfig) -> None:
+        """Switch to new knobs; counters and limiter state carry on."""
+        if config.seed != self._config.seed:
+            self._rng = random.Random(config.seed)
+        self._config = config
+        self._faults = _active_faults(config)
+
+    def reset(self) -> None:
+        """Forget all traffic and limiter state; knobs and queued webhooks stay."""
+        self._traffic = _Traffic()
+        self.outbox.reset_counts()
+
+    async def handle_send(self, request: web.Request) -> web.Response:
+        arrived_s = self._now()
+        self._traffic.requests += 1
+        raw_body = await request.read()
+        phone_number_id = request.match_info["phone_number_id"]
+        try:
+            authorization = request.headers.get("Authorization")
+            response = self._accept(phone_number_id, authorization, raw_body, arrived_s)
+        except Rejection as rejection:
+            response = self._reject(rejection)
+        if self._config.latency_ms or self._config.latency_jitter_ms:
+            await asyncio.sleep(self._latency_s())
+        return response
+
+    def _latency_s(self) -> float:
+        jitter_ms = self._rng.uniform(0.0, self._config.latency_jitter_ms)
+        return (self._config.latency_ms + jitter_ms) / 1000.0
+
+    def _accept(
+        self, phone_number_id: str, authorization: str | None, raw_body: bytes, now_s: float
+    ) -> web.Response:
+        if not self._is_authorized(authorization):
+            raise Rejection(190, "the access token is not valid")
+        message = read_message(raw_body, self._config.templates)
+        self._inject_faults(message.wa_id)
+        self._admit(phone_number_id, message.wa_id, now_s)
+        message_id = "wamid." + base64.urlsafe_b64encode(self._rng.randbytes(18)).decode()
+        self._record_accepted(phone_number_id, message, message_id, now_s)
+        if self._config.malformed_body_p and self._rng.random() < self._config.malformed_body_p:
+            body = MALFORMED_BODIES[self._turn("malformed") % len(MALFORMED_BODIES)]
+            return web.Response(body=body, content_type="application/json")
+        return web.Response(
+            body=_success_body(message, message_id), content_type="application/json"
+        )
+
+    def _is_authorized(self, authorization: str | None) -> bool:
+        if authorization is None or not authorization.startswith("Bearer "):
+            return False
+        return authorization.removeprefix("Bearer ") in self._config.tokens
+
+    def _inject_faults(self, wa_id: str) -> None:
+        code = self._config.fail_numbers.get(wa_id)
+        if code is not None:
+            raise Rejection(code, "failure configured for this recipient")
+        http_status = self._config.fail_numbers_http.get(wa_id)
+        if http_status is not None:
+            raise Rejection(None, http_status=http_status)
+        kind = self._draw_fault()
+        if kind is not None:
+            codes = FAULT_CODES[kind]
+            raise Rejection(codes[self._turn(kind) % len(codes)], "injected fault")
+
+    def _draw_fault(self) -> FaultKind | None:
+        if not self._faults:
+            return None
+        draw = self._rng.random()
+        for probability, kind in self._faults:
+            if draw < probability:
+                return kind
+            draw -= probability
+        return None
+
+    def _turn(self, rotation: str) -> int:
+        turn = self._traffic.fault_turns[rotation]
+        self._traffic.fault_turns[rotation] += 1
+        return turn
+
+    def _admit(self, phone_number_id: str, wa_id: str, now_s: float) -> None:
+        if not self._has_rate_room(phone_number_id, now_s):
+            raise Rejection(130429, "throughput for this phone number exceeded")
+        if self._config.pair_limit and not self._take_pair_token(wa_id, now_s):
+            raise Rejection(131056, "too many messages to this recipient recently")
+
+    def _has_rate_room(self, phone_number_id: str, now_s: float) -> bool:
+        if not self._config.rate_per_s:
+            return True
+        window = self._traffic.rate_windows.setdefault(phone_number_id, deque())
+        while window and now_s - window[0] >= RATE_WINDOW_S:
+            window.popleft()
+        return len(window) < self._config.rate_per_s
+
+    def _take_pair_token(self, wa_id: str, now_s: float) -> bool:
+        burst = float(self._config.pair_burst)
+        tokens, updated_s = self._traffic.pair_buckets.get(wa_id, (burst, now_s))
+        tokens = min(burst, tokens + (now_s - updated_s) / self._config.pair_interval_s)
+        has_token = tokens >= 1.0
+        self._traffic.pair_buckets[wa_id] = (tokens - 1.0 if has_token else tokens, now_s)
+        return has_token
+
+    def _record_accepted(
+        self, phone_number_id: str, message: SendRequest, message_id: str, now_s: float
+    ) -> None:
+        traffic = self._traffic
+        traffic.accepted += 1
+        traffic.accepted_by_recipient[message.wa_id] += 1
+        traffic.arrivals.append(now_s)
+        if self._config.rate_per_s:
+            traffic.rate_windows[phone_number_id].append(now_s)
+        if self._config.webhook_url is not None:
+            self._queue_statuses(phone_number_id, message, message_id)
+
+    def _queue_statuses(self, phone_number_id: str, message: SendRequest, message_id: str) -> None:
+        delay_s = self._config.webhook_delay_ms / 1000.0
+        failure_code = self._config.async_fail_numbers.get(message.wa_id)
+        if failure_code is not None:
+            failure = (failure_code, GRAPH_ERRORS.get(failure_code, UNKNOWN_ERROR)[1])
+            event = status_event(
+                message_id, "failed", message.wa_id, message.callback_data, failure
+            )
+            self.outbox.put(phone_number_id, event, delay_s)
+            return
+        for state in self._config.webhook_statuses:
+            event = status_event(message_id, state, message.wa_id, message.callback_data)
+            self.outbox.put(phone_number_id, event, delay_s)
+
+    def _reject(self, rejection: Rejection) -> web.Response:
+        if rejection.code is None:
+            self._traffic.rejected_by_code[f"http_{rejection.http_status}"] += 1
+            page = f"<html><body>HTTP {rejection.http_status}</body></html>"
+            return web.Response(status=rejection.http_status, text=page, content_type="text/html")
+        code = rejection.code
+        self._traffic.rejected_by_code[str(code)] += 1
+        http_status, title = GRAPH_ERRORS.get(code, UNKNOWN_ERROR)
+        headers = {}
+        if code == 130429 and self._config.retry_after_s is not None:
+            headers["Retry-After"] = f"{self._config.retry_after_s:g}"
+        envelope = {
+            "error": {
+                "message": f"(#{code}) {title}",
+                "type": "OAuthException",
+                "code": code,
+                "error_data": {"messaging_product": "whatsapp", "details": rejection.details},
+                "fbtrace_id": f"A{self._rng.getrandbits(64):016x}",
+            }
+        }
+        body = orjson.dumps(envelope)
+        return web.Response(
+            status=http_status, body=body, headers=headers, content_type="application/json"
+        )
+
+    async def handle_stats(self, request: web.Request) -> web.Response:
+        traffic = self._traffic
+        per_recipient = traffic.accepted_by_recipient
+        return _json_response(
+            {
+                "requests": traffic.requests,
+                "accepted": traffic.accepted,
+                "rejected_by_code": traffic.rejected_by_code,
+                "duplicates": {to: count for to, count in per_recipient.items() if count > 1},
+                "accepted_per_recipient_total": len(per_recipient),
+                "webhook_statuses_pending": len(self.outbox),
+                "webhook_statuses_delivered": self.outbox.delivered,
+                "webhook_statuses_dropped": self.outbox.dropped,
+            }
+        )
+
+    async def handle_recipients(self, request: web.Request) -> web.Response:
+        return _json_response(self._traffic.accepted_by_recipient)
+
+    async def handle_arrivals(self, request: web.Request) -> web.Response:
+        return _json_response(self._traffic.arrivals.tolist())
+
+    async def handle_config(self, request: web.Request) -> web.Response:
+        try:
+            changes = orjson.loads(await request.read())
+            config = SandboxConfig.model_validate({**self._config.model_dump(), **changes})
+        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+            return _json_response({"error": str(exc)}, status=400)
+        self.apply(config)
+        return _json_response({"updated": sorted(changes)})
+
+    async def handle_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return _json_response({"reset": True})
+
+    async def deliver_webhooks(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context: the webhook sender lives exactly as long as the app."""
+        async with aiohttp.ClientSession() as http:
+            sender = asyncio.create_task(self.outbox.run(http, self._webhook_target))
+            try:
+                yield
+            finally:
+                sender.cancel()
+                await asyncio.wait([sender])
+            if not sender.cancelled():
+                sender.result()  # a crashed sender is a bug: surface it at shutdown
+
+    def _webhook_target(self) -> WebhookTarget | None:
+        config = self._config
+        if config.webhook_url is None:
+            return None
+        return WebhookTarget(
+            url=config.webhook_url,
+            app_secret=config.app_secret,
+            batch_max=config.webhook_batch_max,
+            attempts=config.webhook_attempts,
+            retry_initial_s=config.webhook_retry_initial_ms / 1000.0,
+        )
+
+
+def _success_body(message: SendRequest, message_id: str) -> bytes:
+    sent: dict[str, str] = {"id": message_id}
+    if message.type == "template":
+        sent["message_status"] = "accepted"
+    contact = {"input": message.to, "wa_id": message.wa_id}
+    return orjson.dumps(
+        {"messaging_product": "whatsapp", "contacts": [contact], "messages": [sent]}
+    )
+
+
+def _json_response(document: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(document), status=status, content_type="application/json")
+
+
+def build_app(config: SandboxConfig, now: Callable[[], float] = time.monotonic) -> web.Application:
+    """The emulator as an aiohttp app; `now` drives the rate and pair limiters."""
+    sandbox = CloudApiSandbox(config, now)
+    app = web.Application()
+    app.router.add_post("/{version}/{phone_number_id}/messages", sandbox.handle_send)
+    app.router.add_get("/_sandbox/stats", sandbox.handle_stats)
+    app.router.add_get("/_sandbox/recipients", sandbox.handle_recipients)
+    app.router.add_get("/_sandbox/arrivals", sandbox.handle_arrivals)
+    app.router.add_post("/_sandbox/config", sandbox.handle_config)
+    app.router.add_post("/_sandbox/reset", sandbox.handle_reset)
+    app.cleanup_ctx.append(sandbox.deliver_webhooks)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def listening(app: web.Application, host: str, port: int) -> AsyncIterator[str]:
+    """Serve `app` until the block exits; yields its base URL (port 0 picks a free port)."""
+    runner = web.AppRunner(app, access_log=None)  # no per-request logging: benchmarks
+    await runner.setup()
+    try:
+        # a deep backlog: benchmarks open hundreds of connections at once
+        await web.TCPSite(runner, host, port, backlog=1024).start()
+        bound_port = runner.addresses[0][1]
+        yield f"http://{host}:{bound_port}"
+    finally:
+        await runner.cleanup()
+
+
+async def serve(
+    config: SandboxConfig,
+    host: str,
+    port: int,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    """Run the emulator until cancelled; `on_listening` hears the base URL once bound."""
+    async with listening(build_app(config), host, port) as base_url:
+        if on_listening is not None:
+            on_listening(base_url)
+        await asyncio.Event().wait()
