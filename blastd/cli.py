@@ -1,0 +1,173 @@
+"""Subcommands: run, enqueue, status, migrate, check, sandbox, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+import redis.asyncio as aioredis
+
+from blastd import enqueueing, ledger, logs, reports
+from blastd.config import Settings, load_settings
+from blastd.errors import EXIT_CONFIG, BlastdError, ConfigError
+
+T = TypeVar("T")
+
+
+def _settings(ctx: click.Context) -> Settings:
+    env_file: Path | None = ctx.obj["env_file"]
+    try:
+        settings = load_settings(env_file)
+    except ConfigError as exc:
+        click.echo(f"blastd: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    logs.configure(
+        level=settings.log_level,
+        fmt=settings.log_format,
+        secrets=settings.secret_values(),
+        mask_phones=settings.mask_phones,
+        stream=sys.stderr if ctx.obj["logs_to_stderr"] else None,
+    )
+    return settings
+
+
+def _run(coro: Awaitable[T]) -> T:
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except BlastdError as exc:
+        click.echo(f"blastd: {exc}", err=True)
+        sys.exit(1)
+
+
+@click.group()
+@click.option(
+    "--env-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Read BLASTD_* settings from this file too.",
+)
+@click.pass_context
+def main(ctx: click.Context, env_file: Path | None) -> None:
+    """blastd: crash-safe WhatsApp blasts from Redis jobs, recorded in PostgreSQL."""
+    ctx.obj = {"env_file": env_file, "logs_to_stderr": ctx.invoked_subcommand != "run"}
+
+
+@main.command()
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Run the daemon until SIGTERM or SIGINT (drains in-flight sends first)."""
+    from blastd import daemon
+
+    sys.exit(daemon.serve(_settings(ctx)))
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--account", help="Account that sends (default: the only configured one).")
+@click.option("--id", "job_id", help="Campaign id (default: derived from the file name and time).")
+@click.option("--text", help="Text message; {column} placeholders take the row's values.")
+@click.option("--template", help="Template name.")
+@click.option("--language", default="en_US", show_default=True, help="Template language code.")
+@click.option("--param", "params", multiple=True, help="Template body parameter (repeatable).")
+@click.option("--video", help="Video link for a video message.")
+@click.option("--caption", help="Video caption.")
+@click.option("--rate", "rate_per_s", type=float, help="Messages per second for this campaign.")
+@click.option("--not-before", help="ISO-8601 time with zone before which nothing is sent.")
+@click.pass_context
+def enqueue(ctx: click.Context, /, file: Path, **options: Any) -> None:
+    """Push a blast job for the recipients in FILE (.xlsx, .csv or .json) onto Redis."""
+    settings = _settings(ctx)
+    job_id = _run(
+        _with_redis(settings, lambda r: enqueueing.enqueue_file(r, settings, file, options))
+    )
+    click.echo(job_id)
+
+
+@main.command()
+@click.argument("campaign_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--follow", is_flag=True, help="Show a progress bar until the campaign stops.")
+@click.pass_context
+def status(ctx: click.Context, campaign_id: str, as_json: bool, follow: bool) -> None:
+    """Show a campaign's progress and the count of recipients in each state."""
+    settings = _settings(ctx)
+    report = _run(
+        _with_pool(settings, lambda pool: reports.campaign_status(pool, campaign_id, follow=follow))
+    )
+    if report is None:
+        click.echo(f"blastd: no campaign {campaign_id!r}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        reports.print_status(report)
+
+
+@main.command()
+@click.pass_context
+def migrate(ctx: click.Context) -> None:
+    """Apply ledger migrations to the database."""
+    settings = _settings(ctx)
+    applied = _run(_with_pool(settings, ledger.migrate))
+    click.echo(f"applied: {', '.join(applied)}" if applied else "ledger is up to date")
+
+
+@main.command()
+@click.pass_context
+def check(ctx: click.Context) -> None:
+    """Validate the configuration and reach Redis, PostgreSQL and every account's base URL."""
+    settings = _settings(ctx)
+    problems = _run(reports.check_connectivity(settings))
+    for line in problems.lines:
+        click.echo(line)
+    sys.exit(1 if problems.failed else 0)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sandbox(args: tuple[str, ...]) -> None:
+    """Emulate the providers on loopback (see `blastd sandbox --help`)."""
+    from blastd.sandbox.__main__ import main as sandbox_main
+
+    sandbox_main(list(args))
+
+
+@main.command()
+@click.option(
+    "--recipients",
+    "file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Spreadsheet to send (default: the shipped 1,000-row sample).",
+)
+@click.option("--rate", "rate_per_s", type=float, default=80.0, show_default=True)
+def demo(file: Path | None, rate_per_s: float) -> None:
+    """Run a real campaign end to end on embedded Redis, PostgreSQL and the sandbox."""
+    from blastd import demo as demo_module
+
+    sys.exit(demo_module.run_demo(file, rate_per_s))
+
+
+async def _with_redis(settings: Settings, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    client = aioredis.Redis.from_url(
+        settings.redis_url, socket_timeout=settings.redis_socket_timeout_s
+    )
+    try:
+        return await fn(client)
+    finally:
+        await client.aclose()
+
+
+async def _with_pool(settings: Settings, fn: Callable[[ledger.Pool], Awaitable[T]]) -> T:
+    pool = await ledger.open_pool(
+        settings.database_url, command_timeout_s=settings.db_command_timeout_s, max_size=2
+    )
+    try:
+        return await fn(pool)
+    finally:
+        await pool.close()

@@ -1,0 +1,336 @@
+"""Shutdown and run(): opens resources, recovers a dead predecessor's work, owns the tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import aiohttp
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
+
+from blastd import admin, campaigns, intake, ledger
+from blastd.batches import BatchWriter
+from blastd.config import Settings
+from blastd.providers import build_provider
+from blastd.sender import Sender
+
+log = structlog.get_logger()
+P = ParamSpec("P")
+T = TypeVar("T")
+
+REDIS_OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class DrainTimeoutError(Exception):
+    """The drain deadline passed with work still running; that work was cancelled."""
+
+
+class Shutdown:
+    """Signals only change this state; services poll `is_requested` and wait on `wait()`."""
+
+    def __init__(self) -> None:
+        self._requested = asyncio.Event()
+        self._scope: asyncio.Timeout | None = None
+        self._drain_timeout_s = 0.0
+
+    @property
+    def is_requested(self) -> bool:
+        return self._requested.is_set()
+
+    def request(self) -> None:
+        """First call: drain until now + drain timeout. Second call: stop now."""
+        loop = asyncio.get_running_loop()
+        if self._scope is not None:
+            extra_s = 0.0 if self.is_requested else self._drain_timeout_s
+            self._scope.reschedule(loop.time() + extra_s)
+        self._requested.set()
+
+    @contextlib.asynccontextmanager
+    async def deadline(self, drain_timeout_s: float) -> AsyncIterator[None]:
+        """Bound the drain: once requested, the block is cancelled after `drain_timeout_s`."""
+        self._drain_timeout_s = drain_timeout_s
+        async with asyncio.timeout(None) as scope:
+            self._scope = scope
+            if self.is_requested:
+                scope.reschedule(asyncio.get_running_loop().time() + drain_timeout_s)
+            yield
+
+    async def wait(self, event: asyncio.Event | None, timeout_s: float | None) -> None:
+        """Sleep until `event` is set, shutdown is requested, or `timeout_s` passes."""
+        waiters = [asyncio.ensure_future(self._requested.wait())]
+        if event is not None:
+            waiters.append(asyncio.ensure_future(event.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+
+@dataclass
+class Dependencies:
+    """Everything the services share, opened in order and closed in reverse."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    pool: ledger.Pool
+    senders: dict[str, Sender]
+    outcomes: BatchWriter[ledger.Outcome]
+    receipts: BatchWriter[ledger.Receipt]
+    campaigns_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    is_draining: bool = False
+
+    @property
+    def processing_key(self) -> str:
+        return intake.processing_key(self.settings.redis_prefix, self.settings.instance_id)
+
+    async def redis_call(
+        self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run a Redis command, waiting out an outage instead of failing."""
+        return await _call_through_outage(
+            "redis", REDIS_OUTAGE_ERRORS, self.settings.dependency_retry_s, fn, *args, **kwargs
+        )
+
+    async def db_call(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a ledger function, waiting out a PostgreSQL outage instead of failing."""
+        return await _call_through_outage(
+            "postgres",
+            ledger.DB_OUTAGE_ERRORS,
+            self.settings.dependency_retry_s,
+            fn,
+            *args,
+            **kwargs,
+        )
+
+
+async def _call_through_outage(
+    dependency: str,
+    errors: tuple[type[BaseException], ...],
+    retry_s: float,
+    fn: Callable[P, Awaitable[T]],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(errors),
+        wait=wait_fixed(retry_s),
+        before_sleep=lambda state: log.warning(
+            "dependency_unavailable",
+            dependency=dependency,
+            attempt=state.attempt_number,
+            error=type(state.outcome.exception()).__name__ if state.outcome else None,
+        ),
+    ):
+        with attempt:
+            return await fn(*args, **kwargs)
+    raise AssertionError("unreachable: the retry loop never stops on its own")
+
+
+async def open_dependencies(stack: contextlib.AsyncExitStack, settings: Settings) -> Dependencies:
+    """Connect to Redis and PostgreSQL (waiting for them), migrate, build the senders."""
+    client = aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_socket_timeout_s,
+        health_check_interval=10,
+    )
+    stack.push_async_callback(client.aclose)
+    await _call_through_outage(
+        "redis", REDIS_OUTAGE_ERRORS, settings.dependency_retry_s, client.ping
+    )
+    pool = await _call_through_outage(
+        "postgres",
+        ledger.DB_OUTAGE_ERRORS,
+        settings.dependency_retry_s,
+        ledger.open_pool,
+        settings.database_url,
+        command_timeout_s=settings.db_command_timeout_s,
+    )
+    stack.push_async_callback(pool.close)
+    applied = await ledger.migrate(pool)
+    if applied:
+        log.info("ledger_migrated", files=applied)
+    senders = {}
+    for name, account in settings.accounts.items():
+        http = await stack.enter_async_context(_http_session(account.concurrency))
+        senders[name] = Sender(name, account, build_provider(name, account, http))
+    return Dependencies(
+        settings=settings,
+        redis=client,
+        pool=pool,
+        senders=senders,
+        outcomes=_writer("outcomes", ledger.record_outcomes, pool, settings),
+        receipts=_writer("receipts", ledger.apply_receipts, pool, settings),
+    )
+
+
+def _http_session(concurrency: int) -> aiohttp.ClientSession:
+    # One keep-alive pool per account, sized to its concurrency so connections are reused.
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=30)
+    return aiohttp.ClientSession(connector=connector)
+
+
+def _writer(
+    name: str,
+    write: Callable[[ledger.Pool, Any], Awaitable[object]],
+    pool: ledger.Pool,
+    settings: Settings,
+) -> BatchWriter[Any]:
+    return BatchWriter(
+        name,
+        lambda items: write(pool, items),
+        flush_rows=settings.outcome_flush_rows,
+        flush_interval_s=settings.outcome_flush_interval_s,
+        retry_s=settings.dependency_retry_s,
+    )
+
+
+def instance_key(prefix: str, instance_id: str) -> str:
+    return f"{prefix}instance:{instance_id}"
+
+
+def instances_key(prefix: str) -> str:
+    return f"{prefix}instances"
+
+
+async def claim_instance_id(deps: Dependencies, token: str, shutdown: Shutdown) -> bool:
+    """Hold this instance id's lease; a crashed predecessor's lease expires within its TTL."""
+    settings = deps.settings
+    key = instance_key(settings.redis_prefix, settings.instance_id)
+    ttl_ms = int(settings.instance_ttl_s * 1000)
+    while not shutdown.is_requested:
+        if await deps.redis_call(deps.redis.set, key, token, nx=True, px=ttl_ms):
+            await deps.redis_call(
+                deps.redis.sadd, instances_key(settings.redis_prefix), settings.instance_id
+            )
+            return True
+        log.warning(
+            "instance_id_busy", instance=settings.instance_id, ttl_s=settings.instance_ttl_s
+        )
+        await shutdown.wait(None, settings.instance_ttl_s / 4)
+    return False
+
+
+async def recover_instance(deps: Dependencies, instance_id: str) -> None:
+    """Take back what a dead instance held: its jobs and its claimed recipients."""
+    jobs = await intake.recover_processing(deps, instance_id)
+    recipients = await deps.db_call(
+        ledger.recover_owned,
+        deps.pool,
+        instance_id,
+        resend_uncertain=deps.settings.uncertain_policy == "resend",
+    )
+    if jobs or any(recipients.values()):
+        log.warning("instance_recovered", instance=instance_id, jobs=jobs, **recipients)
+
+
+async def keep_instance_alive(deps: Dependencies, token: str, shutdown: Shutdown) -> None:
+    """Refresh our lease and recover instances whose lease expired."""
+    settings = deps.settings
+    key = instance_key(settings.redis_prefix, settings.instance_id)
+    while not shutdown.is_requested:
+        await deps.redis_call(deps.redis.set, key, token, px=int(settings.instance_ttl_s * 1000))
+        await reap_dead_instances(deps)
+        await shutdown.wait(None, settings.heartbeat_interval_s)
+
+
+async def reap_dead_instances(deps: Dependencies) -> None:
+    prefix = deps.settings.redis_prefix
+    for raw_id in await deps.redis_call(deps.redis.smembers, instances_key(prefix)):
+        other = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+        if other == deps.settings.instance_id:
+            continue
+        if not await deps.redis_call(deps.redis.exists, instance_key(prefix, other)):
+            await recover_instance(deps, other)
+            await deps.redis_call(deps.redis.srem, instances_key(prefix), other)
+
+
+async def run(settings: Settings, shutdown: Shutdown) -> None:
+    """Run the daemon until shutdown; raises DrainTimeoutError if the drain was cut short."""
+    token = secrets.token_hex(8)
+    async with contextlib.AsyncExitStack() as stack:
+        deps = await open_dependencies(stack, settings)
+        if not await claim_instance_id(deps, token, shutdown):
+            return
+        await recover_instance(deps, settings.instance_id)
+        await admin.start(stack, deps)
+        notify_systemd("READY=1\nSTATUS=sending")
+        log.info("daemon_ready", instance=settings.instance_id, accounts=sorted(deps.senders))
+        try:
+            await _serve(deps, token, shutdown)
+        except TimeoutError:
+            log.error("drain_cut_short", timeout_s=settings.drain_timeout_s)
+            raise DrainTimeoutError from None
+        await deps.redis_call(
+            deps.redis.delete, instance_key(settings.redis_prefix, settings.instance_id)
+        )
+        log.info("drain_finished")
+
+
+async def _serve(deps: Dependencies, token: str, shutdown: Shutdown) -> None:
+    async with shutdown.deadline(deps.settings.drain_timeout_s), asyncio.TaskGroup() as outer:
+        outer.create_task(deps.outcomes.run(), name="outcomes")
+        outer.create_task(deps.receipts.run(), name="receipts")
+        outer.create_task(keep_instance_alive(deps, token, shutdown), name="heartbeat")
+        async with asyncio.TaskGroup() as producers:
+            producers.create_task(intake.run(deps, shutdown), name="intake")
+            producers.create_task(campaigns.run(deps, shutdown), name="campaigns")
+            await _watch_for_drain(deps, shutdown)
+        deps.outcomes.close()
+        deps.receipts.close()
+
+
+async def _watch_for_drain(deps: Dependencies, shutdown: Shutdown) -> None:
+    await shutdown.wait(None, None)
+    deps.is_draining = True
+    notify_systemd("STOPPING=1\nSTATUS=draining")
+    log.info("drain_started")
+
+
+def notify_systemd(message: str) -> None:
+    """Tell systemd about our state (Type=notify); a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # abstract namespace socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
+
+
+def serve(settings: Settings) -> int:
+    """Run the daemon in a new event loop, SIGTERM/SIGINT wired to a drain; return the exit code."""
+    try:
+        import uvloop
+
+        runner: Callable[[Awaitable[None]], None] = uvloop.run  # type: ignore[assignment]
+    except ImportError:
+        runner = asyncio.run  # type: ignore[assignment]
+
+    async def main() -> None:
+        shutdown = Shutdown()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, shutdown.request)
+        try:
+            await run(settings, shutdown)
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    try:
+        runner(main())
+    except DrainTimeoutError:
+        return 1
+    return 0

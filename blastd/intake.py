@@ -1,0 +1,203 @@
+"""Reliable intake: BLMOVE into a per-instance processing list, then ledger or dead-letter."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import orjson
+import structlog
+from structlog.contextvars import bound_contextvars
+
+from blastd import ledger
+from blastd.errors import InvalidJobError, InvalidNumberError
+from blastd.jobs import BlastJob, missing_variables, parse_job
+from blastd.recipients import BadEntry, RecipientIn, normalize_number, stream_recipients_key
+
+if TYPE_CHECKING:
+    from blastd.daemon import Dependencies, Shutdown
+
+log = structlog.get_logger()
+DELIVERIES_TTL_S = 86_400
+
+
+def jobs_key(prefix: str) -> str:
+    return f"{prefix}jobs"
+
+
+def processing_key(prefix: str, instance_id: str) -> str:
+    return f"{prefix}processing:{instance_id}"
+
+
+def dead_key(prefix: str) -> str:
+    return f"{prefix}dead"
+
+
+def deliveries_key(prefix: str, raw: bytes) -> str:
+    return f"{prefix}deliveries:{hashlib.sha1(raw).hexdigest()}"
+
+
+async def run(deps: Dependencies, shutdown: Shutdown) -> None:
+    """Take jobs until shutdown is requested; each one is in the ledger or dead before it leaves."""
+    settings = deps.settings
+    source, processing = jobs_key(settings.redis_prefix), deps.processing_key
+    while not shutdown.is_requested:
+        raw = await deps.redis_call(
+            deps.redis.blmove,
+            source,
+            processing,
+            settings.intake_block_s,  # type: ignore[arg-type]  # Redis takes fractional seconds
+            "RIGHT",
+            "LEFT",
+        )
+        if isinstance(raw, bytes):
+            await handle_job(deps, raw)
+
+
+async def handle_job(deps: Dependencies, raw: bytes) -> None:
+    """Accept one job into the ledger or dead-letter it, then drop it from the processing list."""
+    prefix = deps.settings.redis_prefix
+    deliveries = await deps.redis_call(deps.redis.incr, deliveries_key(prefix, raw))
+    await deps.redis_call(deps.redis.expire, deliveries_key(prefix, raw), DELIVERIES_TTL_S)
+    try:
+        if deliveries > deps.settings.max_job_deliveries:
+            raise InvalidJobError(f"job was taken {deliveries - 1} times without finishing")
+        await accept_job(deps, raw)
+    except InvalidJobError as exc:
+        await dead_letter(deps, raw, exc.reason, exc.job_id)
+    except ledger.DB_OUTAGE_ERRORS:
+        raise  # the job stays in the processing list and is taken again after recovery
+    except Exception as exc:  # a bug must not take the daemon down with every later job
+        log.exception("job_crashed", error=type(exc).__name__)
+        await dead_letter(deps, raw, f"internal error: {type(exc).__name__}", None)
+    pipe = deps.redis.pipeline(transaction=True)
+    pipe.lrem(deps.processing_key, 1, raw)  # type: ignore[arg-type]  # bytes are sent as they are
+    pipe.delete(deliveries_key(prefix, raw))
+    await deps.redis_call(pipe.execute)
+
+
+async def accept_job(deps: Dependencies, raw: bytes) -> None:
+    settings = deps.settings
+    job = parse_job(
+        raw,
+        max_bytes=settings.max_job_bytes,
+        accounts=settings.accounts.keys(),
+        max_inline_recipients=settings.max_inline_recipients,
+        default_region=settings.default_region,
+    )
+    with bound_contextvars(job_id=job.id, campaign_id=job.id, account=job.account):
+        if await deps.db_call(ledger.campaign_exists, deps.pool, job.id):
+            log.info("job_duplicate")
+            return
+        counts = await deps.db_call(_insert_blast, deps, job)
+        if counts is None:
+            log.info("job_duplicate")
+            return
+        if job.recipients_key:
+            await deps.redis_call(deps.redis.delete, job.recipients_key)
+        log.info("campaign_created", pending=counts.pending, skipped=counts.skipped)
+        deps.campaigns_changed.set()
+
+
+async def _insert_blast(deps: Dependencies, job: BlastJob) -> ledger.CampaignCounts | None:
+    campaign = ledger.NewCampaign(
+        id=job.id,
+        type="blast",
+        account=job.account,
+        message=job.message.model_dump(mode="json"),
+        options=job.options.model_dump(mode="json", exclude_none=True),
+    )
+    async with ledger.transaction(deps.pool) as conn:
+        counts = await ledger.insert_campaign(conn, campaign, _staged_pages(deps, job))
+        if counts is not None and counts.pending == 0:
+            raise InvalidJobError("no valid recipient", job.id)  # rolls the campaign back
+        return counts
+
+
+async def _staged_pages(
+    deps: Dependencies, job: BlastJob
+) -> AsyncIterator[Sequence[ledger.StagedRecipient]]:
+    settings = deps.settings
+    entries: AsyncIterator[Sequence[RecipientIn | BadEntry]]
+    if job.recipients is not None:
+        entries = _inline_pages(job.recipients, settings.recipients_page_size)
+    else:
+        assert job.recipients_key is not None  # parse_job guarantees one of the two
+        _check_recipients_key(job.recipients_key, settings.redis_prefix, job.id)
+        entries = stream_recipients_key(
+            deps.redis, job.recipients_key, settings.recipients_page_size
+        )
+    seq = 0
+    async for page in entries:
+        staged = []
+        for entry in page:
+            staged.append(stage_recipient(job, seq, entry, settings.default_region))
+            seq += 1
+        if seq > settings.max_recipients:
+            raise InvalidJobError(f"more than {settings.max_recipients} recipients", job.id)
+        yield staged
+    if seq == 0:
+        raise InvalidJobError(f"recipients_key {job.recipients_key!r} is empty or missing", job.id)
+
+
+async def _inline_pages(
+    recipients: list[RecipientIn], size: int
+) -> AsyncIterator[Sequence[RecipientIn | BadEntry]]:
+    for start in range(0, len(recipients), size):
+        yield recipients[start : start + size]
+
+
+def _check_recipients_key(key: str, prefix: str, job_id: str) -> None:
+    """The list is deleted once read, so it must not be one of blastd's own keys."""
+    if key.startswith(prefix) and not key.startswith(f"{prefix}recipients:"):
+        raise InvalidJobError(f"recipients_key {key[:60]!r} names one of blastd's own keys", job_id)
+
+
+def stage_recipient(
+    job: BlastJob, seq: int, entry: RecipientIn | BadEntry, region: str
+) -> ledger.StagedRecipient:
+    """Normalise one entry; an unusable one is kept as a skipped row with its reason."""
+    if isinstance(entry, BadEntry):
+        return ledger.StagedRecipient(seq, entry.raw_preview, None, entry.reason)
+    recipient = entry
+    try:
+        phone = normalize_number(recipient.to, region)
+    except InvalidNumberError as exc:
+        return ledger.StagedRecipient(seq, recipient.to[:64], None, exc.reason)
+    missing = missing_variables(job.message, recipient.vars)
+    if missing:
+        reason = "missing variable: " + ", ".join(sorted(missing))
+        return ledger.StagedRecipient(seq, phone, recipient.vars or None, reason)
+    return ledger.StagedRecipient(seq, phone, recipient.vars or None, None)
+
+
+async def dead_letter(deps: Dependencies, raw: bytes, reason: str, job_id: str | None) -> None:
+    """Keep the original payload with a one-line reason in {prefix}dead."""
+    entry: dict[str, object] = {
+        "reason": reason,
+        "job_id": job_id,
+        "dead_at": datetime.now(UTC).isoformat(),
+        "instance": deps.settings.instance_id,
+    }
+    try:
+        entry["payload"] = raw.decode()
+    except UnicodeDecodeError:
+        entry["payload_base64"] = base64.b64encode(raw).decode()
+    await deps.redis_call(
+        deps.redis.lpush, dead_key(deps.settings.redis_prefix), orjson.dumps(entry)
+    )
+    log.error("job_dead_lettered", reason=reason, job_id=job_id, payload_bytes=len(raw))
+
+
+async def recover_processing(deps: Dependencies, instance_id: str) -> int:
+    """Put jobs a dead instance had taken back at the consuming end of the jobs list, in order."""
+    prefix = deps.settings.redis_prefix
+    moved = 0
+    while await deps.redis_call(
+        deps.redis.lmove, processing_key(prefix, instance_id), jobs_key(prefix), "LEFT", "RIGHT"
+    ):
+        moved += 1
+    return moved

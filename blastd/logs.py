@@ -1,0 +1,86 @@
+"""structlog setup: JSON lines off a terminal, console on one; numbers masked, secrets scrubbed."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import orjson
+import structlog
+
+# A run of 8 to 15 digits, optionally after '+': how phone numbers look once they reach a log line.
+PHONE_PATTERN = re.compile(r"(?<![\w.])(\+?)(\d{1,3})\d{4,8}(\d{4})(?![\w.])")
+REDACTED = "[redacted]"
+
+EventDict = MutableMapping[str, Any]
+
+
+def mask_phone_numbers(_logger: object, _name: str, event: EventDict) -> EventDict:
+    """Keep the country prefix and the last four digits of anything that looks like a number."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = PHONE_PATTERN.sub(_masked, value)
+    return event
+
+
+def _masked(match: re.Match[str]) -> str:
+    hidden = len(match.group(0)) - len(match.group(1)) - len(match.group(2)) - len(match.group(3))
+    return f"{match.group(1)}{match.group(2)}{'*' * hidden}{match.group(3)}"
+
+
+class SecretScrubber:
+    """Replaces every configured secret in every string field, tracebacks included."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def __call__(self, _logger: object, _name: str, event: EventDict) -> EventDict:
+        for key, value in event.items():
+            if isinstance(value, str):
+                event[key] = self.scrub(value)
+        return event
+
+    def scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+
+def configure(
+    *,
+    level: str = "info",
+    fmt: str = "auto",
+    secrets: Iterable[str] = (),
+    mask_phones: bool = True,
+    stream: TextIO | None = None,
+) -> None:
+    """Set up structlog once per process; `fmt` is auto, json or console."""
+    out = stream or sys.stdout
+    as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
+    if mask_phones:
+        processors.append(mask_phone_numbers)
+    processors.append(SecretScrubber(secrets))
+    if as_json:
+        processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty()))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _dumps(event: EventDict, **_kwargs: Any) -> str:
+    return orjson.dumps(event, default=str).decode()

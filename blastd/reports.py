@@ -1,0 +1,122 @@
+"""What operators read: a campaign's status, its progress bar, and the connectivity check."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import asyncpg
+import redis.asyncio as aioredis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from blastd import ledger
+from blastd.config import Settings
+
+FOLLOW_INTERVAL_S = 0.5
+
+
+async def campaign_status(
+    pool: ledger.Pool, campaign_id: str, *, follow: bool
+) -> dict[str, Any] | None:
+    """The campaign's state and counts; with `follow`, after a progress bar runs to its end."""
+    report = await _report(pool, campaign_id)
+    if report is None or not follow:
+        return report
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(campaign_id, total=report["total"], detail="")
+        while True:
+            progress.update(task, completed=report["done"], detail=_detail(report["counts"]))
+            if report["state"] != "running":
+                return report
+            await asyncio.sleep(FOLLOW_INTERVAL_S)
+            report = await _report(pool, campaign_id) or report
+
+
+async def _report(pool: ledger.Pool, campaign_id: str) -> dict[str, Any] | None:
+    campaign = await ledger.load_campaign(pool, campaign_id)
+    if campaign is None:
+        return None
+    counts = await ledger.count_states(pool, campaign_id)
+    active = sum(counts.get(state, 0) for state in ledger.ACTIVE_STATES)
+    return {
+        "id": campaign.id,
+        "account": campaign.account,
+        "state": campaign.state,
+        "state_reason": campaign.state_reason,
+        "total": campaign.total,
+        "done": campaign.total - active,
+        "counts": dict(sorted(counts.items())),
+        "created_at": campaign.created_at.isoformat(),
+        "finished_at": campaign.finished_at.isoformat() if campaign.finished_at else None,
+    }
+
+
+def _detail(counts: dict[str, int]) -> str:
+    return " ".join(f"{state}={n}" for state, n in sorted(counts.items()) if n)
+
+
+def print_status(report: dict[str, Any]) -> None:
+    console = Console()
+    reason = f" ({report['state_reason']})" if report["state_reason"] else ""
+    console.print(
+        f"campaign [bold]{report['id']}[/] on {report['account']}: "
+        f"{report['state']}{reason}, {report['done']}/{report['total']} done"
+    )
+    table = Table("state", "recipients")
+    for state, n in report["counts"].items():
+        table.add_row(state, str(n))
+    console.print(table)
+
+
+@dataclass
+class CheckResult:
+    lines: list[str] = field(default_factory=list)
+    failed: bool = False
+
+    def add(self, ok: bool, what: str, detail: str = "") -> None:
+        self.lines.append(f"{'ok  ' if ok else 'FAIL'} {what}{': ' + detail if detail else ''}")
+        self.failed = self.failed or not ok
+
+
+async def check_connectivity(settings: Settings) -> CheckResult:
+    """Configuration is already valid here; reach each dependency and each provider host."""
+    result = CheckResult()
+    result.add(True, "configuration", f"{len(settings.accounts)} account(s)")
+    client = aioredis.Redis.from_url(
+        settings.redis_url, socket_timeout=settings.redis_socket_timeout_s
+    )
+    try:
+        await client.ping()
+        result.add(True, "redis")
+    except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+        result.add(False, "redis", type(exc).__name__)
+    finally:
+        await client.aclose()
+    try:
+        pool = await ledger.open_pool(settings.database_url, command_timeout_s=5, max_size=1)
+        await pool.close()
+        result.add(True, "postgres")
+    except (*ledger.DB_OUTAGE_ERRORS, asyncpg.PostgresError) as exc:
+        result.add(False, "postgres", type(exc).__name__)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        for name, account in settings.accounts.items():
+            try:
+                async with http.get(account.base_url) as response:
+                    result.add(
+                        True, f"account {name}", f"{account.base_url} answered {response.status}"
+                    )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                result.add(False, f"account {name}", f"{account.base_url}: {type(exc).__name__}")
+    return result

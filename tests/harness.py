@@ -1,0 +1,178 @@
+"""What tests share: settings for a daemon under test, the daemon in-process, polling helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from blastd import daemon, ledger
+from blastd.config import AccountSettings, AdminSettings, Settings
+from blastd.embedded import EmbeddedPostgres, EmbeddedRedis
+
+ACCOUNT = "cloud-main"
+TOKEN = "sandbox-token"
+APP_SECRET = "sandbox-app-secret"
+PHONE_NUMBER_ID = "100000000000001"
+
+
+@dataclass
+class Servers:
+    redis_url: str
+    database_url: str
+    redis: EmbeddedRedis | None
+    postgres: EmbeddedPostgres | None
+
+
+class SandboxHandle:
+    """The in-process sandbox, reached over loopback HTTP like any client would."""
+
+    def __init__(self, url: str, http: aiohttp.ClientSession) -> None:
+        self.url = url
+        self.http = http
+
+    async def configure(self, **knobs: Any) -> None:
+        async with self.http.post(f"{self.url}/_sandbox/config", json=knobs) as response:
+            assert response.status == 200, await response.text()
+
+    async def stats(self) -> dict[str, Any]:
+        async with self.http.get(f"{self.url}/_sandbox/stats") as response:
+            result: dict[str, Any] = await response.json()
+            return result
+
+    async def recipients(self) -> dict[str, int]:
+        async with self.http.get(f"{self.url}/_sandbox/recipients") as response:
+            result: dict[str, int] = await response.json()
+            return result
+
+
+def make_settings(servers: Servers, sandbox_url: str, **overrides: Any) -> Settings:
+    """Settings for a daemon under test: tiny intervals, one Cloud API account on the sandbox."""
+    account = {
+        "kind": "cloud_api",
+        "base_url": sandbox_url,
+        "phone_number_id": PHONE_NUMBER_ID,
+        "token": TOKEN,
+        "app_secret": APP_SECRET,
+        "rate_per_s": 0,
+        "concurrency": 20,
+        "retry": {"attempts": 3, "initial_s": 0.01, "max_s": 0.05, "jitter_s": 0.01},
+        **overrides.pop("account", {}),
+    }
+    values: dict[str, Any] = {
+        "redis_url": servers.redis_url,
+        "database_url": servers.database_url,
+        "instance_id": "test-instance",
+        "accounts": {ACCOUNT: AccountSettings.model_validate(account)},
+        "admin": AdminSettings(port=overrides.pop("admin_port", 0)),
+        "intake_block_s": 0.1,
+        "campaign_poll_interval_s": 0.1,
+        "outcome_flush_interval_s": 0.02,
+        "dependency_retry_s": 0.1,
+        "instance_ttl_s": 1.0,
+        "heartbeat_interval_s": 0.2,
+        "drain_timeout_s": 10.0,
+    }
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(settings: Settings) -> AsyncIterator[daemon.Shutdown]:
+    """The daemon in this event loop; drained (and checked to exit cleanly) on the way out."""
+    shutdown = daemon.Shutdown()
+    task = asyncio.create_task(daemon.run(settings, shutdown), name="daemon")
+    try:
+        yield shutdown
+    finally:
+        shutdown.request()
+        await task
+
+
+async def wait_until(
+    condition: Callable[[], Any], *, timeout_s: float = 30.0, interval_s: float = 0.05
+) -> Any:
+    """Poll an (async) condition until it is truthy; fail the test at the deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+async def campaign_counts(pool: ledger.Pool, campaign_id: str) -> dict[str, int]:
+    return await ledger.count_states(pool, campaign_id)
+
+
+async def campaign_state(pool: ledger.Pool, campaign_id: str) -> str | None:
+    state: str | None = await pool.fetchval(
+        "SELECT state FROM campaigns WHERE id = $1", campaign_id
+    )
+    return state
+
+
+def webhook_url(admin_port: int) -> str:
+    return f"http://127.0.0.1:{admin_port}/webhooks/cloud_api/{ACCOUNT}"
+
+
+def daemon_env(servers: Servers, sandbox_url: str, admin_port: int, **extra: str) -> dict[str, str]:
+    """Environment for a real `blastd run` process against the test servers and the sandbox."""
+    account = {
+        "kind": "cloud_api",
+        "base_url": sandbox_url,
+        "phone_number_id": PHONE_NUMBER_ID,
+        "token": TOKEN,
+        "app_secret": APP_SECRET,
+        "rate_per_s": 0,
+        "concurrency": 20,
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLASTD_")}
+    env.update(
+        {
+            "BLASTD_REDIS_URL": servers.redis_url,
+            "BLASTD_DATABASE_URL": servers.database_url,
+            "BLASTD_ACCOUNTS": orjson.dumps({ACCOUNT: account}).decode(),
+            "BLASTD_ADMIN__PORT": str(admin_port),
+            "BLASTD_INSTANCE_ID": "test-process",
+            "BLASTD_INSTANCE_TTL_S": "1",
+            "BLASTD_HEARTBEAT_INTERVAL_S": "0.25",
+            "BLASTD_LOG_FORMAT": "json",
+            **extra,
+        }
+    )
+    return env
+
+
+def spawn_daemon(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "blastd", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+async def is_ready(admin_port: int) -> bool:
+    """True once the daemon's /readyz answers 200 (it installs its signal handlers before)."""
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"http://127.0.0.1:{admin_port}/readyz", timeout=aiohttp.ClientTimeout(total=1)
+            ) as response,
+        ):
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
