@@ -54,6 +54,7 @@ class Sender:
         self.provider = provider
         self.pacer = Pacer(account.rate_per_s)
         self.slots = asyncio.Semaphore(account.concurrency)
+        self._held_until = 0.0  # loop time until which a throttling answer holds this account
         retry = account.retry
         self._retrying = AsyncRetrying(  # copied per send: an AsyncRetrying holds one run's state
             retry=retry_if_exception_type(TransientError),
@@ -126,9 +127,16 @@ class Sender:
             return receipt
 
     def _slow_down(self, exc: ThrottledError) -> None:
+        """Hold the account for Retry-After and halve its rate, once per throttling episode:
+        the other requests in flight answer 429 too, and each must not cut the rate again."""
+        now = asyncio.get_running_loop().time()
         hold_s = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_THROTTLE_HOLD_S
+        is_new_episode = now >= self._held_until
+        self._held_until = max(self._held_until, now + hold_s)
+        self.pacer.hold_until(self._held_until)
+        if not is_new_episode:
+            return
         self.pacer.decrease(0.5)
-        self.pacer.hold_until(asyncio.get_running_loop().time() + hold_s)
         log.warning(
             "account_throttled",
             account=self.name,
