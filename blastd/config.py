@@ -50,7 +50,6 @@ class AccountSettings(BaseModel):
 class AdminSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8787, ge=0, le=65535)  # 0 picks a free port (tests)
-    token: SecretStr | None = None
 
 
 class Settings(BaseSettings):
@@ -107,7 +106,7 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Every configured secret, so the log pipeline can scrub them from any output."""
-        secrets = [self.admin.token] + [
+        secrets = [
             getattr(account, field) for account in self.accounts.values() for field in SECRET_FIELDS
         ]
         passwords = [_url_password(self.redis_url), _url_password(self.database_url)]
