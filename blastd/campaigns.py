@@ -193,7 +193,8 @@ async def _settle(run: CampaignRun, duration_s: float) -> None:
         )
         log.error("campaign_stopped", state=run.stop_state, reason=run.stop_reason)
         return
-    log.info("campaign_batch_sent", counts=run.counts, duration_ms=round(duration_s * 1000))
+    if run.counts:
+        log.info("campaign_batch_sent", counts=run.counts, duration_ms=round(duration_s * 1000))
     if await deps.db_call(ledger.finish_campaign_if_done, deps.pool, campaign_id):
         counts = await deps.db_call(ledger.count_states, deps.pool, campaign_id)
         log.info("campaign_finished", counts=counts)

@@ -235,14 +235,18 @@ async def recover_instance(deps: Dependencies, instance_id: str) -> None:
         log.warning("instance_recovered", instance=instance_id, jobs=jobs, **recipients)
 
 
-async def keep_instance_alive(deps: Dependencies, token: str, shutdown: Shutdown) -> None:
-    """Refresh our lease and recover instances whose lease expired."""
+async def keep_instance_alive(deps: Dependencies, token: str, work_done: asyncio.Event) -> None:
+    """Refresh our lease and recover instances whose lease expired, until our work is written.
+
+    The lease outlives the start of a drain on purpose: while in-flight sends finish, another
+    daemon must not take our recipients for a dead instance's."""
     settings = deps.settings
     key = instance_key(settings.redis_prefix, settings.instance_id)
-    while not shutdown.is_requested:
+    while not work_done.is_set():
         await deps.redis_call(deps.redis.set, key, token, px=int(settings.instance_ttl_s * 1000))
         await reap_dead_instances(deps)
-        await shutdown.wait(None, settings.heartbeat_interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(work_done.wait(), settings.heartbeat_interval_s)
 
 
 async def reap_dead_instances(deps: Dependencies) -> None:
@@ -280,15 +284,20 @@ async def run(settings: Settings, shutdown: Shutdown) -> None:
 
 async def _serve(deps: Dependencies, token: str, shutdown: Shutdown) -> None:
     async with shutdown.deadline(deps.settings.drain_timeout_s), asyncio.TaskGroup() as outer:
-        outer.create_task(deps.outcomes.run(), name="outcomes")
-        outer.create_task(deps.receipts.run(), name="receipts")
-        outer.create_task(keep_instance_alive(deps, token, shutdown), name="heartbeat")
+        work_done = asyncio.Event()
+        writers = [
+            outer.create_task(deps.outcomes.run(), name="outcomes"),
+            outer.create_task(deps.receipts.run(), name="receipts"),
+        ]
+        outer.create_task(keep_instance_alive(deps, token, work_done), name="heartbeat")
         async with asyncio.TaskGroup() as producers:
             producers.create_task(intake.run(deps, shutdown), name="intake")
             producers.create_task(campaigns.run(deps, shutdown), name="campaigns")
             await _watch_for_drain(deps, shutdown)
-        deps.outcomes.close()
+        deps.outcomes.close()  # producers are done: write the last batch, then return
         deps.receipts.close()
+        await asyncio.gather(*writers)
+        work_done.set()
 
 
 async def _watch_for_drain(deps: Dependencies, shutdown: Shutdown) -> None:

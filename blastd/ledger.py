@@ -256,7 +256,7 @@ class ClaimedRecipient:
 async def claim_recipients(
     pool: Pool, campaign_id: str, owner: str, limit: int
 ) -> list[ClaimedRecipient]:
-    """Take up to `limit` due pending recipients for this instance, in producer order."""
+    """Take up to `limit` due pending recipients of a running campaign, in producer order."""
     rows = await pool.fetch(
         """
         UPDATE recipients r SET state = 'queued', owner = $2, updated_at = now()
@@ -265,6 +265,8 @@ async def claim_recipients(
                 AND (next_attempt_at IS NULL OR next_attempt_at <= now())
               ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) due
         WHERE r.id = due.id
+          -- paused, stopped or cancelled elsewhere (another daemon, an operator): claim nothing
+          AND EXISTS (SELECT 1 FROM campaigns WHERE id = $1 AND state = 'running')
         RETURNING r.id, r.phone, r.vars, r.attempts
         """,
         campaign_id,
