@@ -173,7 +173,9 @@ async def _follow(database_url: str, job_id: str) -> dict[str, object]:
 
 
 def _print_counts(report: dict[str, object]) -> None:
-    table = Table("final state", "recipients", caption=f"campaign {report['id']}: {report['state']}")
+    table = Table(
+        "final state", "recipients", caption=f"campaign {report['id']}: {report['state']}"
+    )
     counts = report["counts"]
     assert isinstance(counts, dict)
     for state, n in counts.items():
