@@ -96,9 +96,8 @@ def enqueue(ctx: click.Context, /, file: Path, **options: Any) -> None:
 def status(ctx: click.Context, campaign_id: str, as_json: bool, follow: bool) -> None:
     """Show a campaign's progress and the count of recipients in each state."""
     settings = _settings(ctx)
-    report = _run(
-        _with_pool(settings, lambda pool: reports.campaign_status(pool, campaign_id, follow=follow))
-    )
+    show = reports.follow_campaign if follow else reports.campaign_status
+    report = _run(_with_pool(settings, lambda pool: show(pool, campaign_id)))
     if report is None:
         click.echo(f"blastd: no campaign {campaign_id!r}", err=True)
         sys.exit(1)

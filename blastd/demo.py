@@ -162,12 +162,9 @@ def _enqueue(env: dict[str, str], file: Path) -> str:
 async def _follow(database_url: str, job_id: str) -> dict[str, object]:
     pool = await ledger.open_pool(database_url, command_timeout_s=10, max_size=2)
     try:
-        report = None
-        while report is None:  # the daemon has not taken the job yet
-            report = await reports.campaign_status(pool, job_id, follow=True)
-            await asyncio.sleep(0.2)
+        report = await reports.follow_campaign(pool, job_id)
         await asyncio.sleep(RECEIPT_WAIT_S)
-        return await reports.campaign_status(pool, job_id, follow=False) or report
+        return await reports.campaign_status(pool, job_id) or report
     finally:
         await pool.close()
 

@@ -19,32 +19,8 @@ from blastd.config import Settings
 FOLLOW_INTERVAL_S = 0.5
 
 
-async def campaign_status(
-    pool: ledger.Pool, campaign_id: str, *, follow: bool
-) -> dict[str, Any] | None:
-    """The campaign's state and counts; with `follow`, after a progress bar runs to its end."""
-    report = await _report(pool, campaign_id)
-    if report is None or not follow:
-        return report
-    console = Console(stderr=True)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(campaign_id, total=report["total"], detail="")
-        while True:
-            progress.update(task, completed=report["done"], detail=_detail(report["counts"]))
-            if report["state"] != "running":
-                return report
-            await asyncio.sleep(FOLLOW_INTERVAL_S)
-            report = await _report(pool, campaign_id) or report
-
-
-async def _report(pool: ledger.Pool, campaign_id: str) -> dict[str, Any] | None:
+async def campaign_status(pool: ledger.Pool, campaign_id: str) -> dict[str, Any] | None:
+    """The campaign's state and its count of recipients per state; None if there is none."""
     campaign = await ledger.load_campaign(pool, campaign_id)
     if campaign is None:
         return None
@@ -61,6 +37,35 @@ async def _report(pool: ledger.Pool, campaign_id: str) -> dict[str, Any] | None:
         "created_at": campaign.created_at.isoformat(),
         "finished_at": campaign.finished_at.isoformat() if campaign.finished_at else None,
     }
+
+
+async def follow_campaign(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]:
+    """Show a progress bar until the campaign stops running; return its last status.
+
+    A campaign the daemon has not created yet (its job is still queued) is waited for.
+    """
+    report = await campaign_status(pool, campaign_id)
+    console = Console(stderr=True)
+    if report is None:
+        console.print(f"waiting for campaign {campaign_id!r} (is its job queued?)")
+    while report is None:
+        await asyncio.sleep(FOLLOW_INTERVAL_S)
+        report = await campaign_status(pool, campaign_id)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(campaign_id, total=report["total"], detail="")
+        while True:
+            progress.update(task, completed=report["done"], detail=_detail(report["counts"]))
+            if report["state"] != "running":
+                return report
+            await asyncio.sleep(FOLLOW_INTERVAL_S)
+            report = await campaign_status(pool, campaign_id) or report
 
 
 def _detail(counts: dict[str, int]) -> str:
