@@ -170,12 +170,12 @@ async def _follow(database_url: str, job_id: str) -> dict[str, object]:
 
 
 def _print_counts(report: dict[str, object]) -> None:
-    table = Table(
-        "final state", "recipients", caption=f"campaign {report['id']}: {report['state']}"
-    )
+    out = Console()
+    out.print(f"campaign [bold]{report['id']}[/]: {report['state']}")
+    table = Table("final state", "recipients")
     counts = report["counts"]
     assert isinstance(counts, dict)
     for state, n in counts.items():
         table.add_row(state, str(n))
     table.add_row("[bold]total", f"[bold]{report['total']}")
-    Console().print(table)
+    out.print(table)
