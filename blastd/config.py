@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from blastd.errors import ConfigError
 
 SECRET_FIELDS = ("token", "app_secret", "verify_token")
+# pydantic-settings names the field it could not decode only in its message text.
+_UNDECODABLE_FIELD = re.compile(r'field "(\w+)"')
 
 
 class RetrySettings(BaseModel):
     """Retries of transient provider answers; seed 003's defaults: two retries, 5 s then 10 s."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must not fall back silently
 
     attempts: int = Field(3, ge=1, le=20)
     initial_s: float = Field(5.0, ge=0)
@@ -26,6 +31,8 @@ class RetrySettings(BaseModel):
 
 class AccountSettings(BaseModel):
     """A named provider login with its own rate, concurrency and connection pool."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must not fall back silently
 
     kind: Literal["cloud_api"]
     base_url: str = "https://graph.facebook.com"
@@ -48,6 +55,10 @@ class AccountSettings(BaseModel):
 
 
 class AdminSettings(BaseModel):
+    """The loopback HTTP server: health, readiness and provider webhooks."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must not fall back silently
+
     host: str = "127.0.0.1"
     port: int = Field(8787, ge=0, le=65535)  # 0 picks a free port (tests)
 
@@ -126,6 +137,10 @@ def load_settings(env_file: Path | None = None) -> Settings:
         settings = Settings(_env_file=env_file)
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc)) from None
+    except SettingsError as exc:  # a nested section that is not valid JSON
+        found = _UNDECODABLE_FIELD.search(str(exc))
+        setting = f"BLASTD_{found.group(1).upper()}" if found else "a nested setting"
+        raise ConfigError(f"invalid settings: {setting}: not valid JSON") from None
     for name, account in settings.accounts.items():
         if account.token is None:
             raise ConfigError(f"BLASTD_ACCOUNTS__{name}__TOKEN: no token for account {name!r}")
@@ -135,6 +150,10 @@ def load_settings(env_file: Path | None = None) -> Settings:
 def _describe_validation_error(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
+        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+            # An unknown line of the env file: loc is the variable's own name, prefix included.
+            lines.append(f"{str(error['loc'][0]).upper()}: not a blastd setting")
+            continue
         setting = "BLASTD_" + "__".join(str(part) for part in error["loc"]).upper()
         lines.append(f"{setting}: {error['msg']}")
     return "invalid settings: " + "; ".join(lines)

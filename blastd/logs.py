@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -21,9 +21,22 @@ EventDict = MutableMapping[str, Any]
 def mask_phone_numbers(_logger: object, _name: str, event: EventDict) -> EventDict:
     """Keep the country prefix and the last four digits of anything that looks like a number."""
     for key, value in event.items():
-        if isinstance(value, str):
-            event[key] = PHONE_PATTERN.sub(_masked, value)
+        event[key] = map_strings(value, lambda text: PHONE_PATTERN.sub(_masked, text))
     return event
+
+
+def map_strings(value: object, fn: Callable[[str], str]) -> Any:
+    """Apply `fn` to every string in a field, inside dicts, lists and tuples too.
+
+    Containers are copied, never changed in place: they may be the caller's live objects.
+    """
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {map_strings(key, fn): map_strings(item, fn) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [map_strings(item, fn) for item in value]
+    return value
 
 
 def _masked(match: re.Match[str]) -> str:
@@ -32,15 +45,14 @@ def _masked(match: re.Match[str]) -> str:
 
 
 class SecretScrubber:
-    """Replaces every configured secret in every string field, tracebacks included."""
+    """Replaces every configured secret in every string, nested ones and tracebacks included."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
 
     def __call__(self, _logger: object, _name: str, event: EventDict) -> EventDict:
         for key, value in event.items():
-            if isinstance(value, str):
-                event[key] = self.scrub(value)
+            event[key] = map_strings(value, self.scrub)
         return event
 
     def scrub(self, text: str) -> str:

@@ -90,7 +90,11 @@ def _rows_with_header(path: Path, rows: Iterator[Sequence[object]]) -> Iterator[
     if phone is None:
         expected = ", ".join(PHONE_COLUMNS)
         raise SourceError(f"{path}: no phone column in the header; name one of: {expected}")
-    var_columns = [(index, name) for index, name in enumerate(names) if name and index != phone]
+    # Variables take the normalised column name ('First Name' -> {first_name}), so a
+    # placeholder does not depend on how a spreadsheet happened to capitalise its header.
+    var_columns = [
+        (index, keys[index]) for index, name in enumerate(names) if name and index != phone
+    ]
     for cells in rows:
         texts = [_cell_text(cell) for cell in cells]
         if any(texts):  # read-only sheets often end in blank rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -176,3 +177,101 @@ async def is_ready(admin_port: int) -> bool:
             return response.status == 200
     except (aiohttp.ClientError, TimeoutError):
         return False
+
+
+@dataclass
+class DaemonUnderTest:
+    """A daemon running in this event loop: its Shutdown and the task that runs it."""
+
+    shutdown: daemon.Shutdown
+    task: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def running_daemon_task(settings: Settings) -> AsyncIterator[DaemonUnderTest]:
+    """Like running_daemon, but the test also sees the task, to check it is still running."""
+    shutdown = daemon.Shutdown()
+    task = asyncio.create_task(daemon.run(settings, shutdown), name="daemon")
+    try:
+        yield DaemonUnderTest(shutdown, task)
+    finally:
+        shutdown.request()
+        await task
+
+
+def blast_job(job_id: str, numbers: list[str], **fields: Any) -> bytes:
+    """A blast job for `numbers` (a text message unless `message` is given), as pushed."""
+    job: dict[str, Any] = {
+        "type": "blast",
+        "id": job_id,
+        "account": ACCOUNT,
+        "message": {"text": "Halo {name}"},
+        "recipients": [{"to": n, "vars": {"name": f"N{i}"}} for i, n in enumerate(numbers)],
+        **fields,
+    }
+    return orjson.dumps(job)
+
+
+def numbers_from(first: int, count: int) -> list[str]:
+    """`count` distinct valid Indonesian mobile numbers in E.164, starting at +62812<first>."""
+    return [f"+62812{n:08d}" for n in range(first, first + count)]
+
+
+async def recipient_rows(pool: ledger.Pool, campaign_id: str) -> list[Any]:
+    """Every recipient row of a campaign, in producer order."""
+    return list(
+        await pool.fetch(
+            "SELECT * FROM recipients WHERE campaign_id = $1 ORDER BY seq", campaign_id
+        )
+    )
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+async def run_cli(env: dict[str, str], *args: str, timeout_s: float = 60.0) -> CliResult:
+    """Run `python -m blastd ARGS` without blocking the loop (an in-process daemon may run)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "blastd",
+        *args,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return CliResult(process.returncode, stdout.decode(), stderr.decode())
+
+
+@contextlib.asynccontextmanager
+async def daemon_process(
+    env: dict[str, str], stdout_path: Path, stderr_path: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A real `blastd run`, its stdout and stderr in files; SIGTERM and reaped on the way out."""
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "blastd", "run", env=env, stdout=stdout, stderr=stderr
+        )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise

@@ -72,3 +72,12 @@ def test_secret_values_never_echo_into_the_error(clean_env: pytest.MonkeyPatch) 
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert "canary-7f3a" not in str(caught.value)
+
+
+def test_misspelt_account_key_is_refused_not_ignored(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv(
+        "BLASTD_ACCOUNTS",
+        '{"x": {"kind": "cloud_api", "phone_number_id": "1", "token": "t", "rate_per_sec": 5}}',
+    )
+    with pytest.raises(ConfigError, match="RATE_PER_SEC"):
+        load_settings()

@@ -21,7 +21,7 @@ def write_xlsx(path: Path, rows: list[list[object]]) -> Path:
     return path
 
 
-def test_xlsx_rows_become_recipients_with_text_vars(tmp_path: Path) -> None:
+def test_xlsx_rows_become_recipients_with_lower_snake_vars(tmp_path: Path) -> None:
     path = write_xlsx(
         tmp_path / "list.xlsx",
         [
@@ -36,15 +36,15 @@ def test_xlsx_rows_become_recipients_with_text_vars(tmp_path: Path) -> None:
         {
             "to": "6281234567890",
             "vars": {
-                "Nama": "Budi",
-                "Kode": "X1",
-                "Jumlah": "3",
-                "Harga": "2.5",
-                "Tanggal": "2026-11-22T00:00:00",
+                "nama": "Budi",
+                "kode": "X1",
+                "jumlah": "3",
+                "harga": "2.5",
+                "tanggal": "2026-11-22T00:00:00",
             },
         },
-        {"to": "6281234567891", "vars": {"Nama": "Sari", "Jumlah": "4"}},
-        {"to": "0812-3456-7892", "vars": {"Nama": "Andi"}},
+        {"to": "6281234567891", "vars": {"nama": "Sari", "jumlah": "4"}},
+        {"to": "0812-3456-7892", "vars": {"nama": "Andi"}},
     ]
 
 

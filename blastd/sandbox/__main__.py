@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -66,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = config_from_args(args)
     except ValidationError as exc:
         sys.exit(f"invalid sandbox flags: {exc}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop on SIGTERM as on Ctrl-C
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(serve(config, args.host, args.port, announce))
 
