@@ -127,6 +127,7 @@ async def _staged_pages(
     else:
         assert job.recipients_key is not None  # parse_job guarantees one of the two
         _check_recipients_key(job.recipients_key, settings.redis_prefix, job.id)
+        await _check_is_list(deps, job.recipients_key, job.id)
         entries = stream_recipients_key(
             deps.redis, job.recipients_key, settings.recipients_page_size
         )
@@ -154,6 +155,14 @@ def _check_recipients_key(key: str, prefix: str, job_id: str) -> None:
     """The list is deleted once read, so it must not be one of blastd's own keys."""
     if key.startswith(prefix) and not key.startswith(f"{prefix}recipients:"):
         raise InvalidJobError(f"recipients_key {key[:60]!r} names one of blastd's own keys", job_id)
+
+
+async def _check_is_list(deps: Dependencies, key: str, job_id: str) -> None:
+    """A key of another type is the producer's mistake, not a crash: say so in the reason."""
+    answer = await deps.redis_call(deps.redis.type, key)
+    kind = answer.decode() if isinstance(answer, bytes) else answer
+    if kind not in ("list", "none"):
+        raise InvalidJobError(f"recipients_key {key[:60]!r} is a {kind}, not a list", job_id)
 
 
 def stage_recipient(

@@ -303,14 +303,21 @@ class Outcome:
     next_attempt_at: datetime | None = None
 
 
+# An answer is written for a row this instance claimed (queued or sending); one that finds it
+# delivered, read or failed was overtaken by a receipt, and the receipt has the last word.
+RECEIPT_FIRST = "r.state IN ('delivered', 'read', 'failed')"
+
+
 async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
     """Write a batch of outcomes in one statement; receipts already recorded are kept."""
     await pool.execute(
-        """
+        f"""
         UPDATE recipients r SET
-            state = CASE WHEN r.state IN ('delivered', 'read') THEN r.state ELSE o.state END,
+            state = CASE WHEN {RECEIPT_FIRST} THEN r.state ELSE o.state END,
             provider_message_id = COALESCE(o.message_id, r.provider_message_id),
-            error_class = o.error_class, error_code = o.error_code, error_text = o.error_text,
+            error_class = CASE WHEN {RECEIPT_FIRST} THEN r.error_class ELSE o.error_class END,
+            error_code = CASE WHEN {RECEIPT_FIRST} THEN r.error_code ELSE o.error_code END,
+            error_text = CASE WHEN {RECEIPT_FIRST} THEN r.error_text ELSE o.error_text END,
             next_attempt_at = o.next_at,
             owner = CASE WHEN o.state IN ('queued', 'sending') THEN r.owner END,
             updated_at = now()
