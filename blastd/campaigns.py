@@ -94,17 +94,13 @@ async def run_campaign(deps: Dependencies, campaign_id: str, shutdown: Shutdown)
             return
         started = time.monotonic()
         async with asyncio.TaskGroup() as sends:
-            while not run.should_stop():
-                claimed = await deps.db_call(
-                    ledger.claim_recipients,
-                    deps.pool,
-                    campaign_id,
-                    deps.settings.instance_id,
-                    deps.settings.claim_page_size,
-                )
-                if not claimed:
-                    break
+            claimed = await _claim(run)
+            while claimed and not run.should_stop():
+                # The next page is claimed while this one goes out, so sends never wait for it.
+                next_page = sends.create_task(_claim(run))
                 await _send_page(run, claimed, sends)
+                claimed = await next_page
+            _release(run, claimed)  # a page claimed as the campaign stopped goes back
         await deps.outcomes.synced()
         await _settle(run, time.monotonic() - started)
 
@@ -161,6 +157,17 @@ async def _send_page(
                 _release(run, [*group[position:], *(r for g in groups[index + 1 :] for r in g)])
                 return
             sends.create_task(_send_one(run, recipient))
+
+
+async def _claim(run: CampaignRun) -> list[ClaimedRecipient]:
+    deps = run.deps
+    return await deps.db_call(
+        ledger.claim_recipients,
+        deps.pool,
+        run.campaign.id,
+        deps.settings.instance_id,
+        deps.settings.claim_page_size,
+    )
 
 
 async def _mark(run: CampaignRun, group: Sequence[ClaimedRecipient]) -> None:

@@ -13,8 +13,11 @@ The Pacer keeps two independent guarantees:
   ring[oldest] + 1 s (+ CLOCK_GUARD_S), so no one-second window, whatever its start, holds
   more than R; this holds even while the schedule catches up after a stall.
 
-Slots nobody claimed are not saved up, so no burst follows a quiet spell. An acquire that
-finds nobody waiting restarts the schedule at now. A release that a hold or the ring delayed
+Slots nobody claimed are not saved up, so no burst follows a quiet spell: an acquire that
+finds nobody waiting and the schedule more than MAX_RETURN_LAG_S behind restarts it at now. A
+caller that comes back only a little late keeps its schedule: the daemon's one sending loop
+calls acquire() again only after it has launched a send, and at 1000/s forgetting that delay
+every time cost 4 % of the rate (bench/rate.py). A release that a hold or the ring delayed
 restarts it at the time it was allowed: made up, that delay would come out as a burst, which
 the ring would then repeat every second. Only lateness in waking up is made up, and at most
 MAX_LAG_S of it.
@@ -31,13 +34,19 @@ import asyncio
 import collections
 
 WINDOW_S = 1.0
-# uvloop's loop.time() counts whole milliseconds, so a release stamped t may really happen up
-# to 1 ms later, and the caller sends a little after that. Widening the window by 2 ms keeps
-# it within R on a finer clock too (bench/rate_pacer.py saw 1001 with 1 ms); it costs 0.2 %.
-CLOCK_GUARD_S = 0.002
+# A release stamped t reaches the provider later by a delay that varies: uvloop's loop.time()
+# counts whole milliseconds, and the request then crosses the event loop, aiohttp and the
+# kernel. Two requests R releases apart can so arrive closer than 1 s. bench/rate.py, stamping
+# arrivals at the sandbox on a busy 2-core host, saw release-to-arrival delays of 3-6 ms at
+# p99 and up to 13 ms, and 1001-1003 arrivals in one second with a 2 ms guard. Widening the
+# window by 10 ms covers them; it costs 1 % of the rate.
+CLOCK_GUARD_S = 0.01
 # A stall (a blocked loop, a slow head of the queue) may be made up, but only this much of
 # it: the catch-up burst is at most R * MAX_LAG_S sends, not a whole window's worth.
 MAX_LAG_S = 0.05
+# A caller that comes back to acquire() this late keeps its slot; later, the slot is forgotten.
+# Enough for the sending loop's own work between two releases, too little to let out a burst.
+MAX_RETURN_LAG_S = 0.005
 # uvloop rounds a delay to whole milliseconds, so a shorter sleep returns at once and the head
 # would spin until the clock ticks; the deadlines absorb the overshoot of sleeping longer.
 MIN_SLEEP_S = 0.001
@@ -129,7 +138,7 @@ class Pacer:
             self._slots_since_anchor += 1
 
     def _forget_unclaimed_slots(self, now: float) -> None:
-        if self._rate_per_s and self._next_slot_at() < now:
+        if self._rate_per_s and self._next_slot_at() < now - MAX_RETURN_LAG_S:
             self._anchor_at, self._slots_since_anchor = now, 0
 
     def _set_rate(self, rate_per_s: float) -> None:

@@ -1,0 +1,229 @@
+"""End-to-end throughput of blastd against a bare aiohttp loop, same sandbox, same run.
+
+    .venv/bin/python bench/throughput.py [--recipients 20000] [--concurrency 64] [--rounds 3]
+
+DESIGN §8: with the sandbox on loopback and no rate limit, blastd's messages per second
+(intake to ledger) reach at least 0.9 of a bare aiohttp loop sending the same requests.
+
+- baseline: one uvloop process (this one), one ClientSession with a keep-alive
+  TCPConnector, `concurrency` workers sending the bodies blastd would send (built in advance
+  with build_request_body, same Authorization header); timed from the first request to the
+  last answer.
+- blastd: a `blastd run` process with the account at rate 0 and the same concurrency. The
+  recipients list is pushed first; timed from the LPUSH of the job until the ledger shows the
+  campaign 'done' (every recipient 'sent'), so intake, ledger writes and the drain count.
+
+Both hit the same sandbox process (latency 0, no webhooks, counters reset before each run),
+in alternating rounds; the ratio uses the medians. Everything shares this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+import psutil
+import uvloop
+from rich.console import Console
+from rich.table import Table
+from stack import (
+    PHONE_NUMBER_ID,
+    TEXT,
+    TOKEN,
+    Daemon,
+    Stack,
+    account_settings,
+    phone_numbers,
+    push_job,
+    push_recipients,
+    recipient_states,
+    recipients_key,
+    running_stack,
+    start_daemon,
+    wait_until_done,
+)
+
+from blastd.config import AccountSettings
+from blastd.providers import OutboundMessage, TextBody
+from blastd.providers.cloud_api import build_request_body
+
+PROMISED_RATIO = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    kind: str  # baseline | blastd
+    messages: int
+    seconds: float
+    accepted: int
+    duplicates: int
+    sender_cpu_s: float  # this process for the baseline, the daemon process for blastd
+    sandbox_cpu_s: float
+    intake_s: float | None = None  # blastd only: LPUSH until the campaign is in the ledger
+    ledger_sent: int | None = None  # blastd only
+
+    @property
+    def per_s(self) -> float:
+        return self.messages / self.seconds
+
+    def cpu_us_per_message(self, cpu_s: float) -> float:
+        return cpu_s / self.messages * 1e6
+
+
+def cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def request_bodies(numbers: list[str]) -> list[bytes]:
+    """What blastd sends for each recipient, with ledger ids like the ones it would use."""
+    body = TextBody(TEXT)
+    return [
+        orjson.dumps(build_request_body(OutboundMessage(ledger_id, number, body)))
+        for ledger_id, number in enumerate(numbers, start=1)
+    ]
+
+
+async def send_bare(url: str, bodies: list[bytes], concurrency: int) -> float:
+    """`concurrency` workers over one keep-alive pool; seconds from first request to last answer."""
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=30)
+    pending = iter(bodies)
+
+    async def work(http: aiohttp.ClientSession) -> None:
+        for body in pending:
+            async with http.post(url, data=body, headers=headers) as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"sandbox answered {response.status}")
+
+    async with aiohttp.ClientSession(connector=connector) as http:
+        started = time.perf_counter()
+        async with asyncio.TaskGroup() as workers:
+            for _ in range(concurrency):
+                workers.create_task(work(http))
+        return time.perf_counter() - started
+
+
+async def sandbox_counts(stack: Stack) -> tuple[int, int]:
+    stats = await stack.sandbox_get("stats")
+    return stats["accepted"], len(stats["duplicates"])
+
+
+async def run_baseline(stack: Stack, bodies: list[bytes], concurrency: int) -> Run:
+    await stack.sandbox_post("reset", {})
+    api_version = AccountSettings.model_fields["api_version"].default
+    url = f"{stack.sandbox_url}/{api_version}/{PHONE_NUMBER_ID}/messages"
+    client, sandbox = psutil.Process(), psutil.Process(stack.sandbox_pid)
+    client_cpu_s, sandbox_cpu_s = cpu_s(client), cpu_s(sandbox)
+    seconds = await send_bare(url, bodies, concurrency)
+    client_cpu_s, sandbox_cpu_s = cpu_s(client) - client_cpu_s, cpu_s(sandbox) - sandbox_cpu_s
+    accepted, duplicates = await sandbox_counts(stack)
+    return Run("baseline", len(bodies), seconds, accepted, duplicates, client_cpu_s, sandbox_cpu_s)
+
+
+async def run_blastd(stack: Stack, daemon: Daemon, numbers: list[str], campaign_id: str) -> Run:
+    await stack.sandbox_post("reset", {})
+    await push_recipients(stack.redis, recipients_key(campaign_id), numbers)
+    sender, sandbox = psutil.Process(daemon.pid), psutil.Process(stack.sandbox_pid)
+    sender_cpu_s, sandbox_cpu_s = cpu_s(sender), cpu_s(sandbox)
+    pushed_at = await push_job(stack.redis, campaign_id)
+    times = await wait_until_done(stack.pool, campaign_id, timeout_s=600)
+    sender_cpu_s, sandbox_cpu_s = cpu_s(sender) - sender_cpu_s, cpu_s(sandbox) - sandbox_cpu_s
+    states = await recipient_states(stack.pool, campaign_id)
+    accepted, duplicates = await sandbox_counts(stack)
+    return Run(
+        "blastd",
+        len(numbers),
+        times.done_at - pushed_at,
+        accepted,
+        duplicates,
+        sender_cpu_s,
+        sandbox_cpu_s,
+        intake_s=times.created_at - pushed_at,
+        ledger_sent=states.get("sent", 0),
+    )
+
+
+async def run_all(recipients: int, concurrency: int, rounds: int) -> list[Run]:
+    numbers = phone_numbers(recipients)
+    bodies = request_bodies(numbers)
+    async with running_stack() as stack:
+        await stack.sandbox_post("config", {"latency_ms": 0, "webhook_url": None})
+        account = account_settings(stack.sandbox_url, rate_per_s=0, concurrency=concurrency)
+        daemon = await start_daemon(stack, account)
+        runs = []
+        try:
+            for round_ in range(rounds):
+                runs.append(await run_baseline(stack, bodies, concurrency))
+                runs.append(await run_blastd(stack, daemon, numbers, f"throughput-{round_}"))
+        finally:
+            exit_code = await daemon.stop()
+        if exit_code != 0:
+            raise RuntimeError(f"blastd exited with {exit_code}; see {daemon.log_path}")
+        return runs
+
+
+COLUMNS = (
+    "run",
+    "msgs/s",
+    "seconds",
+    "of which intake",
+    "sandbox accepted",
+    "duplicates",
+    "ledger sent",
+    "sender CPU us/msg",
+    "sandbox CPU us/msg",
+)
+
+
+def render(runs: list[Run], concurrency: int) -> Table:
+    messages = runs[0].messages
+    table = Table(title=f"{messages:,} recipients, concurrency {concurrency}, sandbox latency 0")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for index, run in enumerate(runs):
+        table.add_row(
+            f"{index // 2 + 1}. {run.kind}",
+            f"{run.per_s:,.0f}",
+            f"{run.seconds:.2f}",
+            "" if run.intake_s is None else f"{run.intake_s:.2f}",
+            f"{run.accepted:,}",
+            str(run.duplicates),
+            "" if run.ledger_sent is None else f"{run.ledger_sent:,}",
+            f"{run.cpu_us_per_message(run.sender_cpu_s):.0f}",
+            f"{run.cpu_us_per_message(run.sandbox_cpu_s):.0f}",
+        )
+    return table
+
+
+def summary(runs: list[Run]) -> str:
+    baseline = statistics.median(r.per_s for r in runs if r.kind == "baseline")
+    blastd = statistics.median(r.per_s for r in runs if r.kind == "blastd")
+    ratio = blastd / baseline
+    verdict = "meets" if ratio >= PROMISED_RATIO else "misses"
+    return (
+        f"median baseline {baseline:,.0f} msgs/s, median blastd {blastd:,.0f} msgs/s: "
+        f"ratio {ratio:.3f} ({verdict} the promised {PROMISED_RATIO})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipients", type=int, default=20_000, help="messages per run")
+    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+    parser.add_argument("--rounds", type=int, default=3, help="baseline+blastd pairs")
+    args = parser.parse_args()
+    runs = uvloop.run(run_all(args.recipients, args.concurrency, args.rounds))
+    console = Console(width=120)
+    console.print(render(runs, args.concurrency))
+    console.print(summary(runs))
+
+
+if __name__ == "__main__":
+    main()
