@@ -48,7 +48,7 @@ from stack import (
     wait_until_done,
 )
 
-from blastd.config import AccountSettings
+from blastd.config import CloudApiAccount
 from blastd.providers import OutboundMessage, TextBody
 from blastd.providers.cloud_api import build_request_body
 
@@ -117,7 +117,7 @@ async def sandbox_counts(stack: Stack) -> tuple[int, int]:
 
 async def run_baseline(stack: Stack, bodies: list[bytes], concurrency: int) -> Run:
     await stack.sandbox_post("reset", {})
-    api_version = AccountSettings.model_fields["api_version"].default
+    api_version = CloudApiAccount.model_fields["api_version"].default
     url = f"{stack.sandbox_url}/{api_version}/{PHONE_NUMBER_ID}/messages"
     client, sandbox = psutil.Process(), psutil.Process(stack.sandbox_pid)
     client_cpu_s, sandbox_cpu_s = cpu_s(client), cpu_s(sandbox)

@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 
 from blastd import ledger
+from blastd.config import CloudApiAccount
 from blastd.providers.cloud_api import answer_verification, is_valid_signature, parse_status_webhook
 
 if TYPE_CHECKING:
@@ -58,19 +59,19 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
-def _cloud_account(request: web.Request) -> tuple[Dependencies, str]:
+def _cloud_account(request: web.Request) -> tuple[Dependencies, str, CloudApiAccount]:
     deps = request.app[DEPS_KEY]
     name = request.match_info["account"]
     account = deps.settings.accounts.get(name)
-    if account is None or account.kind != "cloud_api":
+    if not isinstance(account, CloudApiAccount):
         raise web.HTTPNotFound()
-    return deps, name
+    return deps, name, account
 
 
 async def verify_cloud_api_webhook(request: web.Request) -> web.Response:
     """Meta's GET handshake: echo hub.challenge when the verify token matches."""
-    deps, name = _cloud_account(request)
-    token = deps.settings.accounts[name].verify_token
+    _deps, _name, account = _cloud_account(request)
+    token = account.verify_token
     challenge = (
         None if token is None else answer_verification(request.query, token.get_secret_value())
     )
@@ -81,8 +82,8 @@ async def verify_cloud_api_webhook(request: web.Request) -> web.Response:
 
 async def receive_cloud_api_webhook(request: web.Request) -> web.Response:
     """Status webhook: verified over the raw body, applied to the ledger before we answer 200."""
-    deps, name = _cloud_account(request)
-    secret = deps.settings.accounts[name].app_secret
+    deps, name, account = _cloud_account(request)
+    secret = account.app_secret
     raw = await request.read()
     signature = request.headers.get("X-Hub-Signature-256")
     if secret is None or not is_valid_signature(raw, signature, secret.get_secret_value()):

@@ -18,16 +18,16 @@ from blastd.jobs import BlastOptions, MessageSpec, render
 from blastd.ledger import ClaimedRecipient, Outcome
 from blastd.limiter import Pacer
 from blastd.providers import OutboundMessage
-from blastd.sender import Sender
+from blastd.sender import Delivery, Sender
 
 if TYPE_CHECKING:
     from blastd.daemon import Dependencies, Shutdown
 
 log = structlog.get_logger()
 
-# How much sending time one 'sending' mark covers. A crash can leave about two marks' worth
-# of recipients 'uncertain' without their request having left, so keep it short.
-MARK_AHEAD_S = 0.02
+# How much sending time one claim covers. Claimed recipients are 'sending' at once, and a crash
+# can leave about two claims' worth 'uncertain' without their request having left: keep it short.
+CLAIM_AHEAD_S = 0.02
 STOP_STATES = {"quality": "paused", "campaign_fatal": "stopped"}
 
 
@@ -76,11 +76,15 @@ class CampaignRun:
             )
 
     @property
-    def group_size(self) -> int:
+    def claim_size(self) -> int:
+        """Recipients per claim: CLAIM_AHEAD_S of sending, whole requests, within the page."""
+        per_request = self.sender.account.batch_limit
         rates = [p.rate_per_s for p in (self.sender.pacer, self.pacer) if p and p.rate_per_s > 0]
-        if not rates:
-            return self.sender.account.concurrency
-        return max(1, min(self.deps.settings.claim_page_size, math.ceil(min(rates) * MARK_AHEAD_S)))
+        if rates:
+            requests = math.ceil(min(rates) * CLAIM_AHEAD_S)
+        else:
+            requests = self.sender.account.concurrency
+        return max(per_request, min(self.deps.settings.claim_page_size, requests * per_request))
 
 
 async def run_campaign(deps: Dependencies, campaign_id: str, shutdown: Shutdown) -> None:
@@ -96,11 +100,11 @@ async def run_campaign(deps: Dependencies, campaign_id: str, shutdown: Shutdown)
         async with asyncio.TaskGroup() as sends:
             claimed = await _claim(run)
             while claimed and not run.should_stop():
-                # The next page is claimed while this one goes out, so sends never wait for it.
-                next_page = sends.create_task(_claim(run))
-                await _send_page(run, claimed, sends)
-                claimed = await next_page
-            _release(run, claimed)  # a page claimed as the campaign stopped goes back
+                # The next claim runs while this one goes out, so sends never wait for it.
+                next_claim = sends.create_task(_claim(run))
+                await _send_claimed(run, claimed, sends)
+                claimed = await next_claim
+            _release(run, claimed)  # claimed as the campaign stopped: never sent
         await deps.outcomes.synced()
         await _settle(run, time.monotonic() - started)
 
@@ -134,29 +138,20 @@ async def _wait_for_start(run: CampaignRun) -> bool:
     return not run.shutdown.is_requested
 
 
-async def _send_page(
+async def _send_claimed(
     run: CampaignRun, claimed: Sequence[ClaimedRecipient], sends: asyncio.TaskGroup
 ) -> None:
-    """Mark each group 'sending' (the next one while this one goes out), then launch its sends."""
-    size = run.group_size
-    groups = [claimed[i : i + size] for i in range(0, len(claimed), size)]
-    marking = sends.create_task(_mark(run, groups[0]))
-    for index, group in enumerate(groups):
-        await marking
+    """Launch one request per batch, each when the rate allows; release the rest on a stop."""
+    size = run.sender.account.batch_limit
+    batches = [claimed[i : i + size] for i in range(0, len(claimed), size)]
+    for index, batch in enumerate(batches):
+        await run.sender.slots.acquire()
+        await run.sender.wait_turn(run.pacer)  # here, not in the task: only real sends fly
         if run.should_stop():
-            _release(run, [r for g in groups[index:] for r in g])
+            run.sender.slots.release()
+            _release(run, [r for b in batches[index:] for r in b])
             return
-        if index + 1 < len(groups):
-            marking = sends.create_task(_mark(run, groups[index + 1]))
-        for position, recipient in enumerate(group):
-            await run.sender.slots.acquire()
-            await run.sender.wait_turn(run.pacer)  # here, not in the task: only real sends fly
-            if run.should_stop():
-                run.sender.slots.release()
-                await marking
-                _release(run, [*group[position:], *(r for g in groups[index + 1 :] for r in g)])
-                return
-            sends.create_task(_send_one(run, recipient))
+        sends.create_task(_send_batch(run, batch))
 
 
 async def _claim(run: CampaignRun) -> list[ClaimedRecipient]:
@@ -166,12 +161,8 @@ async def _claim(run: CampaignRun) -> list[ClaimedRecipient]:
         deps.pool,
         run.campaign.id,
         deps.settings.instance_id,
-        deps.settings.claim_page_size,
+        run.claim_size,
     )
-
-
-async def _mark(run: CampaignRun, group: Sequence[ClaimedRecipient]) -> None:
-    await run.deps.db_call(ledger.mark_sending, run.deps.pool, [r.id for r in group])
 
 
 def _release(run: CampaignRun, recipients: Sequence[ClaimedRecipient]) -> None:
@@ -180,16 +171,19 @@ def _release(run: CampaignRun, recipients: Sequence[ClaimedRecipient]) -> None:
         run.deps.outcomes.add(Outcome(recipient.id, "pending"))
 
 
-async def _send_one(run: CampaignRun, recipient: ClaimedRecipient) -> None:
+async def _send_batch(run: CampaignRun, recipients: Sequence[ClaimedRecipient]) -> None:
     try:
-        body = render(run.spec, recipient.vars or {})
-        message = OutboundMessage(recipient.id, recipient.phone, body)
-        outcome = await run.sender.deliver(message, recipient.attempts, run.pacer, run.should_stop)
+        messages = [
+            OutboundMessage(r.id, r.phone, render(run.spec, r.vars or {})) for r in recipients
+        ]
+        delivery = Delivery(messages, [r.attempts for r in recipients])
+        outcomes = await run.sender.deliver(delivery, run.pacer, run.should_stop)
     finally:
         run.sender.slots.release()
-    run.deps.outcomes.add(outcome)
-    run.counts[outcome.state] = run.counts.get(outcome.state, 0) + 1
-    run.stop(outcome)
+    for outcome in outcomes:
+        run.deps.outcomes.add(outcome)
+        run.counts[outcome.state] = run.counts.get(outcome.state, 0) + 1
+        run.stop(outcome)
 
 
 async def _settle(run: CampaignRun, duration_s: float) -> None:

@@ -6,14 +6,14 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from blastd.errors import ConfigError
 
-SECRET_FIELDS = ("token", "app_secret", "verify_token")
+SECRET_FIELDS = ("token", "app_secret", "verify_token", "secret_key", "webhook_secret")
 # pydantic-settings names the field it could not decode only in its message text.
 _UNDECODABLE_FIELD = re.compile(r'field "(\w+)"')
 
@@ -30,28 +30,67 @@ class RetrySettings(BaseModel):
 
 
 class AccountSettings(BaseModel):
-    """A named provider login with its own rate, concurrency and connection pool."""
+    """A named provider login with its own rate, concurrency and connection pool.
+
+    `rate_per_s` counts requests: one message each for most providers, one batch of up to
+    `batch_size` messages for a bulk API such as Wablas v2."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key must not fall back silently
 
-    kind: Literal["cloud_api"]
-    base_url: str = "https://graph.facebook.com"
-    api_version: str = "v23.0"
-    phone_number_id: str | None = None
+    kind: str
+    base_url: str
     token: SecretStr | None = None
-    app_secret: SecretStr | None = None  # checks X-Hub-Signature-256 on status webhooks
-    verify_token: SecretStr | None = None  # answers Meta's GET verification handshake
-    rate_per_s: float = Field(80.0, ge=0)  # Cloud API default tier; 0 means no limit
+    rate_per_s: float = Field(80.0, ge=0)  # 0 means no limit
     concurrency: int = Field(10, ge=1, le=2000)  # seed 003: 10 requests in flight
     connect_timeout_s: float = Field(10.0, gt=0)  # seed 000: 10 s connect
     request_timeout_s: float = Field(30.0, gt=0)  # seed 000: 30 s read
     retry: RetrySettings = RetrySettings()
 
-    @model_validator(mode="after")
-    def _require_cloud_api_fields(self) -> AccountSettings:
-        if self.kind == "cloud_api" and not self.phone_number_id:
-            raise ValueError("phone_number_id is required for a cloud_api account")
-        return self
+    @property
+    def batch_limit(self) -> int:
+        """Messages one request may carry."""
+        return 1
+
+
+class CloudApiAccount(AccountSettings):
+    """One WhatsApp Cloud API phone number."""
+
+    kind: Literal["cloud_api"]
+    base_url: str = "https://graph.facebook.com"
+    api_version: str = "v23.0"
+    phone_number_id: str
+    app_secret: SecretStr | None = None  # checks X-Hub-Signature-256 on status webhooks
+    verify_token: SecretStr | None = None  # answers Meta's GET verification handshake
+    rate_per_s: float = Field(80.0, ge=0)  # the default throughput tier of a number
+
+
+class WablasAccount(AccountSettings):
+    """One Wablas device. Bulk sends carry up to `batch_size` messages per request."""
+
+    kind: Literal["wablas"]
+    base_url: str  # the account's region server, e.g. https://solo.wablas.com
+    secret_key: SecretStr | None = None  # newer accounts send "token.secret_key"
+    batch_size: int = Field(100, ge=1, le=1000)  # seed 000: 100 messages per v2 request
+    rate_per_s: float = Field(2.0, ge=0)  # seed 000: 500 ms between batches
+    webhook_secret: SecretStr | None = None  # must appear in the tracking URL's query
+
+    @property
+    def batch_limit(self) -> int:
+        return self.batch_size
+
+
+class UltraMsgAccount(AccountSettings):
+    """One UltraMsg instance."""
+
+    kind: Literal["ultramsg"]
+    base_url: str = "https://api.ultramsg.com"
+    instance_id: str
+    rate_per_s: float = Field(10.0, ge=0)  # seed 004: 10 messages a second
+    webhook_secret: SecretStr | None = None  # must appear in the webhook URL's query
+
+
+Account = Annotated[CloudApiAccount | WablasAccount | UltraMsgAccount, Field(discriminator="kind")]
+ACCOUNT_KINDS = ("cloud_api", "wablas", "ultramsg")
 
 
 class AdminSettings(BaseModel):
@@ -77,7 +116,7 @@ class Settings(BaseSettings):
     credentials_dir: Path | None = Field(
         default_factory=lambda: Path(d) if (d := os.environ.get("CREDENTIALS_DIRECTORY")) else None
     )
-    accounts: dict[str, AccountSettings] = {}
+    accounts: dict[str, Account] = {}
     admin: AdminSettings = AdminSettings()
 
     default_region: str = "ID"  # region for numbers written without a country code
@@ -109,7 +148,7 @@ class Settings(BaseSettings):
         if self.credentials_dir is None:
             return self
         for name, account in self.accounts.items():
-            for field in SECRET_FIELDS:
+            for field in _secret_fields(account):
                 path = self.credentials_dir / f"{name}.{field}"
                 if getattr(account, field) is None and path.is_file():
                     setattr(account, field, SecretStr(path.read_text().strip()))
@@ -118,11 +157,17 @@ class Settings(BaseSettings):
     def secret_values(self) -> list[str]:
         """Every configured secret, so the log pipeline can scrub them from any output."""
         secrets = [
-            getattr(account, field) for account in self.accounts.values() for field in SECRET_FIELDS
+            getattr(account, field)
+            for account in self.accounts.values()
+            for field in _secret_fields(account)
         ]
         passwords = [_url_password(self.redis_url), _url_password(self.database_url)]
         values = [s.get_secret_value() for s in secrets if s is not None] + passwords
         return [v for v in values if v and len(v) >= 4]
+
+
+def _secret_fields(account: AccountSettings) -> list[str]:
+    return [field for field in SECRET_FIELDS if field in type(account).model_fields]
 
 
 def _url_password(url: str) -> str:
@@ -143,7 +188,7 @@ def load_settings(env_file: Path | None = None) -> Settings:
         raise ConfigError(f"invalid settings: {setting}: not valid JSON") from None
     for name, account in settings.accounts.items():
         if account.token is None:
-            raise ConfigError(f"BLASTD_ACCOUNTS__{name}__TOKEN: no token for account {name!r}")
+            raise ConfigError(f"BLASTD_ACCOUNTS__{name}__token: no token for account {name!r}")
     return settings
 
 
@@ -154,6 +199,19 @@ def _describe_validation_error(exc: ValidationError) -> str:
             # An unknown line of the env file: loc is the variable's own name, prefix included.
             lines.append(f"{str(error['loc'][0]).upper()}: not a blastd setting")
             continue
-        setting = "BLASTD_" + "__".join(str(part) for part in error["loc"]).upper()
-        lines.append(f"{setting}: {error['msg']}")
+        lines.append(f"{_setting_name(error['loc'])}: {error['msg']}")
     return "invalid settings: " + "; ".join(lines)
+
+
+def _setting_name(loc: tuple[int | str, ...]) -> str:
+    """BLASTD_ACCOUNTS__main__phone_number_id for ('accounts', 'main', 'cloud_api', ...).
+
+    pydantic puts the account's kind into the path (the union's tag); the variable has none.
+    Account names and fields keep their case: that is how they are written in the JSON.
+    """
+    parts = [str(part) for part in loc]
+    if parts[0] != "accounts":
+        return "BLASTD_" + "__".join(parts).upper()
+    if len(parts) > 2 and parts[2] in ACCOUNT_KINDS:
+        del parts[2]
+    return "__".join(["BLASTD_ACCOUNTS", *parts[1:]])

@@ -12,7 +12,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import orjson
 
-ACTIVE_STATES = ("pending", "queued", "sending")
+ACTIVE_STATES = ("pending", "sending")
 FINAL_STATES = (
     "sent",
     "delivered",
@@ -213,7 +213,7 @@ async def set_campaign_state(pool: Pool, campaign_id: str, state: str, reason: s
 
 
 async def finish_campaign_if_done(pool: Pool, campaign_id: str) -> bool:
-    """Mark a running campaign done once no recipient is pending, queued or sending."""
+    """Mark a running campaign done once no recipient is pending or sending."""
     return bool(
         await pool.fetchval(
             "UPDATE campaigns SET state = 'done', finished_at = now(), updated_at = now() "
@@ -256,10 +256,15 @@ class ClaimedRecipient:
 async def claim_recipients(
     pool: Pool, campaign_id: str, owner: str, limit: int
 ) -> list[ClaimedRecipient]:
-    """Take up to `limit` due pending recipients of a running campaign, in producer order."""
+    """Take up to `limit` due pending recipients of a running campaign, in producer order.
+
+    They become 'sending' at once: their requests leave next, so if this instance dies before
+    their answers are written they are 'uncertain'. Claims are kept small (a few tens of ms of
+    sending) to keep that window small; what is claimed but not sent is released to pending.
+    """
     rows = await pool.fetch(
         """
-        UPDATE recipients r SET state = 'queued', owner = $2, updated_at = now()
+        UPDATE recipients r SET state = 'sending', owner = $2, updated_at = now()
         FROM (SELECT id FROM recipients
               WHERE campaign_id = $1 AND state = 'pending'
                 AND (next_attempt_at IS NULL OR next_attempt_at <= now())
@@ -281,15 +286,6 @@ def _by_id(recipient: ClaimedRecipient) -> int:
     return recipient.id
 
 
-async def mark_sending(pool: Pool, ids: Sequence[int]) -> None:
-    """Record intent before the requests leave: after a crash these rows become 'uncertain'."""
-    await pool.execute(
-        "UPDATE recipients SET state = 'sending', attempts = attempts + 1, updated_at = now() "
-        "WHERE id = ANY($1::bigint[])",
-        ids,
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What became of one recipient: its new state and the provider's word on it."""
@@ -301,9 +297,10 @@ class Outcome:
     error_code: str | None = None
     error_text: str | None = None
     next_attempt_at: datetime | None = None
+    requests: int = 0  # requests made for it in this delivery, added to `attempts`
 
 
-# An answer is written for a row this instance claimed (queued or sending); one that finds it
+# An answer is written for a row this instance claimed ('sending'); one that finds it
 # delivered, read or failed was overtaken by a receipt, and the receipt has the last word.
 RECEIPT_FIRST = "r.state IN ('delivered', 'read', 'failed')"
 
@@ -319,11 +316,12 @@ async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
             error_code = CASE WHEN {RECEIPT_FIRST} THEN r.error_code ELSE o.error_code END,
             error_text = CASE WHEN {RECEIPT_FIRST} THEN r.error_text ELSE o.error_text END,
             next_attempt_at = o.next_at,
-            owner = CASE WHEN o.state IN ('queued', 'sending') THEN r.owner END,
+            attempts = r.attempts + o.requests,
+            owner = NULL,
             updated_at = now()
         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                    $7::timestamptz[]) AS o(id, state, message_id, error_class, error_code,
-                                            error_text, next_at)
+                    $7::timestamptz[], $8::integer[])
+             AS o(id, state, message_id, error_class, error_code, error_text, next_at, requests)
         WHERE r.id = o.id
         """,
         [o.id for o in outcomes],
@@ -333,21 +331,20 @@ async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
         [o.error_code for o in outcomes],
         [o.error_text for o in outcomes],
         [o.next_attempt_at for o in outcomes],
+        [o.requests for o in outcomes],
     )
 
 
 async def recover_owned(pool: Pool, owner: str, *, resend_uncertain: bool) -> dict[str, int]:
-    """After a crash of `owner`: unsent claims go back to pending; requests that may have left
-    become 'uncertain', or pending again when the policy accepts a possible duplicate."""
+    """After a crash of `owner`: its 'sending' recipients may have had their request leave, so
+    they become 'uncertain', or pending again when the policy accepts a possible duplicate."""
     rows = await pool.fetch(
         """
         UPDATE recipients SET owner = NULL, updated_at = now(),
-            state = CASE WHEN state = 'sending' AND NOT $2 THEN 'uncertain' ELSE 'pending' END,
-            error_class = CASE WHEN state = 'sending' THEN 'uncertain' ELSE error_class END,
-            error_text = CASE WHEN state = 'sending'
-                              THEN 'daemon stopped before the answer was recorded'
-                              ELSE error_text END
-        WHERE owner = $1 AND state IN ('queued', 'sending')
+            state = CASE WHEN $2 THEN 'pending' ELSE 'uncertain' END,
+            error_class = 'uncertain',
+            error_text = 'daemon stopped before the answer was recorded'
+        WHERE owner = $1 AND state = 'sending'
         RETURNING state
         """,
         owner,

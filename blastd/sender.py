@@ -1,14 +1,16 @@
-"""Sends one recipient's message through its account and turns the answer into a ledger outcome.
+"""Sends one request's worth of messages through an account and turns the answers into outcomes.
 
 Each account has one Sender: its provider adapter (with its own keep-alive pool), its pacer and
 its concurrency bound. The policy for every class of provider answer (DESIGN §4) lives here,
-next to the call it guards.
+next to the call it guards. A request carries one message, or up to the account's batch limit
+for a bulk API; the pacer counts requests.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -32,7 +34,7 @@ from blastd.errors import (
 )
 from blastd.ledger import Outcome
 from blastd.limiter import Pacer
-from blastd.providers import OutboundMessage, Provider, SendReceipt
+from blastd.providers import OutboundMessage, Provider, SendResult
 
 log = structlog.get_logger()
 
@@ -43,6 +45,14 @@ RECOVERY_STEPS = 100  # after a cut, the rate climbs back to the ceiling over th
 
 class NotSentError(Exception):
     """Internal: the campaign or the daemon stopped before this request left; nothing was sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Messages for one request, with the requests each recipient has had before."""
+
+    messages: Sequence[OutboundMessage]
+    earlier_attempts: Sequence[int]
 
 
 class Sender:
@@ -66,44 +76,49 @@ class Sender:
         )
 
     async def deliver(
-        self,
-        message: OutboundMessage,
-        attempts: int,
-        campaign_pacer: Pacer | None,
-        should_stop: Callable[[], bool],
-    ) -> Outcome:
-        """Send with retries; return what the ledger should record. Never raises ProviderError.
+        self, delivery: Delivery, campaign_pacer: Pacer | None, should_stop: Callable[[], bool]
+    ) -> list[Outcome]:
+        """Send with retries; return one ledger outcome per message. Never raises ProviderError.
 
         The caller has already waited for the first request's turn (`wait_turn`); retries wait
         for their own. `should_stop` is asked before a retry leaves, so a pause or a drain
         does not let out requests that were only waiting.
         """
+        requests = [0]
         try:
-            receipt = await self._send_with_retries(message, campaign_pacer, should_stop)
+            results = await self._send_with_retries(delivery, campaign_pacer, should_stop, requests)
         except NotSentError:
-            return Outcome(message.ledger_id, "pending")
-        except ProviderError as exc:
-            return outcome_of_error(message.ledger_id, exc, attempts)
-        return Outcome(message.ledger_id, "sent", provider_message_id=receipt.provider_message_id)
+            return [
+                Outcome(m.ledger_id, "pending", requests=requests[0]) for m in delivery.messages
+            ]
+        except ProviderError as exc:  # the request as a whole: it applies to every message
+            results = [exc] * len(delivery.messages)
+        return [
+            outcome_of(message.ledger_id, result, earlier + requests[0], requests[0])
+            for message, result, earlier in zip(
+                delivery.messages, results, delivery.earlier_attempts, strict=True
+            )
+        ]
 
     async def _send_with_retries(
         self,
-        message: OutboundMessage,
+        delivery: Delivery,
         campaign_pacer: Pacer | None,
         should_stop: Callable[[], bool],
-    ) -> SendReceipt:
+        requests: list[int],
+    ) -> list[SendResult]:
         # The first attempt goes out without tenacity: its setup per call was a third of the
         # daemon's CPU per message at full speed (bench/throughput.py). It takes over from the
         # first failure, so the policy still counts and spaces every attempt.
         try:
-            return await self._send_paced(message, campaign_pacer, should_stop, False)
+            return await self._send_paced(delivery, campaign_pacer, should_stop, requests, False)
         except TransientError as exc:
             first_error = exc
         async for attempt in self._retrying.copy():
             with attempt:
                 if attempt.retry_state.attempt_number == 1:
                     raise first_error  # counted and waited for by the policy like any attempt
-                return await self._send_paced(message, campaign_pacer, should_stop, True)
+                return await self._send_paced(delivery, campaign_pacer, should_stop, requests, True)
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def wait_turn(self, campaign_pacer: Pacer | None) -> None:
@@ -114,25 +129,27 @@ class Sender:
 
     async def _send_paced(
         self,
-        message: OutboundMessage,
+        delivery: Delivery,
         campaign_pacer: Pacer | None,
         should_stop: Callable[[], bool],
+        requests: list[int],
         needs_turn: bool,
-    ) -> SendReceipt:
+    ) -> list[SendResult]:
         while True:
             if needs_turn:
                 await self.wait_turn(campaign_pacer)
                 if should_stop():
                     raise NotSentError
+            requests[0] += 1
             try:
-                receipt = await self.provider.send(message)
+                results = await self.provider.send_batch(delivery.messages)
             except ThrottledError as exc:
                 self._slow_down(exc)
                 needs_turn = True
                 continue
             if self.pacer.rate_per_s < self.account.rate_per_s:
                 self.pacer.increase(self.account.rate_per_s / RECOVERY_STEPS)
-            return receipt
+            return results
 
     def _slow_down(self, exc: ThrottledError) -> None:
         """Hold the account for Retry-After and halve its rate, once per throttling episode:
@@ -154,23 +171,21 @@ class Sender:
         )
 
 
-def outcome_of_error(ledger_id: int, exc: ProviderError, attempts: int) -> Outcome:
-    """The ledger outcome for a provider answer that was not a success."""
-    if isinstance(exc, PairLimitError):
+def outcome_of(ledger_id: int, result: SendResult, attempts: int, requests: int) -> Outcome:
+    """The ledger outcome of one message's result; `attempts` counts this delivery's requests."""
+    if not isinstance(result, ProviderError):
+        return Outcome(ledger_id, "sent", result.provider_message_id, requests=requests)
+    state, later = "failed", None
+    if isinstance(result, PairLimitError):
         # Meta's advice for 131056: wait 4^n seconds before writing to this user again.
-        delay_s = min(4.0 ** (attempts + 1), MAX_PAIR_DELAY_S)
-        later = datetime.now(UTC) + timedelta(seconds=delay_s)
-        return _error_outcome(ledger_id, "pending", exc, later)
-    if isinstance(exc, QualityError | CampaignFatalError):
-        return _error_outcome(ledger_id, "pending", exc)  # not sent; the campaign stops around it
-    if isinstance(exc, UncertainOutcomeError):
-        return _error_outcome(ledger_id, "uncertain", exc)
-    if isinstance(exc, PermanentError | TransientError):
-        return _error_outcome(ledger_id, "failed", exc)
-    raise exc  # a new ProviderError subclass without a policy is a bug
-
-
-def _error_outcome(
-    ledger_id: int, state: str, exc: ProviderError, next_attempt_at: datetime | None = None
-) -> Outcome:
-    return Outcome(ledger_id, state, None, exc.error_class, exc.code, exc.text, next_attempt_at)
+        delay_s = min(4.0**attempts, MAX_PAIR_DELAY_S)
+        state, later = "pending", datetime.now(UTC) + timedelta(seconds=delay_s)
+    elif isinstance(result, QualityError | CampaignFatalError):
+        state = "pending"  # not sent; the campaign stops around it
+    elif isinstance(result, UncertainOutcomeError):
+        state = "uncertain"
+    elif not isinstance(result, PermanentError | TransientError):
+        raise result  # a new ProviderError subclass without a policy is a bug
+    return Outcome(
+        ledger_id, state, None, result.error_class, result.code, result.text, later, requests
+    )

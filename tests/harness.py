@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 
 from blastd import daemon, ledger
-from blastd.config import AccountSettings, AdminSettings, Settings
+from blastd.config import AdminSettings, CloudApiAccount, Settings
 from blastd.embedded import EmbeddedPostgres, EmbeddedRedis
 
 ACCOUNT = "cloud-main"
@@ -73,7 +73,7 @@ def make_settings(servers: Servers, sandbox_url: str, **overrides: Any) -> Setti
         "redis_url": servers.redis_url,
         "database_url": servers.database_url,
         "instance_id": "test-instance",
-        "accounts": {ACCOUNT: AccountSettings.model_validate(account)},
+        "accounts": {ACCOUNT: CloudApiAccount.model_validate(account)},
         "admin": AdminSettings(port=overrides.pop("admin_port", 0)),
         "intake_block_s": 0.1,
         "campaign_poll_interval_s": 0.1,

@@ -329,15 +329,15 @@ async def test_check_fails_when_redis_is_unreachable(cli_env: dict[str, str]) ->
 BAD_SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "account without phone_number_id": (
         {"BLASTD_ACCOUNTS": '{"x": {"kind": "cloud_api", "token": "t0k3n"}}'},
-        ["BLASTD_ACCOUNTS__X", "phone_number_id"],
+        ["BLASTD_ACCOUNTS__x__phone_number_id"],
     ),
     "account without token": (
         {"BLASTD_ACCOUNTS": '{"x": {"kind": "cloud_api", "phone_number_id": "1"}}'},
-        ["BLASTD_ACCOUNTS__x__TOKEN"],
+        ["BLASTD_ACCOUNTS__x__token"],
     ),
     "unknown provider kind": (
         {"BLASTD_ACCOUNTS": '{"x": {"kind": "telegram", "phone_number_id": "1"}}'},
-        ["BLASTD_ACCOUNTS__X__KIND"],
+        ["BLASTD_ACCOUNTS__x", "telegram"],
     ),
     "accounts not valid JSON": (
         {"BLASTD_ACCOUNTS": '{"x": {"kind": "cloud_api"'},

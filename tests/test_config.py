@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blastd.config import AccountSettings, AdminSettings, Settings, load_settings
+from blastd.config import AdminSettings, CloudApiAccount, Settings, load_settings
 from blastd.errors import ConfigError
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "blastd.env.example"
@@ -30,7 +30,7 @@ def test_example_env_file_documents_every_setting() -> None:
     example_account = re.search(r"BLASTD_ACCOUNTS='(.*)'", EXAMPLE.read_text())
     assert example_account is not None
     keys = set(re.findall(r'"(\w+)":', example_account.group(1)))
-    assert set(AccountSettings.model_fields) - {"token", "app_secret", "verify_token"} <= keys
+    assert set(CloudApiAccount.model_fields) - {"token", "app_secret", "verify_token"} <= keys
 
 
 def test_example_env_file_loads_with_secrets_from_credential_files(
@@ -51,10 +51,10 @@ def test_example_env_file_loads_with_secrets_from_credential_files(
         ("BLASTD_CLAIM_PAGE_SIZE", "0", "BLASTD_CLAIM_PAGE_SIZE"),
         ("BLASTD_UNCERTAIN_POLICY", "maybe", "BLASTD_UNCERTAIN_POLICY"),
         ("BLASTD_ADMIN__PORT", "70000", "BLASTD_ADMIN__PORT"),
-        ("BLASTD_ACCOUNTS", '{"x": {"kind": "cloud_api"}}', "BLASTD_ACCOUNTS__X"),
-        ("BLASTD_ACCOUNTS", '{"x": {"kind": "smoke_signals"}}', "BLASTD_ACCOUNTS__X__KIND"),
+        ("BLASTD_ACCOUNTS", '{"x": {"kind": "cloud_api"}}', "BLASTD_ACCOUNTS__x__phone_number_id"),
+        ("BLASTD_ACCOUNTS", '{"x": {"kind": "smoke_signals"}}', "BLASTD_ACCOUNTS__x"),
         ("BLASTD_ACCOUNTS", '{"x": {"kind": "cloud_api", "phone_number_id": "1"}}',
-         "BLASTD_ACCOUNTS__x__TOKEN"),
+         "BLASTD_ACCOUNTS__x__token"),
     ],
 )  # fmt: skip
 def test_bad_setting_stops_start_up_naming_it(
@@ -79,5 +79,5 @@ def test_misspelt_account_key_is_refused_not_ignored(clean_env: pytest.MonkeyPat
         "BLASTD_ACCOUNTS",
         '{"x": {"kind": "cloud_api", "phone_number_id": "1", "token": "t", "rate_per_sec": 5}}',
     )
-    with pytest.raises(ConfigError, match="RATE_PER_SEC"):
+    with pytest.raises(ConfigError, match="BLASTD_ACCOUNTS__x__rate_per_sec"):
         load_settings()

@@ -52,11 +52,10 @@ async def state_of(pool: ledger.Pool, recipient_id: int) -> str:
 
 
 async def sent(pool: ledger.Pool, ids: Sequence[int]) -> None:
-    """Take the recipients through claim, intent and a successful answer, as a send does."""
+    """Take the recipients through a claim and a successful answer, as a send does."""
     claimed = await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", len(ids) + 100)
     assert {r.id for r in claimed} >= set(ids)
-    await ledger.mark_sending(pool, ids)
-    await ledger.record_outcomes(pool, [Outcome(i, "sent", f"wamid.{i}") for i in ids])
+    await ledger.record_outcomes(pool, [Outcome(i, "sent", f"wamid.{i}", requests=1) for i in ids])
     back = [r.id for r in claimed if r.id not in ids]
     await ledger.record_outcomes(pool, [Outcome(i, "pending") for i in back])
 
@@ -124,7 +123,7 @@ async def test_claim_by_two_owners_at_once_never_returns_a_row_twice(pool: ledge
         rows = await pool.fetch(
             "SELECT DISTINCT owner, state FROM recipients WHERE id = ANY($1::bigint[])", claim
         )
-        assert [tuple(r) for r in rows] in ([(owner, "queued")], []), owner
+        assert [tuple(r) for r in rows] in ([(owner, "sending")], []), owner
 
 
 async def test_claim_takes_due_recipients_in_producer_order_only(pool: ledger.Pool) -> None:
@@ -143,27 +142,26 @@ async def test_claim_takes_nothing_from_a_campaign_that_is_not_running(pool: led
     assert await ledger.count_states(pool, CAMPAIGN) == {"pending": 3}
 
 
-async def test_recovery_turns_sending_into_uncertain_and_queued_into_pending(
+async def test_recovery_turns_a_dead_owners_sending_recipients_uncertain(
     pool: ledger.Pool,
 ) -> None:
-    ids = await insert(pool, phones(6))
-    await ledger.claim_recipients(pool, CAMPAIGN, "dead-owner", 4)
-    await ledger.mark_sending(pool, ids[:2])
+    await insert(pool, phones(6))
+    await ledger.claim_recipients(pool, CAMPAIGN, "dead-owner", 2)
     await ledger.claim_recipients(pool, CAMPAIGN, "live-owner", 2)
 
     counts = await ledger.recover_owned(pool, "dead-owner", resend_uncertain=False)
 
-    assert counts == {"pending": 2, "uncertain": 2}
+    assert counts == {"pending": 0, "uncertain": 2}
     rows = await pool.fetch(
         "SELECT state, owner, attempts, error_class FROM recipients ORDER BY id"
     )
     assert [(r["state"], r["owner"], r["attempts"], r["error_class"]) for r in rows] == [
-        ("uncertain", None, 1, "uncertain"),
-        ("uncertain", None, 1, "uncertain"),
+        ("uncertain", None, 0, "uncertain"),
+        ("uncertain", None, 0, "uncertain"),
+        ("sending", "live-owner", 0, None),
+        ("sending", "live-owner", 0, None),
         ("pending", None, 0, None),
         ("pending", None, 0, None),
-        ("queued", "live-owner", 0, None),
-        ("queued", "live-owner", 0, None),
     ]
     assert await ledger.recover_owned(pool, "dead-owner", resend_uncertain=False) == {
         "pending": 0,
@@ -173,15 +171,17 @@ async def test_recovery_turns_sending_into_uncertain_and_queued_into_pending(
 
 async def test_recovery_with_resend_policy_makes_sending_pending_again(pool: ledger.Pool) -> None:
     ids = await insert(pool, phones(3))
+    claimed = await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 3)
+    await ledger.record_outcomes(pool, [Outcome(ids[0], "pending", requests=2)])
     await ledger.claim_recipients(pool, CAMPAIGN, "dead-owner", 3)
-    await ledger.mark_sending(pool, ids[:2])
 
     counts = await ledger.recover_owned(pool, "dead-owner", resend_uncertain=True)
 
-    assert counts == {"pending": 3, "uncertain": 0}
-    assert await ledger.count_states(pool, CAMPAIGN) == {"pending": 3}
-    claimed = await ledger.claim_recipients(pool, CAMPAIGN, "next-owner", 3)
-    assert [r.attempts for r in claimed] == [1, 1, 0], "earlier requests stay counted"
+    assert len(claimed) == 3
+    assert counts == {"pending": 1, "uncertain": 0}
+    assert await ledger.count_states(pool, CAMPAIGN) == {"pending": 1, "sending": 2}
+    again = await ledger.claim_recipients(pool, CAMPAIGN, "next-owner", 3)
+    assert [r.attempts for r in again] == [2], "earlier requests stay counted"
 
 
 async def test_receipts_never_move_a_recipient_backwards(pool: ledger.Pool) -> None:
@@ -246,9 +246,8 @@ async def test_failed_receipt_applies_after_sent_but_not_after_delivery(pool: le
 
 
 async def test_a_receipt_resolves_an_uncertain_recipient(pool: ledger.Pool) -> None:
-    resolved, failed_later, untouched = await insert(pool, phones(3))
+    resolved, failed_later, _untouched = await insert(pool, phones(3))
     await ledger.claim_recipients(pool, CAMPAIGN, "dead-owner", 3)
-    await ledger.mark_sending(pool, [resolved, failed_later, untouched])
     await ledger.recover_owned(pool, "dead-owner", resend_uncertain=False)
 
     receipts = [
@@ -268,7 +267,6 @@ async def test_a_receipt_resolves_an_uncertain_recipient(pool: ledger.Pool) -> N
 async def test_receipts_do_not_touch_recipients_that_were_never_sent(pool: ledger.Pool) -> None:
     pending, failed = await insert(pool, phones(2))
     await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 2)
-    await ledger.mark_sending(pool, [failed])
     await ledger.record_outcomes(
         pool,
         [
@@ -285,7 +283,6 @@ async def test_record_outcomes_does_not_downgrade_a_receipt_to_sent(pool: ledger
     """The webhook can be faster than the batched outcome writer."""
     delivered, read, failed = await insert(pool, phones(3))
     await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 3)
-    await ledger.mark_sending(pool, [delivered, read, failed])
     await ledger.apply_receipts(
         pool,
         [
@@ -318,9 +315,8 @@ async def test_campaign_is_finished_only_when_nothing_is_left_to_send(pool: ledg
     assert not await ledger.finish_campaign_if_done(pool, CAMPAIGN), "all pending"
 
     await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 3)
-    assert not await ledger.finish_campaign_if_done(pool, CAMPAIGN), "all queued"
+    assert not await ledger.finish_campaign_if_done(pool, CAMPAIGN), "all sending"
 
-    await ledger.mark_sending(pool, [first, second, third])
     await ledger.record_outcomes(
         pool,
         [
@@ -351,7 +347,6 @@ async def test_an_answer_of_any_kind_keeps_a_receipt_that_came_first(pool: ledge
     """A 5xx may still have been delivered: its 'failed' or not-sent answer must not undo that."""
     failed_answer, not_sent_answer = await insert(pool, phones(2))
     await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 2)
-    await ledger.mark_sending(pool, [failed_answer, not_sent_answer])
     await ledger.apply_receipts(
         pool,
         [

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
 
-from blastd.config import AccountSettings
+from blastd.config import AccountSettings, CloudApiAccount
+from blastd.errors import ConfigError, ProviderError
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,14 +60,40 @@ class StatusUpdate:
     error_text: str | None = None
 
 
-class Provider(Protocol):
-    """Sends one message per call and translates every answer into a SendReceipt or an error."""
+SendResult = SendReceipt | ProviderError
 
-    async def send(self, message: OutboundMessage) -> SendReceipt: ...
+
+class Provider(Protocol):
+    """Sends messages and translates every answer into receipts or the errors of errors.py."""
+
+    async def send_batch(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
+        """Send up to the account's `batch_limit` messages in one request.
+
+        Raises ProviderError when the request as a whole failed: it applies to every message.
+        Otherwise returns one result per message, in order: a receipt, or the error the
+        provider reported for that message alone.
+        """
+        ...
+
+
+class SingleMessageProvider(ABC):
+    """An API that takes one message per request."""
+
+    async def send_batch(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
+        (message,) = messages  # the account's batch_limit is 1
+        return [await self.send(message)]
+
+    @abstractmethod
+    async def send(self, message: OutboundMessage) -> SendReceipt:
+        """Send one message; return the provider's id for it or raise a ProviderError."""
 
 
 def build_provider(name: str, account: AccountSettings, http: aiohttp.ClientSession) -> Provider:
     """Return the adapter for the account's provider kind."""
     from blastd.providers import cloud_api  # imported here: the adapters import this module
 
-    return cloud_api.CloudApiProvider(name, account, http)
+    if isinstance(account, CloudApiAccount):
+        return cloud_api.CloudApiProvider(name, account, http)
+    raise ConfigError(
+        f"BLASTD_ACCOUNTS__{name}__KIND: provider kind {account.kind!r} is not supported"
+    )

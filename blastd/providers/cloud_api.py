@@ -16,7 +16,7 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 import orjson
 
-from blastd.config import AccountSettings
+from blastd.config import CloudApiAccount
 from blastd.errors import (
     CampaignFatalError,
     ConfigError,
@@ -31,6 +31,7 @@ from blastd.errors import (
 from blastd.providers import (
     OutboundMessage,
     SendReceipt,
+    SingleMessageProvider,
     StatusUpdate,
     TemplateBody,
     TextBody,
@@ -79,12 +80,12 @@ ERROR_CLASS_BY_CODE: dict[int, type[ProviderError]] = {
 }
 
 
-class CloudApiProvider:
+class CloudApiProvider(SingleMessageProvider):
     """Sends messages through one Cloud API phone number."""
 
-    def __init__(self, name: str, account: AccountSettings, http: aiohttp.ClientSession) -> None:
-        if account.token is None or not account.phone_number_id:
-            raise ConfigError(f"account {name!r}: cloud_api needs token and phone_number_id")
+    def __init__(self, name: str, account: CloudApiAccount, http: aiohttp.ClientSession) -> None:
+        if account.token is None:
+            raise ConfigError(f"account {name!r}: cloud_api needs a token")
         self._token = account.token.get_secret_value()
         base_url = account.base_url.rstrip("/")
         self._url = f"{base_url}/{account.api_version}/{account.phone_number_id}/messages"

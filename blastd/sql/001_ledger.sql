@@ -15,8 +15,8 @@ CREATE TABLE campaigns (
     finished_at   timestamptz
 );
 
--- pending -> queued (claimed by an instance, request not yet left) -> sending (request may have
--- left) -> sent -> delivered -> read; or failed, skipped, cancelled, uncertain, expired.
+-- pending -> sending (claimed by an instance; its request may have left) -> sent -> delivered
+-- -> read; or failed, skipped, cancelled, uncertain (the instance died while sending), expired.
 CREATE TABLE recipients (
     id                   bigserial PRIMARY KEY,    -- the ledger id sent to providers
     campaign_id          text NOT NULL REFERENCES campaigns (id) ON DELETE CASCADE,
@@ -25,7 +25,7 @@ CREATE TABLE recipients (
     vars                 jsonb,
     state                text NOT NULL,
     attempts             integer NOT NULL DEFAULT 0,
-    owner                text,                     -- instance holding it while queued/sending
+    owner                text,                     -- instance holding it while sending
     next_attempt_at      timestamptz,
     provider_message_id  text,
     error_class          text,

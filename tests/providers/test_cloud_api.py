@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from blastd.config import AccountSettings
+from blastd.config import CloudApiAccount
 from blastd.errors import (
     CampaignFatalError,
     PairLimitError,
@@ -65,7 +65,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 def provider_for(
     base_url: str, http: aiohttp.ClientSession, token: str = TOKEN, **account: Any
 ) -> CloudApiProvider:
-    settings = AccountSettings(
+    settings = CloudApiAccount(
         kind="cloud_api",
         base_url=base_url,
         phone_number_id="100000000000001",
