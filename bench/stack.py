@@ -188,6 +188,20 @@ def account_settings(sandbox_url: str, *, rate_per_s: float, concurrency: int) -
     }
 
 
+def wablas_account_settings(
+    sandbox_url: str, *, batch_size: int, rate_per_s: float, concurrency: int
+) -> dict[str, object]:
+    """One Wablas device on the sandbox's /wablas emulator; rate_per_s counts requests."""
+    return {
+        "kind": "wablas",
+        "base_url": f"{sandbox_url}/wablas",
+        "token": TOKEN,
+        "batch_size": batch_size,
+        "rate_per_s": rate_per_s,
+        "concurrency": concurrency,
+    }
+
+
 def daemon_env(stack: Stack, account: dict[str, object], admin_port: int) -> dict[str, str]:
     """BLASTD_* for a daemon on this stack; every other setting keeps its production default."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLASTD_")}
@@ -219,6 +233,13 @@ async def start_daemon(stack: Stack, account: dict[str, object]) -> Daemon:
     daemon = spawn_daemon(stack, account)
     await daemon.wait_ready()
     return daemon
+
+
+async def start_daemons(stack: Stack, account: dict[str, object], count: int) -> list[Daemon]:
+    """Spawn `count` daemons (each its own instance id) sharing the stack; wait for all."""
+    daemons = [spawn_daemon(stack, account) for _ in range(count)]
+    await asyncio.gather(*(daemon.wait_ready() for daemon in daemons))
+    return daemons
 
 
 def _spawn(env: dict[str, str], log_path: Path, admin_port: int) -> subprocess.Popen[bytes]:

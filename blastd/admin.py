@@ -9,8 +9,10 @@ import structlog
 from aiohttp import web
 
 from blastd import ledger
-from blastd.config import CloudApiAccount
+from blastd.config import CloudApiAccount, UltraMsgAccount, WablasAccount
 from blastd.providers.cloud_api import answer_verification, is_valid_signature, parse_status_webhook
+from blastd.providers.ultramsg import is_valid_secret, parse_ack_webhook
+from blastd.providers.wablas import is_valid_tracking_secret, parse_tracking_webhook
 
 if TYPE_CHECKING:
     from blastd.daemon import Dependencies
@@ -45,6 +47,8 @@ def build_app(deps: Dependencies) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/webhooks/cloud_api/{account}", verify_cloud_api_webhook)
     app.router.add_post("/webhooks/cloud_api/{account}", receive_cloud_api_webhook)
+    app.router.add_post("/webhooks/ultramsg/{account}", receive_ultramsg_webhook)
+    app.router.add_post("/webhooks/wablas/{account}", receive_wablas_webhook)
     return app
 
 
@@ -53,9 +57,14 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 while sending is possible; 503 while draining or while Redis or PostgreSQL does not
+    answer (the daemon waits for it and resumes on its own)."""
     deps = request.app[DEPS_KEY]
     if deps.is_draining:
         return web.json_response({"status": "draining"}, status=503)
+    if deps.unreachable:
+        body = {"status": "waiting", "unreachable": sorted(deps.unreachable)}
+        return web.json_response(body, status=503)
     return web.json_response({"status": "ready"})
 
 
@@ -100,4 +109,57 @@ async def receive_cloud_api_webhook(request: web.Request) -> web.Response:
     ]
     if receipts:
         await deps.receipts.add_durably(receipts)
+    return web.Response(text="ok")
+
+
+async def receive_ultramsg_webhook(request: web.Request) -> web.Response:
+    """message_ack events: UltraMsg signs nothing, so the URL carries our secret (constant-time
+    check); the acks are in the ledger before we answer 200."""
+    deps = request.app[DEPS_KEY]
+    name = request.match_info["account"]
+    account = deps.settings.accounts.get(name)
+    if not isinstance(account, UltraMsgAccount):
+        raise web.HTTPNotFound()
+    secret = account.webhook_secret
+    given = request.query.get("secret")
+    if secret is None or not is_valid_secret(given, secret.get_secret_value()):
+        log.warning("webhook_rejected", account=name, reason="bad or missing secret")
+        raise web.HTTPUnauthorized()
+    try:
+        updates = parse_ack_webhook(await request.read())
+    except ValueError as exc:
+        raise web.HTTPBadRequest() from exc
+    if updates:
+        receipts = [ledger.Receipt(u.ledger_id, u.status, u.provider_message_id) for u in updates]
+        await deps.receipts.add_durably(receipts)
+    return web.Response(text="ok")
+
+
+async def receive_wablas_webhook(request: web.Request) -> web.Response:
+    """Tracking statuses, matched by Wablas' message id: the secret in the URL is checked
+    (constant-time), and the receipts are in the ledger before we answer 200."""
+    deps = request.app[DEPS_KEY]
+    name = request.match_info["account"]
+    account = deps.settings.accounts.get(name)
+    if not isinstance(account, WablasAccount):
+        raise web.HTTPNotFound()
+    secret = account.webhook_secret
+    if secret is None or not is_valid_tracking_secret(
+        request.query.get("secret"), secret.get_secret_value()
+    ):
+        log.warning("webhook_rejected", account=name, reason="bad or missing secret")
+        raise web.HTTPUnauthorized()
+    try:
+        updates = parse_tracking_webhook(await request.read(), account.tracking_states)
+    except ValueError as exc:
+        raise web.HTTPBadRequest() from exc
+    if updates:
+        # The item ids reach the ledger with the send outcomes, written in batches: wait for
+        # the outcomes already answered, so a quick status finds the id it names.
+        await deps.outcomes.synced()
+        receipts = [
+            ledger.MessageReceipt(u.provider_message_id, u.state, u.error_code, u.error_text)
+            for u in updates
+        ]
+        await deps.db_call(ledger.apply_receipts_by_message_id, deps.pool, receipts)
     return web.Response(text="ok")

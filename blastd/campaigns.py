@@ -8,12 +8,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from datetime import time as dt_time
 from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
 
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from blastd import ledger
+from blastd import ledger, status_broadcast
 from blastd.jobs import BlastOptions, MessageSpec, render
 from blastd.ledger import ClaimedRecipient, Outcome
 from blastd.limiter import Pacer
@@ -31,19 +33,39 @@ CLAIM_AHEAD_S = 0.02
 STOP_STATES = {"quality": "paused", "campaign_fatal": "stopped"}
 
 
+@dataclass(frozen=True, slots=True)
+class _Active:
+    """A campaign's task in this instance, and the event that halts its sending."""
+
+    task: asyncio.Task[None]
+    halted: asyncio.Event
+
+
 async def run(deps: Dependencies, shutdown: Shutdown) -> None:
-    """Start a task for every running campaign; return when shutdown is requested."""
-    active: dict[str, asyncio.Task[None]] = {}
+    """Start a task for every running campaign, halt those paused or cancelled meanwhile (by an
+    operator, another daemon); return when shutdown is requested."""
+    active: dict[str, _Active] = {}
     async with asyncio.TaskGroup() as group:
         while not shutdown.is_requested:
             deps.campaigns_changed.clear()
-            for campaign_id in await deps.db_call(ledger.running_campaign_ids, deps.pool):
-                task = active.get(campaign_id)
-                if task is None or task.done():
-                    coro = run_campaign(deps, campaign_id, shutdown)
-                    active[campaign_id] = group.create_task(coro, name=f"campaign:{campaign_id}")
-            active = {cid: task for cid, task in active.items() if not task.done()}
+            running = await deps.db_call(ledger.running_campaign_ids, deps.pool)
+            active = {cid: entry for cid, entry in active.items() if not entry.task.done()}
+            for campaign_id in running:
+                if campaign_id not in active:
+                    halted = asyncio.Event()
+                    coro = run_campaign(deps, campaign_id, shutdown, halted)
+                    task = group.create_task(coro, name=f"campaign:{campaign_id}")
+                    active[campaign_id] = _Active(task, halted)
+            _halt_departed(active, running)
             await shutdown.wait(deps.campaigns_changed, deps.settings.campaign_poll_interval_s)
+
+
+def _halt_departed(active: dict[str, _Active], running: list[str]) -> None:
+    """Runs of campaigns that are no longer running stop launching and release their claims."""
+    still_running = set(running)
+    for campaign_id, entry in active.items():
+        if campaign_id not in still_running:
+            entry.halted.set()
 
 
 @dataclass
@@ -56,12 +78,33 @@ class CampaignRun:
     sender: Sender
     pacer: Pacer | None
     shutdown: Shutdown
+    options: BlastOptions
+    halted: asyncio.Event  # set by the scheduler when the campaign leaves 'running'
+    time_zones: list[str] = field(default_factory=list)  # of pending recipients, with a window
     stop_state: str | None = None
     stop_reason: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
 
     def should_stop(self) -> bool:
-        return self.stop_state is not None or self.shutdown.is_requested
+        return (
+            self.stop_state is not None
+            or self.shutdown.is_requested
+            or self.halted.is_set()
+            or self.is_expired()
+        )
+
+    def is_expired(self) -> bool:
+        """True once the campaign's not_after has passed: nothing more may be sent."""
+        not_after = self.options.not_after
+        return not_after is not None and datetime.now(UTC) >= not_after
+
+    def open_time_zones(self) -> list[str] | None:
+        """The zones of `time_zones` inside the sending window now; None without a window."""
+        window = self.options.window
+        if window is None:
+            return None
+        now = datetime.now(UTC)
+        return [zone for zone in self.time_zones if window.contains(_local_time(now, zone))]
 
     def stop(self, outcome: Outcome) -> None:
         if self.stop_state is None and outcome.error_class in STOP_STATES:
@@ -87,30 +130,46 @@ class CampaignRun:
         return max(per_request, min(self.deps.settings.claim_page_size, requests * per_request))
 
 
-async def run_campaign(deps: Dependencies, campaign_id: str, shutdown: Shutdown) -> None:
-    """Send every due pending recipient of one campaign, then finish or stop it."""
+def _local_time(now: datetime, zone: str) -> dt_time:
+    return now.astimezone(ZoneInfo(zone)).time()  # ZoneInfo caches its instances by name
+
+
+async def run_campaign(
+    deps: Dependencies, campaign_id: str, shutdown: Shutdown, halted: asyncio.Event
+) -> None:
+    """Send every due pending recipient of one campaign, then finish or stop it; `halted` set
+    (the campaign left 'running') stops the launching and releases what was claimed."""
     campaign = await deps.db_call(ledger.load_campaign, deps.pool, campaign_id)
     if campaign is None or campaign.state != "running":
         return
+    if await deps.db_call(ledger.campaign_type, deps.pool, campaign_id) == "status":
+        await status_broadcast.run_broadcast(deps, campaign, shutdown, halted)
+        return
     with bound_contextvars(campaign_id=campaign_id, account=campaign.account):
-        run = await _prepare(deps, campaign, shutdown)
-        if run is None or not await _wait_for_start(run):
+        run = await _prepare(deps, campaign, shutdown, halted)
+        if run is None or not await _wait_for_start(run) or not await _wait_for_window(run):
             return
         started = time.monotonic()
-        async with asyncio.TaskGroup() as sends:
-            claimed = await _claim(run)
-            while claimed and not run.should_stop():
-                # The next claim runs while this one goes out, so sends never wait for it.
-                next_claim = sends.create_task(_claim(run))
-                await _send_claimed(run, claimed, sends)
-                claimed = await next_claim
-            _release(run, claimed)  # claimed as the campaign stopped: never sent
+        if not run.should_stop():
+            await _send_due(run)
         await deps.outcomes.synced()
+        await _sweep(run)
         await _settle(run, time.monotonic() - started)
 
 
+async def _send_due(run: CampaignRun) -> None:
+    async with asyncio.TaskGroup() as sends:
+        claimed = await _claim(run)
+        while claimed and not run.should_stop():
+            # The next claim runs while this one goes out, so sends never wait for it.
+            next_claim = sends.create_task(_claim(run))
+            await _send_claimed(run, claimed, sends)
+            claimed = await next_claim
+        _release(run, claimed)  # claimed as the campaign stopped: never sent
+
+
 async def _prepare(
-    deps: Dependencies, campaign: ledger.Campaign, shutdown: Shutdown
+    deps: Dependencies, campaign: ledger.Campaign, shutdown: Shutdown, halted: asyncio.Event
 ) -> CampaignRun | None:
     sender = deps.senders.get(campaign.account)
     if sender is None:
@@ -124,18 +183,42 @@ async def _prepare(
     if options.rate_per_s and (not account_rate_per_s or options.rate_per_s < account_rate_per_s):
         pacer = Pacer(options.rate_per_s)  # a campaign may go slower than its account, never faster
     spec = MessageSpec.model_validate(campaign.message)
-    return CampaignRun(deps, campaign, spec, sender, pacer, shutdown)
+    return CampaignRun(deps, campaign, spec, sender, pacer, shutdown, options, halted)
 
 
 async def _wait_for_start(run: CampaignRun) -> bool:
-    """Hold the campaign until its not_before; False when shutdown came first."""
-    options = BlastOptions.model_validate(run.campaign.options)
-    if options.not_before is not None:
-        delay_s = (options.not_before - datetime.now(UTC)).total_seconds()
+    """Hold the campaign until its not_before; False when shutdown or a halt came first."""
+    not_before = run.options.not_before
+    if not_before is not None:
+        delay_s = (not_before - datetime.now(UTC)).total_seconds()
         if delay_s > 0:
-            log.info("campaign_waiting", not_before=options.not_before.isoformat())
-            await run.shutdown.wait(None, delay_s)
-    return not run.shutdown.is_requested
+            log.info("campaign_waiting", not_before=not_before.isoformat())
+            await run.shutdown.wait(run.halted, delay_s)
+    return not (run.shutdown.is_requested or run.halted.is_set())
+
+
+async def _wait_for_window(run: CampaignRun) -> bool:
+    """Hold the campaign while every pending recipient is outside its sending window (the
+    campaign is not done meanwhile); False when shutdown or a halt came first."""
+    window, deps = run.options.window, run.deps
+    if window is None:
+        return True
+    is_logged = False
+    while not (run.shutdown.is_requested or run.halted.is_set()):
+        run.time_zones = await deps.db_call(ledger.pending_time_zones, deps.pool, run.campaign.id)
+        if not run.time_zones or run.open_time_zones() or run.is_expired():
+            return True
+        if not is_logged:
+            log.info(
+                "campaign_waiting",
+                window_start=window.start,
+                window_end=window.end,
+                time_zones=len(run.time_zones),
+            )
+            is_logged = True
+        # Polled, not slept until the next opening: a retry may add recipients in open zones.
+        await run.shutdown.wait(run.halted, deps.settings.campaign_poll_interval_s)
+    return False
 
 
 async def _send_claimed(
@@ -156,12 +239,16 @@ async def _send_claimed(
 
 async def _claim(run: CampaignRun) -> list[ClaimedRecipient]:
     deps = run.deps
+    time_zones = run.open_time_zones()
+    if time_zones is not None and not time_zones:
+        return []  # the window has closed in every zone left
     return await deps.db_call(
         ledger.claim_recipients,
         deps.pool,
         run.campaign.id,
         deps.settings.instance_id,
         run.claim_size,
+        time_zones,
     )
 
 
@@ -184,6 +271,17 @@ async def _send_batch(run: CampaignRun, recipients: Sequence[ClaimedRecipient]) 
         run.deps.outcomes.add(outcome)
         run.counts[outcome.state] = run.counts.get(outcome.state, 0) + 1
         run.stop(outcome)
+
+
+async def _sweep(run: CampaignRun) -> None:
+    """After the sends: expire what missed not_after, and cancel what came back pending
+    (released or deferred) while an operator's cancel committed."""
+    deps, campaign_id, not_after = run.deps, run.campaign.id, run.options.not_after
+    if not_after is not None and run.is_expired():
+        expired = await deps.db_call(ledger.expire_pending, deps.pool, campaign_id)
+        if expired:
+            log.info("recipients_expired", count=expired, not_after=not_after.isoformat())
+    await deps.db_call(ledger.cancel_pending, deps.pool, campaign_id)
 
 
 async def _settle(run: CampaignRun, duration_s: float) -> None:

@@ -1,10 +1,15 @@
-"""Subcommands: run, enqueue, status, migrate, check, sandbox, demo."""
+"""Subcommands: run, enqueue, status, pause, resume, cancel, retry, dead, migrate, check, sandbox,
+demo.
+
+pause, resume, cancel and retry act on the ledger directly, through the same functions that
+`control` jobs use (blastd.controls): the operator sees the result at once, and a daemon running
+the campaign notices within its campaign poll interval."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,9 +17,10 @@ import click
 import orjson
 import redis.asyncio as aioredis
 
-from blastd import enqueueing, ledger, logs, reports
+from blastd import controls, enqueueing, intake, ledger, logs, reports
 from blastd.config import Settings, load_settings
 from blastd.errors import EXIT_CONFIG, BlastdError, ConfigError
+from blastd.jobs import DEFAULT_RETRY_CLASSES, RETRY_CLASSES, ControlAction
 
 T = TypeVar("T")
 
@@ -105,6 +111,127 @@ def status(ctx: click.Context, campaign_id: str, as_json: bool, follow: bool) ->
         click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:
         reports.print_status(report)
+
+
+def _control(
+    ctx: click.Context, campaign_id: str, action: ControlAction, classes: Sequence[str] = ()
+) -> None:
+    settings = _settings(ctx)
+    result = _run(
+        _with_pool(
+            settings,
+            lambda pool: controls.apply_control(
+                pool, campaign_id, action, classes or DEFAULT_RETRY_CLASSES
+            ),
+        )
+    )
+    if result is None:
+        click.echo(f"blastd: no campaign {campaign_id!r}", err=True)
+        sys.exit(1)
+    click.echo(f"{campaign_id}: {result.message}")
+
+
+@main.command()
+@click.argument("campaign_id")
+@click.pass_context
+def pause(ctx: click.Context, campaign_id: str) -> None:
+    """Pause a running campaign: nothing more is sent; requests in flight finish."""
+    _control(ctx, campaign_id, "pause")
+
+
+@main.command()
+@click.argument("campaign_id")
+@click.pass_context
+def resume(ctx: click.Context, campaign_id: str) -> None:
+    """Send a paused or stopped campaign again."""
+    _control(ctx, campaign_id, "resume")
+
+
+@main.command()
+@click.argument("campaign_id")
+@click.pass_context
+def cancel(ctx: click.Context, campaign_id: str) -> None:
+    """Cancel a campaign: its pending recipients end 'cancelled'; requests in flight finish."""
+    _control(ctx, campaign_id, "cancel")
+
+
+@main.command()
+@click.argument("campaign_id")
+@click.option(
+    "--class",
+    "classes",
+    multiple=True,
+    type=click.Choice(RETRY_CLASSES),
+    help=f"Error class to retry (repeatable; default: {', '.join(DEFAULT_RETRY_CLASSES)}). "
+    "'uncertain' resends recipients whose first request may have arrived.",
+)
+@click.pass_context
+def retry(ctx: click.Context, campaign_id: str, classes: tuple[str, ...]) -> None:
+    """Send failed recipients of the given classes again; sent ones are never touched."""
+    _control(ctx, campaign_id, "retry_failed", classes)
+
+
+@main.group()
+def dead() -> None:
+    """Inspect dead-letter jobs and requeue them. INDEX counts from the oldest entry (0)."""
+
+
+@dead.command("list")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.pass_context
+def dead_list(ctx: click.Context, limit: int) -> None:
+    """List the most recent entries, newest first: index, dead_at, job id, bytes, reason."""
+    settings = _settings(ctx)
+    prefix = settings.redis_prefix
+    entries = _run(_with_redis(settings, lambda r: intake.list_dead(r, prefix, limit)))
+    if not entries:
+        click.echo("no dead-letter entries")
+    for entry in entries:
+        click.echo(_dead_line(entry))
+
+
+def _dead_line(entry: intake.DeadEntry) -> str:
+    fields, payload = entry.fields, entry.payload()
+    size = "-" if payload is None else f"{len(payload)}B"
+    dead_at, job_id = fields.get("dead_at") or "-", fields.get("job_id") or "-"
+    return f"{entry.index}  {dead_at}  {job_id}  {size}  {fields.get('reason', '-')}"
+
+
+@dead.command("show")
+@click.argument("index", type=click.IntRange(min=0))
+@click.pass_context
+def dead_show(ctx: click.Context, index: int) -> None:
+    """Print one entry in full, its payload as stored."""
+    settings = _settings(ctx)
+    prefix = settings.redis_prefix
+    entry = _run(_with_redis(settings, lambda r: intake.read_dead(r, prefix, index)))
+    if entry is None:
+        click.echo(f"blastd: no dead-letter entry {index}", err=True)
+        sys.exit(1)
+    fields = entry.fields
+    text = orjson.dumps(fields, option=orjson.OPT_INDENT_2).decode() if fields else None
+    click.echo(text or entry.raw.decode(errors="replace"))
+
+
+@dead.command("requeue")
+@click.argument("index", type=click.IntRange(min=0), required=False)
+@click.option("--all", "every", is_flag=True, help="Requeue every entry present now.")
+@click.pass_context
+def dead_requeue(ctx: click.Context, index: int | None, every: bool) -> None:
+    """Push an entry's original job back onto the jobs list and remove the entry."""
+    if (index is None) != every:
+        raise click.UsageError("give an INDEX or --all")
+    settings = _settings(ctx)
+    prefix = settings.redis_prefix
+    if index is None:
+        count = _run(_with_redis(settings, lambda r: intake.requeue_all_dead(r, prefix)))
+        click.echo(f"requeued {count} entries")
+        return
+    entry = _run(_with_redis(settings, lambda r: intake.requeue_dead(r, prefix, index)))
+    if entry is None:
+        click.echo(f"blastd: no dead-letter entry {index}", err=True)
+        sys.exit(1)
+    click.echo(f"requeued entry {index} (job {entry.fields.get('job_id') or '-'})")
 
 
 @main.command()

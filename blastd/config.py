@@ -41,6 +41,9 @@ class AccountSettings(BaseModel):
     base_url: str
     token: SecretStr | None = None
     rate_per_s: float = Field(80.0, ge=0)  # 0 means no limit
+    # The rate holds for every daemon on this Redis prefix together (shared_limiter). False
+    # paces this daemon alone, with no Redis round trip: only where one daemon sends for it.
+    shared_rate: bool = True
     concurrency: int = Field(10, ge=1, le=2000)  # seed 003: 10 requests in flight
     connect_timeout_s: float = Field(10.0, gt=0)  # seed 000: 10 s connect
     request_timeout_s: float = Field(30.0, gt=0)  # seed 000: 30 s read
@@ -73,6 +76,29 @@ class WablasAccount(AccountSettings):
     batch_size: int = Field(100, ge=1, le=1000)  # seed 000: 100 messages per v2 request
     rate_per_s: float = Field(2.0, ge=0)  # seed 000: 500 ms between batches
     webhook_secret: SecretStr | None = None  # must appear in the tracking URL's query
+    # Wablas refuses with HTTP 200 and {"status": false, "message": ...} and documents none of
+    # its texts (shared/providers/wablas.md §3): the adapter classifies a refusal by the first
+    # list holding a lower-case fragment of it, in this order; an unmatched one pauses.
+    credential_keywords: tuple[str, ...] = ("token", "unauthori", "secret", "forbidden")
+    billing_keywords: tuple[str, ...] = ("quota", "expired", "package", "balance", "subscri")
+    device_keywords: tuple[str, ...] = ("disconnect", "not connected", "scan", "qr", "offline")
+    media_keywords: tuple[str, ...] = ("too large", "file size", "download", "media", "url")
+    batch_limit_keywords: tuple[str, ...] = ("maximum", "too many", "exceed", "batch")
+    number_keywords: tuple[str, ...] = ("number", "phone", "not registered", "not on whatsapp")
+    # Extra fields for every v2 item, e.g. {"retry": false, "priority": true}. What Wablas does
+    # with them is undocumented, and our design note puts them next to "data" instead.
+    request_flags: dict[str, bool] = {}
+    flags_at_top_level: bool = False
+    # Tracking-webhook status -> ledger receipt; others (pending, process) are in progress.
+    # Integrations disagree on sent vs delivered ticks; "read" is the one certain state.
+    tracking_states: dict[str, Literal["sent", "delivered", "read", "failed"]] = {
+        "sent": "sent",
+        "delivered": "delivered",
+        "received": "delivered",
+        "read": "read",
+        **dict.fromkeys(("cancel", "canceled", "cancelled", "reject", "rejected"), "failed"),
+        "failed": "failed",
+    }
 
     @property
     def batch_limit(self) -> int:
@@ -80,17 +106,86 @@ class WablasAccount(AccountSettings):
 
 
 class UltraMsgAccount(AccountSettings):
-    """One UltraMsg instance."""
+    """One UltraMsg instance.
+
+    UltraMsg's answers carry no error codes, only texts; the keyword lists say which texts
+    mean what (shared/providers/ultramsg.md §3 and §6 list the texts seen so far)."""
 
     kind: Literal["ultramsg"]
     base_url: str = "https://api.ultramsg.com"
     instance_id: str
     rate_per_s: float = Field(10.0, ge=0)  # seed 004: 10 messages a second
     webhook_secret: SecretStr | None = None  # must appear in the webhook URL's query
+    # The wrong-token error asks for a GET parameter: the query string is the safest place.
+    token_placement: Literal["query", "body"] = "query"
+    body_format: Literal["form", "json"] = "form"  # the official Node SDK posts forms
+    priority: int = Field(10, ge=0)  # the instance's queue order, lower first; 10 = promotional
+    fatal_error_keywords: tuple[str, ...] = (
+        "wrong token",
+        "instance not found",
+        "not authenticated",
+        "not authorized",
+        "payment",
+        "subscription",
+        "stopped",
+        "qr code",
+    )
+    invalid_number_keywords: tuple[str, ...] = (
+        "invalid number",
+        "invalid phone",
+        "not a valid",
+        "not registered",
+        "not on whatsapp",
+        "does not exist",
+    )
 
 
-Account = Annotated[CloudApiAccount | WablasAccount | UltraMsgAccount, Field(discriminator="kind")]
-ACCOUNT_KINDS = ("cloud_api", "wablas", "ultramsg")
+class StatusBatchSizes(BaseModel):
+    """Seed 001's adaptive batch sizes, by the number of contacts a status goes to."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must not fall back silently
+
+    small: int = Field(100, ge=1)  # below 500 contacts
+    medium: int = Field(500, ge=1)  # below 2,000
+    large: int = Field(1_000, ge=1)  # below 5,000
+    xlarge: int = Field(2_000, ge=1)  # below 10,000
+    xxlarge: int = Field(5_000, ge=1)  # below 20,000
+    enterprise: int = Field(10_000, ge=1)  # 20,000 and more
+
+
+class StatusGatewayAccount(AccountSettings):
+    """One WhatsApp session of a Baileys-based gateway that posts statuses (stories).
+
+    `flavour` picks the request shape: 'evolution' is Evolution API's
+    POST /message/sendStatus/{instance}; 'story' is seed 001's POST /story/{text|image|video}
+    with the session in the body. Whether a gateway honours a message id passed back for a
+    resend is not confirmed for every gateway (shared/providers/status-broadcast.md §2): the
+    field's name is a setting, and a resend answered with another id is logged."""
+
+    kind: Literal["status_gateway"]
+    base_url: str
+    flavour: Literal["evolution", "story"] = "evolution"
+    auth_style: Literal["apikey", "x_api_key", "bearer"] = "apikey"
+    instance: str  # Evolution's instance name, or the story API's sessionId
+    message_id_field: str = "messageId"  # the request field that carries the anchor's id
+    message_id_path: str | None = None  # dotted path of the id in the answer; None: by flavour
+    own_jid: str | None = None  # added to the anchor's list, so the account sees its own status
+    rate_per_s: float = Field(0.0, ge=0)  # requests a second; 0: only batch_delay_ms spaces them
+    batch_sizes: StatusBatchSizes = StatusBatchSizes()
+    max_batch_size: int | None = Field(None, ge=1)  # a gateway's known limit, if any
+    batch_delay_ms: float = Field(0.0, ge=0)  # seed 001: 0 between batches
+    max_concurrent_batches: int = Field(1, ge=1, le=100)  # seed 001: 1, sequential
+    # Texts of a refusal that mean "this list is too long" (WAHA users see "Frame Too Large").
+    too_large_keywords: tuple[str, ...] = ("too large", "too long", "too many", "payload")
+    # Texts that mean the session is gone: nothing can be posted until an operator acts.
+    session_keywords: tuple[str, ...] = ("not connected", "disconnected", "qr", "logged out")
+
+
+Account = Annotated[
+    CloudApiAccount | WablasAccount | UltraMsgAccount | StatusGatewayAccount,
+    Field(discriminator="kind"),
+]
+ACCOUNT_KINDS = ("cloud_api", "wablas", "ultramsg", "status_gateway")
 
 
 class AdminSettings(BaseModel):
@@ -132,6 +227,7 @@ class Settings(BaseSettings):
     redis_socket_timeout_s: float = Field(5.0, gt=0)
     db_command_timeout_s: float = Field(10.0, gt=0)
     dependency_retry_s: float = Field(1.0, gt=0)  # wait between reconnect attempts
+    health_check_interval_s: float = Field(2.0, gt=0)  # probes behind /readyz and STATUS=
     drain_timeout_s: float = Field(20.0, gt=0)
     instance_ttl_s: float = Field(5.0, gt=0)  # a restart after a crash waits at most this long
     heartbeat_interval_s: float = Field(1.0, gt=0)

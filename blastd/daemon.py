@@ -8,7 +8,6 @@ import gc
 import os
 import secrets
 import signal
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
@@ -19,7 +18,7 @@ import redis.exceptions
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
-from blastd import admin, campaigns, intake, ledger
+from blastd import admin, campaigns, intake, ledger, watchdog
 from blastd.batches import BatchWriter
 from blastd.config import AccountSettings, Settings
 from blastd.limiter import AccountPacer, Pacer
@@ -92,6 +91,7 @@ class Dependencies:
     receipts: BatchWriter[ledger.Receipt]
     campaigns_changed: asyncio.Event = field(default_factory=asyncio.Event)
     is_draining: bool = False
+    unreachable: set[str] = field(default_factory=set)  # what the last health probe missed
 
     @property
     def processing_key(self) -> str:
@@ -140,7 +140,9 @@ async def _call_through_outage(
     raise AssertionError("unreachable: the retry loop never stops on its own")
 
 
-async def open_dependencies(stack: contextlib.AsyncExitStack, settings: Settings) -> Dependencies:
+async def open_dependencies(
+    stack: contextlib.AsyncExitStack, settings: Settings, status: watchdog.StatusLine
+) -> Dependencies:
     """Connect to Redis and PostgreSQL (waiting for them), migrate, build the senders."""
     client = aioredis.Redis.from_url(
         settings.redis_url,
@@ -149,9 +151,11 @@ async def open_dependencies(stack: contextlib.AsyncExitStack, settings: Settings
         health_check_interval=10,
     )
     stack.push_async_callback(client.aclose)
+    status.set("starting: waiting for redis")
     await _call_through_outage(
         "redis", REDIS_OUTAGE_ERRORS, settings.dependency_retry_s, client.ping
     )
+    status.set("starting: waiting for postgres")
     pool = await _call_through_outage(
         "postgres",
         ledger.DB_OUTAGE_ERRORS,
@@ -180,10 +184,10 @@ async def open_dependencies(stack: contextlib.AsyncExitStack, settings: Settings
 
 
 def _account_pacer(deps: Dependencies, name: str, account: AccountSettings) -> AccountPacer:
-    """Shared through Redis by every daemon on this prefix; an unlimited account stays local,
-    so the throughput path makes no Redis round trip."""
-    if not account.rate_per_s:
-        return Pacer(0)
+    """Shared through Redis by every daemon on this prefix, unless the account opts out; an
+    unlimited account stays local, so the throughput path makes no Redis round trip."""
+    if not account.rate_per_s or not account.shared_rate:
+        return Pacer(account.rate_per_s)
     return SharedPacer(
         deps.redis,
         deps.redis_call,
@@ -258,13 +262,33 @@ async def keep_instance_alive(deps: Dependencies, token: str, work_done: asyncio
 
     The lease outlives the start of a drain on purpose: while in-flight sends finish, another
     daemon must not take our recipients for a dead instance's."""
-    settings = deps.settings
-    key = instance_key(settings.redis_prefix, settings.instance_id)
+    ttl_s = deps.settings.instance_ttl_s
+    clock = asyncio.get_running_loop().time
+    renewed_at = reap_from = clock()
     while not work_done.is_set():
-        await deps.redis_call(deps.redis.set, key, token, px=int(settings.instance_ttl_s * 1000))
-        await reap_dead_instances(deps)
+        await deps.redis_call(_renew_lease, deps, token)
+        now = clock()
+        if now - renewed_at > ttl_s:
+            # Our lease lapsed while we were alive. If Redis itself was away, everyone else's
+            # did too: give them a whole lease to renew before judging anyone dead.
+            reap_from = now + ttl_s
+            log.warning("instance_lease_lapsed", gap_s=round(now - renewed_at, 1))
+        renewed_at = now
+        if now >= reap_from:
+            await reap_dead_instances(deps)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(work_done.wait(), settings.heartbeat_interval_s)
+            await asyncio.wait_for(work_done.wait(), deps.settings.heartbeat_interval_s)
+
+
+async def _renew_lease(deps: Dependencies, token: str) -> None:
+    """Lease and membership together (MULTI): after a wipe of Redis both come back at once, so
+    no other daemon sees us listed without a lease and takes our work for a dead one's."""
+    settings = deps.settings
+    pipe = deps.redis.pipeline(transaction=True)
+    key = instance_key(settings.redis_prefix, settings.instance_id)
+    pipe.set(key, token, px=int(settings.instance_ttl_s * 1000))
+    pipe.sadd(instances_key(settings.redis_prefix), settings.instance_id)
+    await pipe.execute()
 
 
 async def reap_dead_instances(deps: Dependencies) -> None:
@@ -281,16 +305,20 @@ async def reap_dead_instances(deps: Dependencies) -> None:
 async def run(settings: Settings, shutdown: Shutdown) -> None:
     """Run the daemon until shutdown; raises DrainTimeoutError if the drain was cut short."""
     token = secrets.token_hex(8)
-    async with contextlib.AsyncExitStack() as stack:
-        deps = await open_dependencies(stack, settings)
+    status = watchdog.StatusLine()
+    ping_interval_s = watchdog.ping_interval_s(os.environ, os.getpid())
+    async with watchdog.pinging(ping_interval_s), contextlib.AsyncExitStack() as stack:
+        deps = await open_dependencies(stack, settings, status)
+        status.set("starting: waiting for the instance lease")
         if not await claim_instance_id(deps, token, shutdown):
             return
+        status.set("starting: recovering")
         await recover_instance(deps, settings.instance_id)
         await admin.start(stack, deps)
-        notify_systemd("READY=1\nSTATUS=sending")
+        watchdog.notify("READY=1")
         log.info("daemon_ready", instance=settings.instance_id, accounts=sorted(deps.senders))
         try:
-            await _serve(deps, token, shutdown)
+            await _serve(deps, token, shutdown, status)
         except TimeoutError:
             log.error("drain_cut_short", timeout_s=settings.drain_timeout_s)
             raise DrainTimeoutError from None
@@ -300,7 +328,9 @@ async def run(settings: Settings, shutdown: Shutdown) -> None:
         log.info("drain_finished")
 
 
-async def _serve(deps: Dependencies, token: str, shutdown: Shutdown) -> None:
+async def _serve(
+    deps: Dependencies, token: str, shutdown: Shutdown, status: watchdog.StatusLine
+) -> None:
     async with shutdown.deadline(deps.settings.drain_timeout_s), asyncio.TaskGroup() as outer:
         work_done = asyncio.Event()
         writers = [
@@ -308,32 +338,68 @@ async def _serve(deps: Dependencies, token: str, shutdown: Shutdown) -> None:
             outer.create_task(deps.receipts.run(), name="receipts"),
         ]
         outer.create_task(keep_instance_alive(deps, token, work_done), name="heartbeat")
+        outer.create_task(watch_dependencies(deps, status, work_done), name="health")
         async with asyncio.TaskGroup() as producers:
             producers.create_task(intake.run(deps, shutdown), name="intake")
             producers.create_task(campaigns.run(deps, shutdown), name="campaigns")
-            await _watch_for_drain(deps, shutdown)
+            await _watch_for_drain(deps, shutdown, status)
         deps.outcomes.close()  # producers are done: write the last batch, then return
         deps.receipts.close()
         await asyncio.gather(*writers)
         work_done.set()
 
 
-async def _watch_for_drain(deps: Dependencies, shutdown: Shutdown) -> None:
+async def _watch_for_drain(
+    deps: Dependencies, shutdown: Shutdown, status: watchdog.StatusLine
+) -> None:
     await shutdown.wait(None, None)
     deps.is_draining = True
-    notify_systemd("STOPPING=1\nSTATUS=draining")
+    watchdog.notify("STOPPING=1")
+    status.set("draining")
     log.info("drain_started")
 
 
-def notify_systemd(message: str) -> None:
-    """Tell systemd about our state (Type=notify); a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):  # abstract namespace socket
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message.encode(), address)
+async def watch_dependencies(
+    deps: Dependencies, status: watchdog.StatusLine, work_done: asyncio.Event
+) -> None:
+    """Probe Redis and PostgreSQL every health_check_interval_s until our work is written:
+    /readyz and the STATUS= line follow what answers. The services wait out an outage on
+    their own; this only reports it."""
+    while not work_done.is_set():
+        running = await _probe_dependencies(deps)
+        status.set(describe_state(deps, running))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(work_done.wait(), deps.settings.health_check_interval_s)
+
+
+async def _probe_dependencies(deps: Dependencies) -> int | None:
+    """Record which dependency does not answer; return the running campaigns (None: unknown)."""
+    settings = deps.settings
+    unreachable: set[str] = set()
+    running: int | None = None
+    try:
+        async with asyncio.timeout(settings.redis_socket_timeout_s):
+            await deps.redis.ping()
+    except REDIS_OUTAGE_ERRORS:
+        unreachable.add("redis")
+    try:
+        async with asyncio.timeout(settings.db_command_timeout_s):  # a busy pool's wait too
+            running = len(await ledger.running_campaign_ids(deps.pool))
+    except ledger.DB_OUTAGE_ERRORS:
+        unreachable.add("postgres")
+    deps.unreachable = unreachable
+    return running
+
+
+def describe_state(deps: Dependencies, running: int | None) -> str:
+    """The STATUS= line: what the daemon is doing, or what it waits for."""
+    if deps.is_draining:
+        return "draining"
+    if deps.unreachable:
+        return "waiting for " + " and ".join(sorted(deps.unreachable))
+    if not running:
+        return "idle: no running campaign"
+    return f"sending: {running} campaign{'' if running == 1 else 's'}"
 
 
 # Every send allocates a handful of short-lived objects (request, response, outcome), so the

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
+import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
+from redis.asyncio.client import Pipeline
 from structlog.contextvars import bound_contextvars
 
-from blastd import ledger
+from blastd import controls, ledger, status_intake
 from blastd.errors import InvalidJobError, InvalidNumberError
-from blastd.jobs import BlastJob, missing_variables, parse_job
-from blastd.recipients import BadEntry, RecipientIn, normalize_number, stream_recipients_key
+from blastd.jobs import BlastJob, ControlJob, StatusJob, missing_variables, parse_job
+from blastd.recipients import (
+    BadEntry,
+    RecipientIn,
+    normalize_number,
+    stream_recipients_key,
+    time_zone_of,
+)
 
 if TYPE_CHECKING:
     from blastd.daemon import Dependencies, Shutdown
@@ -80,6 +91,7 @@ async def handle_job(deps: Dependencies, raw: bytes) -> None:
 
 
 async def accept_job(deps: Dependencies, raw: bytes) -> None:
+    """Act on one job by its type: a blast or a status becomes a campaign, a control is applied."""
     settings = deps.settings
     job = parse_job(
         raw,
@@ -88,6 +100,15 @@ async def accept_job(deps: Dependencies, raw: bytes) -> None:
         max_inline_recipients=settings.max_inline_recipients,
         default_region=settings.default_region,
     )
+    if isinstance(job, ControlJob):
+        await controls.apply_control_job(deps, job)
+    elif isinstance(job, StatusJob):
+        await status_intake.accept_status(deps, job)
+    else:
+        await _accept_blast(deps, job)
+
+
+async def _accept_blast(deps: Dependencies, job: BlastJob) -> None:
     with bound_contextvars(job_id=job.id, campaign_id=job.id, account=job.account):
         if await deps.db_call(ledger.campaign_exists, deps.pool, job.id):
             log.info("job_duplicate")
@@ -180,7 +201,8 @@ def stage_recipient(
     if missing:
         reason = "missing variable: " + ", ".join(sorted(missing))
         return ledger.StagedRecipient(seq, phone, recipient.vars or None, reason)
-    return ledger.StagedRecipient(seq, phone, recipient.vars or None, None)
+    time_zone = time_zone_of(phone) if job.options.window else None
+    return ledger.StagedRecipient(seq, phone, recipient.vars or None, None, time_zone)
 
 
 async def dead_letter(deps: Dependencies, raw: bytes, reason: str, job_id: str | None) -> None:
@@ -199,6 +221,92 @@ async def dead_letter(deps: Dependencies, raw: bytes, reason: str, job_id: str |
         deps.redis.lpush, dead_key(deps.settings.redis_prefix), orjson.dumps(entry)
     )
     log.error("job_dead_lettered", reason=reason, job_id=job_id, payload_bytes=len(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class DeadEntry:
+    """One dead-letter entry as stored. `index` counts from the oldest entry (0), so entries
+    that die later do not renumber it; a requeue renumbers the entries after it."""
+
+    index: int
+    raw: bytes
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        try:
+            value = orjson.loads(self.raw)
+        except orjson.JSONDecodeError:
+            value = None
+        return value if isinstance(value, dict) else {}
+
+    def payload(self) -> bytes | None:
+        """The original job bytes, base64 entries decoded; None if the entry holds none."""
+        fields = self.fields
+        if isinstance(fields.get("payload"), str):
+            return str(fields["payload"]).encode()
+        try:
+            return base64.b64decode(str(fields["payload_base64"]), validate=True)
+        except (KeyError, binascii.Error):
+            return None
+
+
+async def list_dead(redis_client: aioredis.Redis, prefix: str, limit: int) -> list[DeadEntry]:
+    """The `limit` most recent dead-letter entries, newest first."""
+    pipe = redis_client.pipeline(transaction=True)  # length and entries from one moment
+    pipe.llen(dead_key(prefix))
+    pipe.lrange(dead_key(prefix), 0, limit - 1)
+    length, raws = await pipe.execute()
+    return [DeadEntry(length - 1 - position, raw) for position, raw in enumerate(raws)]
+
+
+async def read_dead(redis_client: aioredis.Redis, prefix: str, index: int) -> DeadEntry | None:
+    raw = await redis_client.lindex(dead_key(prefix), -(index + 1))
+    return None if raw is None else DeadEntry(index, _as_bytes(raw))
+
+
+async def requeue_dead(redis_client: aioredis.Redis, prefix: str, index: int) -> DeadEntry | None:
+    """Move entry `index`'s original payload back onto {prefix}jobs and drop the entry, both or
+    neither (WATCH/MULTI); None when there is no such entry."""
+    async with redis_client.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                entry = await _move_dead(pipe, prefix, index)
+            except redis.exceptions.WatchError:
+                continue  # the list changed between the read and the move: read again
+            if entry is not None:
+                log.info("dead_job_requeued", index=index, job_id=entry.fields.get("job_id"))
+            return entry
+
+
+async def _move_dead(pipe: Pipeline, prefix: str, index: int) -> DeadEntry | None:
+    key = dead_key(prefix)
+    await pipe.watch(key)
+    raw = await pipe.lindex(key, -(index + 1))
+    if raw is None:
+        return None
+    entry = DeadEntry(index, _as_bytes(raw))
+    payload = entry.payload()
+    if payload is None:
+        raise InvalidJobError(f"dead-letter entry {index} holds no payload")
+    pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    pipe.lpush(jobs_key(prefix), payload)
+    pipe.lrem(key, -1, entry.raw)  # type: ignore[arg-type]  # sent as they are; -1: oldest end
+    await pipe.execute()
+    return entry
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+async def requeue_all_dead(redis_client: aioredis.Redis, prefix: str) -> int:
+    """Requeue the entries present now, oldest first; ones that die again are left for later."""
+    count = 0
+    for _ in range(await redis_client.llen(dead_key(prefix))):
+        if await requeue_dead(redis_client, prefix, 0) is None:
+            break
+        count += 1
+    return count
 
 
 async def recover_processing(deps: Dependencies, instance_id: str) -> int:

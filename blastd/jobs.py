@@ -14,8 +14,8 @@ import functools
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from datetime import UTC, datetime, time
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import orjson
@@ -43,6 +43,17 @@ MAX_LOCATION_CHARS = 80  # a field path in a reason; longer (hostile keys) is cu
 JSON_MAX_DEPTH = 1024  # orjson's fixed nesting limit
 MESSAGE_KINDS = ("text", "template", "video")
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_CLOCK = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+ControlAction = Literal["pause", "resume", "cancel", "retry_failed"]
+CONTROL_SCOPES = ("messages",)  # 'videos' arrives with the video pipeline
+# Classes whose recipients a retry may send again: the provider error classes, and 'uncertain'
+# (the request may have reached the provider; resending is the operator's explicit choice).
+RetryClass = Literal[
+    "transient", "throttled", "pair_limit", "quality", "permanent", "campaign_fatal", "uncertain"
+]
+RETRY_CLASSES: tuple[RetryClass, ...] = get_args(RetryClass)
+# The provider could not take these then; sending again later is what they call for.
+DEFAULT_RETRY_CLASSES: tuple[RetryClass, ...] = ("transient", "throttled")
 
 _JSON_KINDS = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
 # orjson's wording for its depth limit names no number; say what the producer has to change.
@@ -206,9 +217,48 @@ class MessageSpec(_Spec):
         return VideoBody(self.video.link, texts[0] if texts else None)
 
 
+def _clock_time(value: str) -> str:
+    if not _CLOCK.fullmatch(value):
+        raise PydanticCustomError("clock", "must be HH:MM, from 00:00 to 23:59")
+    return value
+
+
+ClockTime = Annotated[str, AfterValidator(_clock_time)]
+AwareDatetime = Annotated[datetime, BeforeValidator(_aware_datetime)]
+
+
+class SendWindow(_Spec):
+    """Hours of the recipient's local day when sending is allowed: start included, end not.
+    An end before the start wraps past midnight (21:00-06:00)."""
+
+    start: ClockTime
+    end: ClockTime
+
+    @model_validator(mode="after")
+    def _require_a_span(self) -> SendWindow:
+        if self.start == self.end:
+            raise PydanticCustomError("window", "start and end must differ")
+        return self
+
+    def contains(self, local: time) -> bool:
+        """True when `local`, a wall-clock time in the recipient's zone, is inside the window."""
+        start, end = time.fromisoformat(self.start), time.fromisoformat(self.end)
+        if start < end:
+            return start <= local < end
+        return local >= start or local < end
+
+
 class BlastOptions(_Spec):
     rate_per_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    not_before: Annotated[datetime, BeforeValidator(_aware_datetime)] | None = None
+    not_before: AwareDatetime | None = None
+    not_after: AwareDatetime | None = None  # pending recipients then end 'expired'
+    window: SendWindow | None = None
+
+    @model_validator(mode="after")
+    def _require_not_after_later(self) -> BlastOptions:
+        if self.not_before and self.not_after and self.not_after <= self.not_before:
+            raise PydanticCustomError("not_after", "not_after must be later than not_before")
+        return self
 
 
 class BlastJob(BaseModel):
@@ -233,6 +283,112 @@ class BlastJob(BaseModel):
         return self
 
 
+def _known_scope(value: str) -> str:
+    if value not in CONTROL_SCOPES:
+        supported = ", ".join(CONTROL_SCOPES)
+        raise PydanticCustomError(
+            "scope",
+            "scope {scope} is not supported (supported: {supported})",
+            {"scope": preview(value), "supported": supported},
+        )
+    return value
+
+
+class ControlJob(BaseModel):
+    """An operator's action on an existing campaign: pause, resume, cancel or retry_failed."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    type: Literal["control"] = "control"
+    id: JobId
+    action: ControlAction
+    campaign_id: JobId
+    scope: Annotated[str, AfterValidator(_known_scope)] = "messages"
+    classes: (
+        Annotated[
+            tuple[RetryClass, ...],
+            Field(min_length=1),
+            BeforeValidator(_list_as_tuple),
+        ]
+        | None
+    ) = None
+
+    @model_validator(mode="after")
+    def _classes_only_for_retry(self) -> ControlJob:
+        if self.classes is not None and self.action != "retry_failed":
+            raise PydanticCustomError("classes", "classes: only retry_failed takes classes")
+        return self
+
+
+StatusType = Literal["text", "image", "video"]
+HexColor = Annotated[str, Field(pattern=r"^#[0-9A-Fa-f]{6}$")]
+
+
+class StatusSpec(_Spec):
+    """The status (story) to post: a text on a background, or an image or video by URL."""
+
+    type: StatusType
+    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), _MESSAGE_TEXT] | None = (
+        None
+    )
+    url: HttpUrl | None = None
+    caption: Annotated[str, Field(max_length=MAX_CAPTION_CHARS), _MESSAGE_TEXT] | None = None
+    background_color: HexColor = "#000000"  # text only; Evolution requires one (§3.1)
+    font: Annotated[int, Field(ge=0, le=5)] = 1  # text only; Evolution's range
+
+    @model_validator(mode="after")
+    def _require_what_the_type_shows(self) -> StatusSpec:
+        if self.type == "text" and (self.text is None or self.url is not None):
+            raise PydanticCustomError("status_kind", "a text status needs text and no url")
+        if self.type != "text" and (self.url is None or self.text is not None):
+            raise PydanticCustomError("status_kind", "an image or video status needs url, no text")
+        return self
+
+
+class StatusContact(BaseModel):
+    """One contact of a status: the number, and a priority (higher first; the top one anchors)."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    to: Annotated[str, Field(max_length=MAX_NAME_CHARS), _SINGLE_LINE]
+    priority: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+
+
+class StatusOptions(_Spec):
+    """Per-job overrides of the account's batch settings, and the order of the contacts."""
+
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    batch_delay_ms: Annotated[float, Field(ge=0, le=3_600_000, allow_inf_nan=False)] | None = None
+    max_concurrent_batches: Annotated[int, Field(ge=1, le=100)] | None = None
+    order_by_priority: bool = True
+    group_by_country: bool = False
+
+
+class StatusJob(BaseModel):
+    """A status to many contacts through a status gateway account (seed 001's smart send)."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    type: Literal["status"] = "status"
+    id: JobId
+    account: Line
+    status: StatusSpec
+    contacts: Annotated[list[StatusContact], Field(min_length=1)] | None = None
+    contacts_key: RedisKey | None = None
+    options: StatusOptions = StatusOptions()
+
+    @model_validator(mode="after")
+    def _require_one_contact_source(self) -> StatusJob:
+        if (self.contacts is None) == (self.contacts_key is None):
+            raise PydanticCustomError(
+                "contact_source", "exactly one of contacts and contacts_key is required"
+            )
+        return self
+
+
+Job = BlastJob | ControlJob | StatusJob
+
+
 @dataclass(frozen=True, slots=True)
 class _Limits:
     accounts: Collection[str]
@@ -247,7 +403,7 @@ def parse_job(
     accounts: Collection[str],
     max_inline_recipients: int,
     default_region: str,
-) -> BlastJob:
+) -> Job:
     """Return the validated job or raise InvalidJobError with a one-line reason and its id."""
     data = _load_object(raw, max_bytes)
     job_id = _read_id(data)
@@ -355,7 +511,34 @@ def _require_a_valid_number(recipients: list[RecipientIn], default_region: str) 
     raise InvalidJobError(f"no valid recipient (first: {first_problem})")
 
 
-_JOB_TYPES: dict[str, Callable[[dict[str, Any], _Limits], BlastJob]] = {"blast": _parse_blast}
+def _parse_status(data: dict[str, Any], limits: _Limits) -> StatusJob:
+    contacts = data.get("contacts")
+    if isinstance(contacts, list) and len(contacts) > limits.max_inline_recipients:
+        raise InvalidJobError(
+            f"{len(contacts)} inline contacts, over the limit of "
+            f"{limits.max_inline_recipients}: use contacts_key"
+        )
+    try:
+        job = StatusJob.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidJobError(_describe(exc)) from None
+    if job.account not in limits.accounts:
+        raise InvalidJobError(f"unknown account {preview(job.account)}")
+    return job
+
+
+def _parse_control(data: dict[str, Any], limits: _Limits) -> ControlJob:
+    try:
+        return ControlJob.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidJobError(_describe(exc)) from None
+
+
+_JOB_TYPES: dict[str, Callable[[dict[str, Any], _Limits], Job]] = {
+    "blast": _parse_blast,
+    "control": _parse_control,
+    "status": _parse_status,
+}
 
 
 def _describe(exc: ValidationError) -> str:

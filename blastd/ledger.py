@@ -100,6 +100,7 @@ class StagedRecipient:
     phone: str
     vars: dict[str, str] | None
     skip_reason: str | None
+    time_zone: str | None = None  # for a campaign with a sending window
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +137,14 @@ async def insert_campaign(
         return None
     await conn.execute(
         "CREATE TEMP TABLE staged_recipients (seq integer, phone text, vars text, "
-        "skip_reason text) ON COMMIT DROP"
+        "skip_reason text, time_zone text) ON COMMIT DROP"
     )
     async for page in pages:
         await conn.copy_records_to_table(
             "staged_recipients",
-            records=[(r.seq, r.phone, _vars_json(r.vars), r.skip_reason) for r in page],
+            records=[
+                (r.seq, r.phone, _vars_json(r.vars), r.skip_reason, r.time_zone) for r in page
+            ],
         )
     row = await conn.fetchrow(INSERT_STAGED_RECIPIENTS, campaign.id)
     return CampaignCounts(pending=row["pending"], skipped=row["skipped"])
@@ -154,15 +157,16 @@ def _vars_json(vars: dict[str, str] | None) -> str | None:
 
 INSERT_STAGED_RECIPIENTS = """
 WITH ranked AS (
-    SELECT seq, phone, vars, skip_reason,
+    SELECT seq, phone, vars, skip_reason, time_zone,
            row_number() OVER (PARTITION BY skip_reason IS NULL, phone ORDER BY seq) AS nth
     FROM staged_recipients
 ), inserted AS (
-    INSERT INTO recipients (campaign_id, seq, phone, vars, state, error_text)
+    INSERT INTO recipients (campaign_id, seq, phone, vars, state, error_text, time_zone)
     SELECT $1, seq, phone, vars::jsonb,
            CASE WHEN skip_reason IS NULL AND nth = 1 THEN 'pending' ELSE 'skipped' END,
            CASE WHEN skip_reason IS NOT NULL THEN skip_reason
-                WHEN nth > 1 THEN 'duplicate' END
+                WHEN nth > 1 THEN 'duplicate' END,
+           time_zone
     FROM ranked ORDER BY seq
     RETURNING state
 ), counted AS (
@@ -242,6 +246,111 @@ async def count_states(pool: Pool, campaign_id: str) -> dict[str, int]:
     return {r["state"]: r["n"] for r in rows}
 
 
+async def pending_time_zones(pool: Pool, campaign_id: str) -> list[str]:
+    """The distinct zones of a campaign's pending recipients: one index probe per zone."""
+    rows = await pool.fetch(
+        """
+        WITH RECURSIVE zones(name) AS (
+            (SELECT time_zone FROM recipients
+             WHERE campaign_id = $1 AND state = 'pending' AND time_zone IS NOT NULL
+             ORDER BY time_zone LIMIT 1)
+            UNION ALL
+            SELECT (SELECT time_zone FROM recipients
+                    WHERE campaign_id = $1 AND state = 'pending' AND time_zone > zones.name
+                    ORDER BY time_zone LIMIT 1)
+            FROM zones WHERE zones.name IS NOT NULL
+        )
+        SELECT name FROM zones WHERE name IS NOT NULL
+        """,
+        campaign_id,
+    )
+    return [r["name"] for r in rows]
+
+
+async def expire_pending(pool: Pool, campaign_id: str) -> int:
+    """Pending recipients of a campaign past its not_after end 'expired'; return how many."""
+    result: str = await pool.execute(
+        "UPDATE recipients SET state = 'expired', error_text = 'not sent before not_after', "
+        "next_attempt_at = NULL, updated_at = now() "
+        "WHERE campaign_id = $1 AND state = 'pending'",
+        campaign_id,
+    )
+    return int(result.split()[-1])
+
+
+async def cancel_pending(executor: Pool | asyncpg.Connection, campaign_id: str) -> int:
+    """Pending recipients of a cancelled campaign end 'cancelled'; return how many.
+
+    Also run after a campaign's sends: a claim released (or a send deferred) while the cancel
+    committed comes back pending, and must not stay so."""
+    result: str = await executor.execute(
+        "UPDATE recipients SET state = 'cancelled', next_attempt_at = NULL, updated_at = now() "
+        "WHERE campaign_id = $1 AND state = 'pending' "
+        "AND EXISTS (SELECT 1 FROM campaigns WHERE id = $1 AND state = 'cancelled')",
+        campaign_id,
+    )
+    return int(result.split()[-1])
+
+
+# --- controls (pause, resume, cancel, retry_failed) -------------------------------------------
+
+
+async def lock_campaign_state(conn: asyncpg.Connection, campaign_id: str) -> str | None:
+    """The campaign's state, its row locked until the transaction ends; None if there is none."""
+    state: str | None = await conn.fetchval(
+        "SELECT state FROM campaigns WHERE id = $1 FOR UPDATE", campaign_id
+    )
+    return state
+
+
+async def record_control(
+    conn: asyncpg.Connection, control_id: str, campaign_id: str, action: str
+) -> bool:
+    """Remember a control job by its id; False when it was applied before."""
+    return bool(
+        await conn.fetchval(
+            "INSERT INTO controls (id, campaign_id, action) VALUES ($1, $2, $3) "
+            "ON CONFLICT (id) DO NOTHING RETURNING true",
+            control_id,
+            campaign_id,
+            action,
+        )
+    )
+
+
+async def change_campaign_state(
+    conn: asyncpg.Connection, campaign_id: str, state: str, reason: str | None
+) -> None:
+    """Set an operator's state; finished_at is set by a cancel and cleared by a reopening."""
+    await conn.execute(
+        "UPDATE campaigns SET state = $2, state_reason = $3, updated_at = now(), "
+        "finished_at = CASE WHEN $2 = 'cancelled' THEN now() "
+        "WHEN $2 = 'running' THEN NULL ELSE finished_at END WHERE id = $1",
+        campaign_id,
+        state,
+        reason,
+    )
+
+
+async def requeue_recipients(
+    conn: asyncpg.Connection, campaign_id: str, classes: Sequence[str]
+) -> int:
+    """Failed recipients of `classes` (and uncertain ones, if 'uncertain' is among them) go
+    back to pending with their attempts kept; sent, delivered and read are never touched."""
+    result: str = await conn.execute(
+        """
+        UPDATE recipients SET state = 'pending', owner = NULL, next_attempt_at = NULL,
+            error_class = NULL, error_code = NULL, error_text = NULL, updated_at = now()
+        WHERE campaign_id = $1
+          AND ((state = 'failed' AND error_class = ANY($2::text[]))
+               OR (state = 'uncertain' AND 'uncertain' = ANY($2::text[])))
+        """,
+        campaign_id,
+        list(classes),
+    )
+    return int(result.split()[-1])
+
+
 # --- recipients ------------------------------------------------------------------------------
 
 
@@ -253,31 +362,36 @@ class ClaimedRecipient:
     attempts: int  # earlier requests made for this recipient
 
 
-async def claim_recipients(
-    pool: Pool, campaign_id: str, owner: str, limit: int
-) -> list[ClaimedRecipient]:
-    """Take up to `limit` due pending recipients of a running campaign, in producer order.
-
-    They become 'sending' at once: their requests leave next, so if this instance dies before
-    their answers are written they are 'uncertain'. Claims are kept small (a few tens of ms of
-    sending) to keep that window small; what is claimed but not sent is released to pending.
-    """
-    rows = await pool.fetch(
-        """
+_CLAIM = """
         UPDATE recipients r SET state = 'sending', owner = $2, updated_at = now()
         FROM (SELECT id FROM recipients
               WHERE campaign_id = $1 AND state = 'pending'
-                AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+                AND (next_attempt_at IS NULL OR next_attempt_at <= now()){zone_filter}
               ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) due
         WHERE r.id = due.id
           -- paused, stopped or cancelled elsewhere (another daemon, an operator): claim nothing
           AND EXISTS (SELECT 1 FROM campaigns WHERE id = $1 AND state = 'running')
         RETURNING r.id, r.phone, r.vars, r.attempts
-        """,
-        campaign_id,
-        owner,
-        limit,
-    )
+"""
+CLAIM_DUE = _CLAIM.format(zone_filter="")
+# Two statements, not one with "$4 IS NULL OR": each keeps a plan that fits it.
+CLAIM_DUE_IN_ZONES = _CLAIM.format(zone_filter=" AND time_zone = ANY($4::text[])")
+
+
+async def claim_recipients(
+    pool: Pool, campaign_id: str, owner: str, limit: int, time_zones: Sequence[str] | None = None
+) -> list[ClaimedRecipient]:
+    """Take up to `limit` due pending recipients of a running campaign, in producer order;
+    with `time_zones`, only recipients in those zones (the ones inside the sending window).
+
+    They become 'sending' at once: their requests leave next, so if this instance dies before
+    their answers are written they are 'uncertain'. Claims are kept small (a few tens of ms of
+    sending) to keep that window small; what is claimed but not sent is released to pending.
+    """
+    if time_zones is None:
+        rows = await pool.fetch(CLAIM_DUE, campaign_id, owner, limit)
+    else:
+        rows = await pool.fetch(CLAIM_DUE_IN_ZONES, campaign_id, owner, limit, list(time_zones))
     claimed = (ClaimedRecipient(r["id"], r["phone"], r["vars"], r["attempts"]) for r in rows)
     return sorted(claimed, key=_by_id)
 
@@ -402,7 +516,137 @@ async def apply_receipts(pool: Pool, receipts: Sequence[Receipt]) -> int:
     return int(result.split()[-1])
 
 
+@dataclass(frozen=True, slots=True)
+class MessageReceipt:
+    """A provider's status report naming its own message id instead of our ledger id."""
+
+    provider_message_id: str
+    state: str  # sent | delivered | read | failed
+    error_code: str | None = None
+    error_text: str | None = None
+
+
+async def apply_receipts_by_message_id(pool: Pool, receipts: Sequence[MessageReceipt]) -> int:
+    """apply_receipts for receipts matched by the provider message id stored at send time.
+
+    Ids no recipient holds (not yet recorded, or sent from elsewhere) change nothing.
+    """
+    rows = await pool.fetch(
+        "SELECT id, provider_message_id FROM recipients WHERE provider_message_id = ANY($1)",
+        list({r.provider_message_id for r in receipts}),
+    )
+    ledger_ids: dict[str, list[int]] = {}
+    for row in rows:
+        ledger_ids.setdefault(row["provider_message_id"], []).append(row["id"])
+    resolved = [
+        Receipt(ledger_id, r.state, r.provider_message_id, r.error_code, r.error_text)
+        for r in receipts
+        for ledger_id in ledger_ids.get(r.provider_message_id, ())
+    ]
+    return await apply_receipts(pool, resolved) if resolved else 0
+
 @contextlib.asynccontextmanager
 async def transaction(pool: Pool) -> AsyncIterator[asyncpg.Connection]:
     async with pool.acquire() as conn, conn.transaction():
         yield conn
+
+
+# --- status broadcasts -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """A status campaign's progress: the anchor's status id once sent, and the batch size."""
+
+    campaign_id: str
+    contacts: int
+    batch_size: int
+    message_id: str | None
+    anchor_id: int | None
+    batches_accepted: int
+    batches_failed: int
+
+
+async def campaign_type(pool: Pool, campaign_id: str) -> str | None:
+    value: str | None = await pool.fetchval(
+        "SELECT type FROM campaigns WHERE id = $1", campaign_id
+    )
+    return value
+
+
+async def insert_broadcast(
+    conn: asyncpg.Connection, campaign_id: str, contacts: int, batch_size: int
+) -> None:
+    """Add the broadcast row inside the transaction that inserts its campaign."""
+    await conn.execute(
+        "INSERT INTO broadcasts (campaign_id, contacts, batch_size) VALUES ($1, $2, $3)",
+        campaign_id,
+        contacts,
+        batch_size,
+    )
+
+
+async def load_broadcast(pool: Pool, campaign_id: str) -> Broadcast | None:
+    row = await pool.fetchrow(
+        "SELECT campaign_id, contacts, batch_size, message_id, anchor_id, batches_accepted, "
+        "batches_failed FROM broadcasts WHERE campaign_id = $1",
+        campaign_id,
+    )
+    return Broadcast(**dict(row)) if row else None
+
+
+async def record_anchor(
+    pool: Pool, campaign_id: str, anchor_id: int, message_id: str, requests: int
+) -> None:
+    """The anchor contact is sent and its status id kept, in one statement: a restart never
+    sees the id without the anchor sent, nor the anchor sent without the id."""
+    await pool.execute(
+        """
+        WITH anchor AS (
+            UPDATE recipients SET state = 'sent', provider_message_id = $3, owner = NULL,
+                error_class = NULL, error_code = NULL, error_text = NULL,
+                next_attempt_at = NULL, attempts = attempts + $4, updated_at = now()
+            WHERE id = $2
+        )
+        UPDATE broadcasts SET message_id = $3, anchor_id = $2,
+            batches_accepted = batches_accepted + 1, updated_at = now()
+        WHERE campaign_id = $1
+        """,
+        campaign_id,
+        anchor_id,
+        message_id,
+        requests,
+    )
+
+
+async def count_broadcast_request(pool: Pool, campaign_id: str, *, accepted: bool) -> None:
+    await pool.execute(
+        "UPDATE broadcasts SET updated_at = now(), "
+        "batches_accepted = batches_accepted + CASE WHEN $2 THEN 1 ELSE 0 END, "
+        "batches_failed = batches_failed + CASE WHEN $2 THEN 0 ELSE 1 END "
+        "WHERE campaign_id = $1",
+        campaign_id,
+        accepted,
+    )
+
+
+async def lower_broadcast_batch_size(pool: Pool, campaign_id: str, batch_size: int) -> int:
+    """Keep the smaller of the stored and the given batch size; return the one now stored."""
+    value: int = await pool.fetchval(
+        "UPDATE broadcasts SET batch_size = LEAST(batch_size, $2), updated_at = now() "
+        "WHERE campaign_id = $1 RETURNING batch_size",
+        campaign_id,
+        batch_size,
+    )
+    return value
+
+
+async def phones_in_states(pool: Pool, campaign_id: str, states: Sequence[str]) -> list[str]:
+    """The numbers of a campaign's recipients in `states`, in producer order."""
+    rows = await pool.fetch(
+        "SELECT phone FROM recipients WHERE campaign_id = $1 AND state = ANY($2::text[]) "
+        "ORDER BY seq",
+        campaign_id,
+        list(states),
+    )
+    return [r["phone"] for r in rows]

@@ -26,12 +26,18 @@ Callers wait their turn on an asyncio.Lock, which is FIFO and, when a waiter is 
 hands its turn to the next one. Only the head of the queue sleeps, and a slot counts as used
 only when its caller returns, so a cancelled waiter never uses a slot. Each acquire does
 O(1) work. Times are loop.time() (monotonic) throughout.
+
+A Pacer knows only its own process. The daemon paces an account with a rate through
+shared_limiter.SharedPacer, whose state lives in Redis so that several daemons share the rate;
+it keeps a Pacer for an unlimited account (holds only: no Redis round trip on the throughput
+path) and for a campaign's own rate_per_s, which therefore applies per daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+from typing import Protocol
 
 WINDOW_S = 1.0
 # A release stamped t reaches the provider later by a delay that varies: uvloop's loop.time()
@@ -50,6 +56,19 @@ MAX_RETURN_LAG_S = 0.005
 # uvloop rounds a delay to whole milliseconds, so a shorter sleep returns at once and the head
 # would spin until the clock ticks; the deadlines absorb the overshoot of sleeping longer.
 MIN_SLEEP_S = 0.001
+
+
+class AccountPacer(Protocol):
+    """What a Sender needs from its account's pacer, local or shared between daemons."""
+
+    @property
+    def rate_per_s(self) -> float: ...
+
+    async def acquire(self) -> None: ...
+
+    async def throttle(self, hold_s: float, factor: float = 0.5) -> bool: ...
+
+    def increase(self, step_per_s: float) -> None: ...
 
 
 class Pacer:
@@ -94,6 +113,16 @@ class Pacer:
     def hold_until(self, loop_time: float) -> None:
         """Release nothing before loop_time (in loop.time() terms), as a Retry-After asks."""
         self._held_until = max(self._held_until, loop_time)
+
+    async def throttle(self, hold_s: float, factor: float = 0.5) -> bool:
+        """Hold for hold_s from now; the first throttle of an episode (no hold active) also
+        multiplies the rate by factor. True when this began a new episode."""
+        now = self._loop.time()
+        is_new_episode = now >= self._held_until
+        self.hold_until(now + hold_s)
+        if is_new_episode:
+            self.decrease(factor)
+        return is_new_episode
 
     def decrease(self, factor: float = 0.5) -> None:
         """Multiply the rate by factor, not below min_rate_per_s; unlimited stays unlimited."""

@@ -33,7 +33,7 @@ from blastd.errors import (
     UncertainOutcomeError,
 )
 from blastd.ledger import Outcome
-from blastd.limiter import Pacer
+from blastd.limiter import AccountPacer, Pacer
 from blastd.providers import OutboundMessage, Provider, SendResult
 
 log = structlog.get_logger()
@@ -58,13 +58,14 @@ class Delivery:
 class Sender:
     """One account's pacing, concurrency bound and retry policy around its provider."""
 
-    def __init__(self, name: str, account: AccountSettings, provider: Provider) -> None:
+    def __init__(
+        self, name: str, account: AccountSettings, provider: Provider, pacer: AccountPacer
+    ) -> None:
         self.name = name
         self.account = account
         self.provider = provider
-        self.pacer = Pacer(account.rate_per_s)
+        self.pacer = pacer  # holds the throttling state too: shared by all daemons when shared
         self.slots = asyncio.Semaphore(account.concurrency)
-        self._held_until = 0.0  # loop time until which a throttling answer holds this account
         retry = account.retry
         self._retrying = AsyncRetrying(  # copied per send: an AsyncRetrying holds one run's state
             retry=retry_if_exception_type(TransientError),
@@ -144,24 +145,20 @@ class Sender:
             try:
                 results = await self.provider.send_batch(delivery.messages)
             except ThrottledError as exc:
-                self._slow_down(exc)
+                await self._slow_down(exc)
                 needs_turn = True
                 continue
             if self.pacer.rate_per_s < self.account.rate_per_s:
                 self.pacer.increase(self.account.rate_per_s / RECOVERY_STEPS)
             return results
 
-    def _slow_down(self, exc: ThrottledError) -> None:
+    async def _slow_down(self, exc: ThrottledError) -> None:
         """Hold the account for Retry-After and halve its rate, once per throttling episode:
-        the other requests in flight answer 429 too, and each must not cut the rate again."""
-        now = asyncio.get_running_loop().time()
+        the other requests in flight (from every daemon) answer 429 too, and each must not cut
+        the rate again. The pacer decides what is a new episode."""
         hold_s = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_THROTTLE_HOLD_S
-        is_new_episode = now >= self._held_until
-        self._held_until = max(self._held_until, now + hold_s)
-        self.pacer.hold_until(self._held_until)
-        if not is_new_episode:
+        if not await self.pacer.throttle(hold_s, 0.5):
             return
-        self.pacer.decrease(0.5)
         log.warning(
             "account_throttled",
             account=self.name,

@@ -8,17 +8,21 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp import web
 
 from blastd import daemon, ledger
 from blastd.config import AdminSettings, CloudApiAccount, Settings
 from blastd.embedded import EmbeddedPostgres, EmbeddedRedis
+from blastd.sandbox.cloud_api import SandboxConfig, build_app, listening
+from blastd.sandbox.ultramsg import UltraMsgSandboxConfig, build_ultramsg_app
 
 ACCOUNT = "cloud-main"
 TOKEN = "sandbox-token"
@@ -275,3 +279,135 @@ async def daemon_process(
             process.kill()
             await process.wait()
             raise
+
+
+# --- Wablas ----------------------------------------------------------------------------------
+
+WABLAS_ACCOUNT = "wablas-main"
+WABLAS_WEBHOOK_SECRET = "sandbox-webhook-secret"
+
+
+@contextlib.asynccontextmanager
+async def wablas_sandbox(**knobs: Any) -> AsyncIterator[SandboxHandle]:
+    """The Wablas emulator mounted at /wablas, as `python -m blastd.sandbox` serves it, on a
+    free loopback port (seed 7 unless given); the handle's url ends in /wablas."""
+    from aiohttp import web
+
+    from blastd.sandbox.cloud_api import listening
+    from blastd.sandbox.wablas import build_wablas_app
+    from blastd.sandbox.wablas_config import WablasSandboxConfig
+
+    root = web.Application()
+    config = WablasSandboxConfig.model_validate({"seed": 7, **knobs})
+    root.add_subapp("/wablas", build_wablas_app(config))
+    async with listening(root, "127.0.0.1", 0) as url, aiohttp.ClientSession() as http:
+        yield SandboxHandle(url + "/wablas", http)
+
+
+def make_wablas_settings(servers: Servers, sandbox_url: str, **overrides: Any) -> Settings:
+    """Settings for a daemon under test whose one account is a Wablas device on the sandbox."""
+    from blastd.config import WablasAccount
+
+    account = {
+        "kind": "wablas",
+        "base_url": sandbox_url,
+        "token": TOKEN,
+        "webhook_secret": WABLAS_WEBHOOK_SECRET,
+        "batch_size": 100,
+        "rate_per_s": 0,
+        "concurrency": 5,
+        "retry": {"attempts": 3, "initial_s": 0.01, "max_s": 0.05, "jitter_s": 0.01},
+        **overrides.pop("account", {}),
+    }
+    accounts = {WABLAS_ACCOUNT: WablasAccount.model_validate(account)}
+    return make_settings(servers, sandbox_url, accounts=accounts, **overrides)
+
+
+def wablas_webhook_url(admin_port: int) -> str:
+    return f"http://127.0.0.1:{admin_port}/webhooks/wablas/{WABLAS_ACCOUNT}"
+
+
+# --- Readiness and logs of a real daemon process ----------------------------------------------
+
+
+async def readiness(admin_port: int) -> tuple[int | None, dict[str, Any]]:
+    """/readyz's status code and body; (None, {}) while nothing answers on the port."""
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"http://127.0.0.1:{admin_port}/readyz", timeout=aiohttp.ClientTimeout(total=1)
+            ) as response,
+        ):
+            body: dict[str, Any] = await response.json()
+            return response.status, body
+    except (aiohttp.ClientError, TimeoutError):
+        return None, {}
+
+
+def log_events(log_path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines a daemon process wrote (other lines, e.g. tracebacks, skipped)."""
+    events = []
+    for line in log_path.read_bytes().splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError):
+            event = orjson.loads(line)
+            if isinstance(event, dict):
+                events.append(event)
+    return events
+
+
+# --- Emulators on loopback -------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, prefix: str = "") -> AsyncIterator[str]:
+    """An emulator's aiohttp app on a free loopback port, mounted at `prefix` the way
+    `python -m blastd.sandbox` mounts the other providers; yields the URL ending in `prefix`."""
+    root = app
+    if prefix:
+        root = web.Application()
+        root.add_subapp(prefix, app)
+    async with listening(root, "127.0.0.1", 0) as url:
+        yield url + prefix
+
+
+def cloud_api_emulator(
+    config: SandboxConfig | None = None, now: Callable[[], float] = time.monotonic
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """The Cloud API emulator on a free loopback port; yields its base URL."""
+    return serving(build_app(config or SandboxConfig(), now))
+
+
+def ultramsg_emulator(
+    config: UltraMsgSandboxConfig | None = None,
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """The UltraMsg emulator mounted at /ultramsg; yields the URL ending in /ultramsg."""
+    return serving(build_ultramsg_app(config or UltraMsgSandboxConfig()), "/ultramsg")
+
+
+async def poll_stats(
+    http: aiohttp.ClientSession, base_url: str, condition: Callable[[Any], bool]
+) -> Any:
+    """/_sandbox/stats once `condition` holds: an emulator counts a webhook just after its POST."""
+
+    async def matching_stats() -> Any:
+        async with http.get(base_url + "/_sandbox/stats") as response:
+            stats = orjson.loads(await response.read())
+        return stats if condition(stats) else None
+
+    return await wait_until(matching_stats, timeout_s=10, interval_s=0.01)
+
+
+@contextlib.contextmanager
+def sandbox_process(*flags: str) -> Iterator[str]:
+    """`python -m blastd.sandbox` on a free port until the block exits; yields the base URL it
+    announces on stdout once bound."""
+    command = [sys.executable, "-m", "blastd.sandbox", "--port", "0", *flags]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert line.startswith("sandbox listening on http://127.0.0.1:"), line
+            yield line.removeprefix("sandbox listening on ").strip()
+        finally:
+            process.terminate()

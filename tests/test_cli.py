@@ -287,7 +287,9 @@ async def test_migrate_applies_the_ledger_to_a_fresh_database_then_is_up_to_date
     second = await run_cli(env, "migrate")
 
     assert first.code == 0, first.stderr
-    assert first.stdout.strip() == "applied: 001_ledger.sql"
+    shipped = sorted(path.name for path in Path(ledger.__file__).with_name("sql").glob("*.sql"))
+    assert first.stdout.strip() == "applied: " + ", ".join(shipped)
+    assert shipped[0] == "001_ledger.sql"
     assert second.code == 0, second.stderr
     assert second.stdout.strip() == "ledger is up to date"
     conn = await asyncpg.connect(fresh_database_url)

@@ -300,3 +300,29 @@ def test_an_unlimited_pacer_releases_at_once() -> None:
 def test_a_pacer_is_built_inside_the_running_loop() -> None:
     with pytest.raises(RuntimeError, match="no running event loop"):
         Pacer(80)
+
+
+def test_throttle_holds_and_cuts_the_rate_once_per_episode() -> None:
+    """Requests in flight all answer 429: only the first throttle of an episode cuts the rate;
+    one after the hold has ended begins a new episode."""
+
+    async def main() -> list[tuple[bool, float]]:
+        pacer = Pacer(80)
+        seen = [(await pacer.throttle(1.0), pacer.rate_per_s)]
+        seen.append((await pacer.throttle(1.0), pacer.rate_per_s))
+        await pacer.acquire()  # waits out the hold
+        seen.append((await pacer.throttle(1.0), pacer.rate_per_s))
+        return seen
+
+    assert run_on_virtual_clock(main()) == [(True, 40), (False, 40), (True, 20)]
+
+
+def test_throttle_holds_the_releases_for_hold_s() -> None:
+    async def main() -> float:
+        pacer = Pacer(80)
+        await call_at(2.0, lambda: None)
+        await pacer.throttle(1.5)
+        await pacer.acquire()
+        return asyncio.get_running_loop().time()
+
+    assert run_on_virtual_clock(main()) == 3.5

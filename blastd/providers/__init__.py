@@ -9,7 +9,13 @@ from typing import Protocol
 
 import aiohttp
 
-from blastd.config import AccountSettings, CloudApiAccount
+from blastd.config import (
+    AccountSettings,
+    CloudApiAccount,
+    StatusGatewayAccount,
+    UltraMsgAccount,
+    WablasAccount,
+)
 from blastd.errors import ConfigError, ProviderError
 
 
@@ -90,10 +96,21 @@ class SingleMessageProvider(ABC):
 
 def build_provider(name: str, account: AccountSettings, http: aiohttp.ClientSession) -> Provider:
     """Return the adapter for the account's provider kind."""
-    from blastd.providers import cloud_api  # imported here: the adapters import this module
+    from blastd.providers import (  # imported here: the adapters import this module
+        cloud_api,
+        status_gateway,
+        ultramsg,
+        wablas,
+    )
 
     if isinstance(account, CloudApiAccount):
         return cloud_api.CloudApiProvider(name, account, http)
+    if isinstance(account, UltraMsgAccount):
+        return ultramsg.UltraMsgProvider(name, account, http)
+    if isinstance(account, WablasAccount):
+        return wablas.WablasProvider(name, account, http)
+    if isinstance(account, StatusGatewayAccount):
+        return status_gateway.StatusGatewayProvider(name, account, http)
     raise ConfigError(
         f"BLASTD_ACCOUNTS__{name}__KIND: provider kind {account.kind!r} is not supported"
     )

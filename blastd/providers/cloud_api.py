@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 
 import aiohttp
 import orjson
@@ -37,10 +34,18 @@ from blastd.providers import (
     TextBody,
     VideoBody,
 )
+from blastd.providers.answers import (
+    MAX_ERROR_TEXT_CHARS,
+    client_timeout,
+    post_for_answer,
+    throttled_error,
+)
+
+# Re-exported under their old address: blastd/providers/status_gateway.py imports them here.
+from blastd.providers.answers import clean_error_text as clean_error_text
+from blastd.providers.answers import parse_retry_after_s as parse_retry_after_s
 
 CALLBACK_PREFIX = "blastd:"  # biz_opaque_callback_data = CALLBACK_PREFIX + ledger_id
-MAX_RETRY_AFTER_S = 300.0  # a Retry-After of hours would stall the account; our limiter decides
-MAX_ERROR_TEXT_CHARS = 300
 SIGNATURE_PREFIX = "sha256="
 WEBHOOK_STATUSES = frozenset({"sent", "delivered", "read", "failed"})
 
@@ -93,31 +98,21 @@ class CloudApiProvider(SingleMessageProvider):
             "Authorization": f"Bearer {self._token}",
             "Content-Type": "application/json",
         }
-        self._timeout = aiohttp.ClientTimeout(
-            total=account.request_timeout_s, connect=account.connect_timeout_s
-        )
+        self._timeout = client_timeout(account)
         self._http = http
 
     async def send(self, message: OutboundMessage) -> SendReceipt:
         """Send one message; return Meta's wamid or raise the ProviderError its answer means."""
         payload = orjson.dumps(build_request_body(message))
-        try:
-            async with self._http.post(
-                self._url, data=payload, headers=self._headers, timeout=self._timeout
-            ) as response:
-                raw_body = await response.read()
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
-        except TimeoutError as exc:
-            raise TransientError("timeout", self._clean(repr(exc))) from exc
-        except aiohttp.ClientError as exc:
-            raise TransientError("network", self._clean(repr(exc))) from exc
-        if 200 <= status < 300:
-            return read_receipt(status, raw_body)
-        raise classify_failure(status, raw_body, retry_after, self._token)
+        answer = await post_for_answer(
+            self._http, self._url, payload, self._headers, self._timeout, self._describe
+        )
+        if 200 <= answer.status < 300:
+            return read_receipt(answer.status, answer.raw_body)
+        raise classify_failure(answer.status, answer.raw_body, answer.retry_after, self._token)
 
-    def _clean(self, text: str) -> str:
-        return clean_error_text(text, self._token)
+    def _describe(self, exc: Exception) -> str:
+        return clean_error_text(repr(exc), self._token)
 
 
 def build_request_body(message: OutboundMessage) -> dict[str, object]:
@@ -184,7 +179,7 @@ def classify_failure(
         error_class = _error_class_for_status(status)
     code = str(graph_code) if graph_code is not None else f"http_{status}"
     if error_class is ThrottledError:
-        return ThrottledError(code, text, parse_retry_after_s(retry_after, datetime.now(UTC)))
+        return throttled_error(code, text, retry_after)
     return error_class(code, text)
 
 
@@ -218,37 +213,6 @@ def _error_text(error: Mapping[str, object]) -> str:
         return details
     message = error.get("message")
     return message if isinstance(message, str) else ""
-
-
-def clean_error_text(text: str, token: str) -> str:
-    """Text fit for the ledger: the token removed first, then cut to MAX_ERROR_TEXT_CHARS."""
-    if token:
-        text = text.replace(token, "[token]")
-    return text[:MAX_ERROR_TEXT_CHARS]
-
-
-def parse_retry_after_s(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), capped."""
-    if value is None:
-        return None
-    delay_s: float | None
-    try:
-        delay_s = float(value)
-    except ValueError:
-        delay_s = _seconds_until_http_date(value, now)
-    if delay_s is None or not math.isfinite(delay_s):
-        return None
-    return min(max(delay_s, 0.0), MAX_RETRY_AFTER_S)
-
-
-def _seconds_until_http_date(value: str, now: datetime) -> float | None:
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:  # RFC 9110 dates are GMT; parsedate returns "-0000" as naive
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - now).total_seconds()
 
 
 def is_valid_signature(raw_body: bytes, header: str | None, app_secret: str) -> bool:

@@ -1,5 +1,9 @@
 """python -m blastd.sandbox: the Cloud API emulator as its own process, for benchmarks.
 
+The other providers' emulators are mounted on the same port: UltraMsg under /ultramsg,
+Wablas under /wablas,
+status gateways (Evolution API, seed 001's story API) under /status.
+
 Prints "sandbox listening on http://HOST:PORT" once bound, so a parent can wait for the line.
 """
 
@@ -12,9 +16,14 @@ import sys
 from collections.abc import Sequence
 
 import uvloop
+from aiohttp import web
 from pydantic import ValidationError
 
 from blastd.sandbox.cloud_api import SandboxConfig, serve
+from blastd.sandbox.status_gateway import StatusSandboxConfig, build_status_app
+from blastd.sandbox.ultramsg import UltraMsgSandboxConfig, build_ultramsg_app
+from blastd.sandbox.wablas import build_wablas_app
+from blastd.sandbox.wablas_config import WablasSandboxConfig
 
 FLOAT_KNOBS = (
     "rate_per_s",
@@ -54,6 +63,16 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
     return SandboxConfig.model_validate(given)
 
 
+def provider_apps() -> dict[str, web.Application]:
+    """The other providers' emulators by mount prefix, with default knobs (set at runtime
+    through each one's /_sandbox/config)."""
+    return {
+        "/ultramsg": build_ultramsg_app(UltraMsgSandboxConfig()),
+        "/wablas": build_wablas_app(WablasSandboxConfig()),
+        "/status": build_status_app(StatusSandboxConfig()),
+    }
+
+
 def announce(base_url: str) -> None:
     """Tell the parent process the port is bound; flushed because stdout is a pipe there."""
     sys.stdout.write(f"sandbox listening on {base_url}\n")
@@ -69,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"invalid sandbox flags: {exc}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop on SIGTERM as on Ctrl-C
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(config, args.host, args.port, announce))
+        uvloop.run(serve(config, args.host, args.port, announce, provider_apps()))
 
 
 if __name__ == "__main__":

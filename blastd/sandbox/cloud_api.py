@@ -10,18 +10,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import random
 import time
-from array import array
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Literal
 
-import aiohttp
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from blastd.sandbox.cloud_api_requests import (
     GRAPH_ERRORS,
@@ -30,9 +27,15 @@ from blastd.sandbox.cloud_api_requests import (
     SendRequest,
     read_message,
 )
-from blastd.sandbox.cloud_api_webhooks import WebhookOutbox, WebhookTarget, status_event
+from blastd.sandbox.cloud_api_webhooks import SignedStatuses, Status, status_event
+from blastd.sandbox.emulator import (
+    ByNumber,
+    Emulator,
+    EmulatorConfig,
+    Probability,
+    Traffic,
+)
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 DEFAULT_TEMPLATES = {("promo_nov", "id"): 2, ("hello_world", "en_US"): 0}
 RATE_WINDOW_S = 1.0
 
@@ -52,42 +55,31 @@ MALFORMED_BODIES = (  # rotated: a cut-off body, then valid JSON without a messa
 )
 
 
-class SandboxConfig(BaseModel):
-    """Every knob of the emulator; POST /_sandbox/config replaces any subset at runtime."""
+class SandboxConfig(EmulatorConfig):
+    """Every knob of the Cloud API emulator; POST /_sandbox/config replaces any subset."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    latency_ms: float = Field(0.0, ge=0)
-    latency_jitter_ms: float = Field(0.0, ge=0)  # uniform extra latency in [0, jitter]
-    tokens: frozenset[str] = frozenset({"sandbox-token"})
     templates: dict[tuple[str, str], int] = Field(default_factory=lambda: dict(DEFAULT_TEMPLATES))
     rate_per_s: float = Field(0.0, ge=0)  # accepted sends per phone_number_id; 0 means no limit
     pair_limit: bool = False
     pair_interval_s: float = Field(6.0, gt=0)  # one token per interval for each recipient
     pair_burst: int = Field(45, ge=1)
-    transient_p: Probability = 0.0
-    throttled_p: Probability = 0.0
     pair_limit_p: Probability = 0.0
     quality_p: Probability = 0.0
     permanent_p: Probability = 0.0
     fatal_p: Probability = 0.0
-    malformed_body_p: Probability = 0.0  # accepted, but the 200 body cannot be read
-    retry_after_s: float | None = Field(None, ge=0)  # Retry-After on 130429 answers
-    fail_numbers: dict[str, int] = {}  # recipient digits -> Graph code answered synchronously
-    fail_numbers_http: dict[str, int] = {}  # recipient digits -> bare HTTP status, no Graph body
-    async_fail_numbers: dict[str, int] = {}  # recipient digits -> code in a failed webhook
-    seed: int | None = None
-    webhook_url: str | None = None
+    # recipient digits -> Graph code answered synchronously
+    fail_numbers: ByNumber[int] = Field(default_factory=dict)
+    # recipient digits -> bare HTTP status, no Graph body
+    fail_numbers_http: ByNumber[int] = Field(default_factory=dict)
+    # recipient digits -> code in a failed webhook
+    async_fail_numbers: ByNumber[int] = Field(default_factory=dict)
     app_secret: str = "sandbox-app-secret"
     webhook_statuses: tuple[Literal["sent", "delivered", "read"], ...] = (
         "sent",
         "delivered",
         "read",
     )
-    webhook_delay_ms: float = Field(0.0, ge=0)
     webhook_batch_max: int = Field(100, ge=1)  # statuses per POST: Meta batches too
-    webhook_attempts: int = Field(5, ge=1)
-    webhook_retry_initial_ms: float = Field(100.0, ge=0)  # doubles after each failed POST
 
     @field_validator("templates", mode="before")
     @classmethod
@@ -97,73 +89,41 @@ class SandboxConfig(BaseModel):
             return value
         return {(item["name"], item["language"]): item["param_count"] for item in value}
 
-    @field_validator("fail_numbers", "fail_numbers_http", "async_fail_numbers", mode="before")
-    @classmethod
-    def _keep_digits_of_numbers(cls, value: object) -> object:
-        """Keys match the digits of `to`, so "+62 812-1" and "628121" name one recipient."""
-        if not isinstance(value, dict):
-            return value
-        return {"".join(c for c in str(k) if c.isdigit()): v for k, v in value.items()}
-
-    @model_validator(mode="after")
-    def _check_fault_total(self) -> SandboxConfig:
-        if sum(p for p, _ in fault_slices(self)) > 1.0:
-            raise ValueError("fault probabilities add up to more than 1")
-        return self
-
-
-def fault_slices(config: SandboxConfig) -> list[tuple[float, FaultKind]]:
-    """Each fault class with its probability; one draw picks at most one of them."""
-    return [
-        (config.transient_p, "transient"),
-        (config.throttled_p, "throttled"),
-        (config.pair_limit_p, "pair_limit"),
-        (config.quality_p, "quality"),
-        (config.permanent_p, "permanent"),
-        (config.fatal_p, "fatal"),
-    ]
+    def fault_slices(self) -> list[tuple[float, FaultKind]]:
+        """Each fault class with its probability; one draw picks at most one of them."""
+        return [
+            (self.transient_p, "transient"),
+            (self.throttled_p, "throttled"),
+            (self.pair_limit_p, "pair_limit"),
+            (self.quality_p, "quality"),
+            (self.permanent_p, "permanent"),
+            (self.fatal_p, "fatal"),
+        ]
 
 
 def _active_faults(config: SandboxConfig) -> list[tuple[float, FaultKind]]:
-    return [(probability, kind) for probability, kind in fault_slices(config) if probability]
+    return [(probability, kind) for probability, kind in config.fault_slices() if probability]
 
 
 @dataclass(slots=True)
-class _Traffic:
-    """What arrived since start or the last reset, and the limiters' state."""
+class _CloudTraffic(Traffic):
+    """The counters, and the limiters' state."""
 
-    requests: int = 0
-    accepted: int = 0
-    rejected_by_code: Counter[str] = field(default_factory=Counter)
-    accepted_by_recipient: Counter[str] = field(default_factory=Counter)
-    arrivals: array[float] = field(default_factory=lambda: array("d"))
     rate_windows: dict[str, deque[float]] = field(default_factory=dict)
     pair_buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # tokens, at_s
-    fault_turns: Counter[str] = field(default_factory=Counter)  # rotation of codes and bodies
 
 
-class CloudApiSandbox:
+class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
     """The emulator's state and its request handlers."""
 
     def __init__(self, config: SandboxConfig, now: Callable[[], float]) -> None:
-        self._now = now
-        self._rng = random.Random(config.seed)
-        self._config = config
+        super().__init__(config, now, _CloudTraffic)
         self._faults = _active_faults(config)
-        self._traffic = _Traffic()
-        self.outbox = WebhookOutbox()
 
     def apply(self, config: SandboxConfig) -> None:
         """Switch to new knobs; counters and limiter state carry on."""
-        if config.seed != self._config.seed:
-            self._rng = random.Random(config.seed)
-        self._config = config
+        super().apply(config)
         self._faults = _active_faults(config)
-
-    def reset(self) -> None:
-        """Forget all traffic and limiter state; knobs and queued webhooks stay."""
-        self._traffic = _Traffic()
-        self.outbox.reset_counts()
 
     async def handle_send(self, request: web.Request) -> web.Response:
         arrived_s = self._now()
@@ -178,10 +138,6 @@ class CloudApiSandbox:
         if self._config.latency_ms or self._config.latency_jitter_ms:
             await asyncio.sleep(self._latency_s())
         return response
-
-    def _latency_s(self) -> float:
-        jitter_ms = self._rng.uniform(0.0, self._config.latency_jitter_ms)
-        return (self._config.latency_ms + jitter_ms) / 1000.0
 
     def _accept(
         self, phone_number_id: str, authorization: str | None, raw_body: bytes, now_s: float
@@ -212,25 +168,10 @@ class CloudApiSandbox:
         http_status = self._config.fail_numbers_http.get(wa_id)
         if http_status is not None:
             raise Rejection(None, http_status=http_status)
-        kind = self._draw_fault()
+        kind = self._draw_fault(self._faults)
         if kind is not None:
             codes = FAULT_CODES[kind]
             raise Rejection(codes[self._turn(kind) % len(codes)], "injected fault")
-
-    def _draw_fault(self) -> FaultKind | None:
-        if not self._faults:
-            return None
-        draw = self._rng.random()
-        for probability, kind in self._faults:
-            if draw < probability:
-                return kind
-            draw -= probability
-        return None
-
-    def _turn(self, rotation: str) -> int:
-        turn = self._traffic.fault_turns[rotation]
-        self._traffic.fault_turns[rotation] += 1
-        return turn
 
     def _admit(self, phone_number_id: str, wa_id: str, now_s: float) -> None:
         if not self._has_rate_room(phone_number_id, now_s):
@@ -274,11 +215,11 @@ class CloudApiSandbox:
             event = status_event(
                 message_id, "failed", message.wa_id, message.callback_data, failure
             )
-            self.outbox.put(phone_number_id, event, delay_s)
+            self.outbox.put((phone_number_id, event), delay_s)
             return
         for state in self._config.webhook_statuses:
             event = status_event(message_id, state, message.wa_id, message.callback_data)
-            self.outbox.put(phone_number_id, event, delay_s)
+            self.outbox.put((phone_number_id, event), delay_s)
 
     def _reject(self, rejection: Rejection) -> web.Response:
         if rejection.code is None:
@@ -305,64 +246,8 @@ class CloudApiSandbox:
             status=http_status, body=body, headers=headers, content_type="application/json"
         )
 
-    async def handle_stats(self, request: web.Request) -> web.Response:
-        traffic = self._traffic
-        per_recipient = traffic.accepted_by_recipient
-        return _json_response(
-            {
-                "requests": traffic.requests,
-                "accepted": traffic.accepted,
-                "rejected_by_code": traffic.rejected_by_code,
-                "duplicates": {to: count for to, count in per_recipient.items() if count > 1},
-                "accepted_per_recipient_total": len(per_recipient),
-                "webhook_statuses_pending": len(self.outbox),
-                "webhook_statuses_delivered": self.outbox.delivered,
-                "webhook_statuses_dropped": self.outbox.dropped,
-            }
-        )
-
-    async def handle_recipients(self, request: web.Request) -> web.Response:
-        return _json_response(self._traffic.accepted_by_recipient)
-
-    async def handle_arrivals(self, request: web.Request) -> web.Response:
-        return _json_response(self._traffic.arrivals.tolist())
-
-    async def handle_config(self, request: web.Request) -> web.Response:
-        try:
-            changes = orjson.loads(await request.read())
-            config = SandboxConfig.model_validate({**self._config.model_dump(), **changes})
-        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
-            return _json_response({"error": str(exc)}, status=400)
-        self.apply(config)
-        return _json_response({"updated": sorted(changes)})
-
-    async def handle_reset(self, request: web.Request) -> web.Response:
-        self.reset()
-        return _json_response({"reset": True})
-
-    async def deliver_webhooks(self, app: web.Application) -> AsyncIterator[None]:
-        """aiohttp cleanup context: the webhook sender lives exactly as long as the app."""
-        async with aiohttp.ClientSession() as http:
-            sender = asyncio.create_task(self.outbox.run(http, self._webhook_target))
-            try:
-                yield
-            finally:
-                sender.cancel()
-                await asyncio.wait([sender])
-            if not sender.cancelled():
-                sender.result()  # a crashed sender is a bug: surface it at shutdown
-
-    def _webhook_target(self) -> WebhookTarget | None:
-        config = self._config
-        if config.webhook_url is None:
-            return None
-        return WebhookTarget(
-            url=config.webhook_url,
-            app_secret=config.app_secret,
-            batch_max=config.webhook_batch_max,
-            attempts=config.webhook_attempts,
-            retry_initial_s=config.webhook_retry_initial_ms / 1000.0,
-        )
+    def _webhook_format(self, url: str) -> SignedStatuses:
+        return SignedStatuses(url, self._config.app_secret, self._config.webhook_batch_max)
 
 
 def _success_body(message: SendRequest, message_id: str) -> bytes:
@@ -375,21 +260,12 @@ def _success_body(message: SendRequest, message_id: str) -> bytes:
     )
 
 
-def _json_response(document: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(document), status=status, content_type="application/json")
-
-
 def build_app(config: SandboxConfig, now: Callable[[], float] = time.monotonic) -> web.Application:
     """The emulator as an aiohttp app; `now` drives the rate and pair limiters."""
     sandbox = CloudApiSandbox(config, now)
     app = web.Application()
     app.router.add_post("/{version}/{phone_number_id}/messages", sandbox.handle_send)
-    app.router.add_get("/_sandbox/stats", sandbox.handle_stats)
-    app.router.add_get("/_sandbox/recipients", sandbox.handle_recipients)
-    app.router.add_get("/_sandbox/arrivals", sandbox.handle_arrivals)
-    app.router.add_post("/_sandbox/config", sandbox.handle_config)
-    app.router.add_post("/_sandbox/reset", sandbox.handle_reset)
-    app.cleanup_ctx.append(sandbox.deliver_webhooks)
+    sandbox.add_control_routes(app)
     return app
 
 
@@ -412,9 +288,15 @@ async def serve(
     host: str,
     port: int,
     on_listening: Callable[[str], None] | None = None,
+    mounts: Mapping[str, web.Application] | None = None,
 ) -> None:
-    """Run the emulator until cancelled; `on_listening` hears the base URL once bound."""
-    async with listening(build_app(config), host, port) as base_url:
+    """Run the emulator until cancelled; `on_listening` hears the base URL once bound.
+
+    `mounts` serves other providers' emulators on the same port, each under its prefix."""
+    app = build_app(config)
+    for prefix, provider_app in (mounts or {}).items():
+        app.add_subapp(prefix, provider_app)
+    async with listening(app, host, port) as base_url:
         if on_listening is not None:
             on_listening(base_url)
         await asyncio.Event().wait()

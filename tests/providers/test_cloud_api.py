@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,33 +31,22 @@ from blastd.providers import (
     TextBody,
     VideoBody,
 )
+from blastd.providers.answers import parse_retry_after_s
 from blastd.providers.cloud_api import (
     CloudApiProvider,
     answer_verification,
     build_request_body,
     is_valid_signature,
-    parse_retry_after_s,
     parse_status_webhook,
 )
-from blastd.sandbox.cloud_api import SandboxConfig, build_app, listening
+from blastd.sandbox.cloud_api import SandboxConfig
+from tests.harness import cloud_api_emulator, serving
 
 TOKEN = "sandbox-token"
 APP_SECRET = "test-app-secret"
 NUMBER = "+6281200000001"
 DIGITS = NUMBER.removeprefix("+")
 VIDEO_LINK = "https://cdn.example.com/v/123.mp4"
-
-
-@contextlib.asynccontextmanager
-async def running_sandbox(config: SandboxConfig | None = None) -> AsyncIterator[str]:
-    async with listening(build_app(config or SandboxConfig()), "127.0.0.1", 0) as base_url:
-        yield base_url
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def provider_for(
@@ -81,7 +68,7 @@ def text_to(to: str = NUMBER, ledger_id: int = 1) -> OutboundMessage:
 
 async def send_one(config: SandboxConfig, http: aiohttp.ClientSession) -> ProviderError:
     """Send one text through a sandbox with `config` and return the error it raised."""
-    async with running_sandbox(config) as base_url:
+    async with cloud_api_emulator(config) as base_url:
         with pytest.raises(ProviderError) as caught:
             await provider_for(base_url, http).send(text_to())
     return caught.value
@@ -95,7 +82,7 @@ async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
 async def test_text_is_sent_to_digits_only_and_returns_the_wamid(
     http: aiohttp.ClientSession,
 ) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         receipt = await provider_for(base_url, http).send(text_to())
         recipients = await get_json(http, base_url + "/_sandbox/recipients")
     assert receipt.provider_message_id.startswith("wamid.")
@@ -122,7 +109,7 @@ async def test_text_is_sent_to_digits_only_and_returns_the_wamid(
 async def test_template_and_video_bodies_are_accepted(
     http: aiohttp.ClientSession, body: TemplateBody | VideoBody
 ) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         receipt = await provider_for(base_url, http).send(OutboundMessage(7, NUMBER, body))
     assert receipt.provider_message_id.startswith("wamid.")
 
@@ -167,7 +154,7 @@ def test_template_request_carries_header_video_body_params_and_ledger_id() -> No
 async def test_template_problems_found_by_the_sandbox_are_classified(
     http: aiohttp.ClientSession, body: TemplateBody, error_class: type[ProviderError], code: str
 ) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         with pytest.raises(error_class) as caught:
             await provider_for(base_url, http).send(OutboundMessage(1, NUMBER, body))
     assert caught.value.code == code
@@ -259,7 +246,7 @@ async def test_sandbox_rate_limit_reaches_the_adapter_as_throttled(
     http: aiohttp.ClientSession,
 ) -> None:
     """Rate 1/s: of three sends in a row at most one fits the window, whatever the clock."""
-    async with running_sandbox(SandboxConfig(rate_per_s=1)) as base_url:
+    async with cloud_api_emulator(SandboxConfig(rate_per_s=1)) as base_url:
         provider = provider_for(base_url, http)
         outcomes = await asyncio.gather(
             *(provider.send(text_to(f"+62812000000{i}")) for i in range(3)),
@@ -274,7 +261,7 @@ async def test_pair_limit_reaches_the_adapter_for_that_recipient_only(
     http: aiohttp.ClientSession,
 ) -> None:
     config = SandboxConfig(pair_limit=True, pair_burst=1)
-    async with running_sandbox(config) as base_url:
+    async with cloud_api_emulator(config) as base_url:
         provider = provider_for(base_url, http)
         await provider.send(text_to())
         with pytest.raises(PairLimitError) as caught:
@@ -287,7 +274,7 @@ async def test_pair_limit_reaches_the_adapter_for_that_recipient_only(
 async def test_sending_twice_shows_as_a_duplicate_in_sandbox_stats(
     http: aiohttp.ClientSession,
 ) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         provider = provider_for(base_url, http)
         await provider.send(text_to())
         await provider.send(text_to())
@@ -299,7 +286,7 @@ async def test_unreadable_2xx_is_uncertain_and_counted_as_accepted(
     http: aiohttp.ClientSession,
 ) -> None:
     """The sandbox rotates a cut-off body and a body without messages[0].id."""
-    async with running_sandbox(SandboxConfig(malformed_body_p=1.0)) as base_url:
+    async with cloud_api_emulator(SandboxConfig(malformed_body_p=1.0)) as base_url:
         provider = provider_for(base_url, http)
         errors = []
         for _ in range(2):
@@ -312,14 +299,14 @@ async def test_unreadable_2xx_is_uncertain_and_counted_as_accepted(
 
 
 async def test_wrong_token_is_campaign_fatal(http: aiohttp.ClientSession) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         with pytest.raises(CampaignFatalError) as caught:
             await provider_for(base_url, http, token="expired-token").send(text_to())
     assert caught.value.code == "190"
 
 
 async def test_request_timeout_is_transient(http: aiohttp.ClientSession) -> None:
-    async with running_sandbox(SandboxConfig(latency_ms=500)) as base_url:
+    async with cloud_api_emulator(SandboxConfig(latency_ms=500)) as base_url:
         provider = provider_for(base_url, http, request_timeout_s=0.05)
         with pytest.raises(TransientError) as caught:
             await provider.send(text_to())
@@ -353,7 +340,7 @@ async def test_error_text_never_contains_the_token_and_is_cut_to_300_chars(
     app = web.Application()
     app.router.add_post("/{version}/{phone_number_id}/messages", echo_token)
     secret = "EAAG-very-secret-token"
-    async with listening(app, "127.0.0.1", 0) as base_url:
+    async with serving(app) as base_url:
         with pytest.raises(PermanentError) as caught:
             await provider_for(base_url, http, token=secret).send(text_to())
     assert secret not in caught.value.text
@@ -427,11 +414,11 @@ async def receive_webhooks(
     receiver = Receiver(expected)
     app = web.Application()
     app.router.add_post("/webhooks", receiver.handle)
-    async with listening(app, "127.0.0.1", 0) as receiver_url:
+    async with serving(app) as receiver_url:
         config = SandboxConfig(
             webhook_url=receiver_url + "/webhooks", app_secret=APP_SECRET, **knobs
         )
-        async with running_sandbox(config) as base_url:
+        async with cloud_api_emulator(config) as base_url:
             provider = provider_for(base_url, http)
             receipts = [await provider.send(message) for message in messages]
             async with asyncio.timeout(10):

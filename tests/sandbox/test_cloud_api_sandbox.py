@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
-import sys
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -17,7 +14,8 @@ import pytest
 from aiohttp import web
 
 from blastd.sandbox.__main__ import main as sandbox_main
-from blastd.sandbox.cloud_api import SandboxConfig, build_app, listening
+from blastd.sandbox.cloud_api import SandboxConfig
+from tests.harness import cloud_api_emulator, poll_stats, sandbox_process, serving
 
 TOKEN = "sandbox-token"
 PHONE_NUMBER_ID = "100000000000001"
@@ -32,20 +30,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now_s
-
-
-@contextlib.asynccontextmanager
-async def running_sandbox(
-    config: SandboxConfig | None = None, now: Callable[[], float] = time.monotonic
-) -> AsyncIterator[str]:
-    async with listening(build_app(config or SandboxConfig(), now), "127.0.0.1", 0) as base_url:
-        yield base_url
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def text_message(to: str = "+6281200000001", **extra: object) -> dict[str, object]:
@@ -93,7 +77,7 @@ async def post_json(
 async def test_text_send_answers_like_meta_without_message_status(
     http: aiohttp.ClientSession,
 ) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         status, body, _ = await post_send(http, base_url, text_message("+6281200000001"))
     assert status == 200
     assert body["messaging_product"] == "whatsapp"
@@ -103,7 +87,7 @@ async def test_text_send_answers_like_meta_without_message_status(
 
 
 async def test_template_send_is_accepted_with_message_status(http: aiohttp.ClientSession) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         status, body, _ = await post_send(
             http, base_url, template_message("promo_nov", "id", ["Budi", "X1"])
         )
@@ -112,7 +96,7 @@ async def test_template_send_is_accepted_with_message_status(http: aiohttp.Clien
 
 
 async def test_error_answer_uses_graph_envelope(http: aiohttp.ClientSession) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         status, body, _ = await post_send(http, base_url, text_message(), "Bearer wrong-token")
     assert status == 401
     error = body["error"]
@@ -125,7 +109,7 @@ async def test_error_answer_uses_graph_envelope(http: aiohttp.ClientSession) -> 
 
 
 async def test_missing_authorization_is_refused_with_190(http: aiohttp.ClientSession) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         status, body, _ = await post_send(http, base_url, text_message(), authorization=None)
     assert (status, body["error"]["code"]) == (401, 190)
 
@@ -173,7 +157,7 @@ LONG_CALLBACK = "x" * 513
 async def test_invalid_request_is_refused_with_metas_code(
     http: aiohttp.ClientSession, document: object, code: int
 ) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         status, body, _ = await post_send(http, base_url, document)
         stats = await get_json(http, base_url, "/_sandbox/stats")
     assert status == 400
@@ -186,7 +170,7 @@ async def test_rate_limit_refuses_sends_beyond_rate_within_one_second(
     http: aiohttp.ClientSession,
 ) -> None:
     clock = Clock()
-    async with running_sandbox(SandboxConfig(rate_per_s=3), clock) as base_url:
+    async with cloud_api_emulator(SandboxConfig(rate_per_s=3), clock) as base_url:
         first = [await post_send(http, base_url, text_message(f"+62812{i}")) for i in range(5)]
         clock.now_s += 1.0
         after_window = await post_send(http, base_url, text_message("+6281299"))
@@ -196,7 +180,7 @@ async def test_rate_limit_refuses_sends_beyond_rate_within_one_second(
 
 
 async def test_rate_limit_is_counted_per_phone_number_id(http: aiohttp.ClientSession) -> None:
-    async with running_sandbox(SandboxConfig(rate_per_s=1), Clock()) as base_url:
+    async with cloud_api_emulator(SandboxConfig(rate_per_s=1), Clock()) as base_url:
         await post_send(http, base_url, text_message())
         async with http.post(
             base_url + "/v23.0/999/messages",
@@ -209,7 +193,7 @@ async def test_rate_limit_is_counted_per_phone_number_id(http: aiohttp.ClientSes
 
 async def test_retry_after_knob_adds_the_header_to_130429(http: aiohttp.ClientSession) -> None:
     config = SandboxConfig(rate_per_s=1, retry_after_s=2.5)
-    async with running_sandbox(config, Clock()) as base_url:
+    async with cloud_api_emulator(config, Clock()) as base_url:
         await post_send(http, base_url, text_message())
         status, _, headers = await post_send(http, base_url, text_message())
     assert status == 429
@@ -221,7 +205,7 @@ async def test_pair_limit_refuses_a_recipient_beyond_its_burst_until_refilled(
 ) -> None:
     clock = Clock()
     config = SandboxConfig(pair_limit=True, pair_burst=2, pair_interval_s=6.0)
-    async with running_sandbox(config, clock) as base_url:
+    async with cloud_api_emulator(config, clock) as base_url:
         same = [await post_send(http, base_url, text_message("+628111")) for _ in range(3)]
         other = await post_send(http, base_url, text_message("+628222"))
         clock.now_s += 6.0
@@ -233,7 +217,7 @@ async def test_pair_limit_refuses_a_recipient_beyond_its_burst_until_refilled(
 
 
 async def test_stats_show_duplicates_and_distinct_recipients(http: aiohttp.ClientSession) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         for to in ("+628111", "+628111", "+628222"):
             await post_send(http, base_url, text_message(to))
         await post_send(http, base_url, text_message(), "Bearer nope")
@@ -249,7 +233,7 @@ async def test_stats_show_duplicates_and_distinct_recipients(http: aiohttp.Clien
 
 async def test_arrivals_list_only_accepted_requests(http: aiohttp.ClientSession) -> None:
     clock = Clock()
-    async with running_sandbox(SandboxConfig(), clock) as base_url:
+    async with cloud_api_emulator(SandboxConfig(), clock) as base_url:
         await post_send(http, base_url, text_message())
         clock.now_s += 0.25
         await post_send(http, base_url, text_message(), "Bearer nope")
@@ -260,7 +244,7 @@ async def test_arrivals_list_only_accepted_requests(http: aiohttp.ClientSession)
 
 
 async def test_reset_clears_counters_and_limiters(http: aiohttp.ClientSession) -> None:
-    async with running_sandbox(SandboxConfig(rate_per_s=1), Clock()) as base_url:
+    async with cloud_api_emulator(SandboxConfig(rate_per_s=1), Clock()) as base_url:
         await post_send(http, base_url, text_message())
         status, _ = await post_json(http, base_url, "/_sandbox/reset", {})
         stats = await get_json(http, base_url, "/_sandbox/stats")
@@ -273,7 +257,7 @@ async def test_reset_clears_counters_and_limiters(http: aiohttp.ClientSession) -
 
 
 async def test_config_endpoint_changes_knobs_at_runtime(http: aiohttp.ClientSession) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         changes = {
             "fail_numbers": {"+62 811-1": 131026},  # keys keep only their digits
             "templates": [{"name": "welcome", "language": "en", "param_count": 1}],
@@ -293,7 +277,7 @@ async def test_config_endpoint_changes_knobs_at_runtime(http: aiohttp.ClientSess
 async def test_config_endpoint_refuses_invalid_knobs_and_keeps_the_old_ones(
     http: aiohttp.ClientSession,
 ) -> None:
-    async with running_sandbox() as base_url:
+    async with cloud_api_emulator() as base_url:
         typo, _ = await post_json(http, base_url, "/_sandbox/config", {"transient": 1.0})
         too_likely, _ = await post_json(
             http, base_url, "/_sandbox/config", {"transient_p": 0.7, "fatal_p": 0.7}
@@ -306,7 +290,7 @@ async def test_config_endpoint_refuses_invalid_knobs_and_keeps_the_old_ones(
 async def test_injected_transient_faults_rotate_500_and_503_codes(
     http: aiohttp.ClientSession,
 ) -> None:
-    async with running_sandbox(SandboxConfig(transient_p=1.0)) as base_url:
+    async with cloud_api_emulator(SandboxConfig(transient_p=1.0)) as base_url:
         answers = [await post_send(http, base_url, text_message()) for _ in range(3)]
     assert [(status, body["error"]["code"]) for status, body, _ in answers] == [
         (500, 131000),
@@ -320,7 +304,7 @@ async def test_fail_numbers_http_answers_a_bare_status_without_graph_body(
 ) -> None:
     config = SandboxConfig(fail_numbers_http={"628111": 502})
     async with (
-        running_sandbox(config) as base_url,
+        cloud_api_emulator(config) as base_url,
         http.post(
             base_url + SEND_PATH,
             data=orjson.dumps(text_message("+628111")),
@@ -337,7 +321,7 @@ async def test_same_seed_gives_the_same_faults_and_message_ids(
     config = SandboxConfig(seed=11, transient_p=0.3, permanent_p=0.3)
     runs = []
     for _ in range(2):
-        async with running_sandbox(config) as base_url:
+        async with cloud_api_emulator(config) as base_url:
             runs.append([await post_send(http, base_url, text_message()) for _ in range(20)])
     outcomes = [[(status, body) for status, body, _ in run] for run in runs]
     strip_trace = [
@@ -382,7 +366,7 @@ def statuses_of(raw: bytes) -> list[dict[str, Any]]:
 async def running_receiver(receiver: Receiver) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/webhook", receiver.handle)
-    async with listening(app, "127.0.0.1", 0) as base_url:
+    async with serving(app) as base_url:
         yield base_url + "/webhook"
 
 
@@ -390,7 +374,7 @@ async def test_webhook_statuses_are_batched_up_to_the_maximum(http: aiohttp.Clie
     receiver = Receiver(expected_statuses=3)
     async with running_receiver(receiver) as url:
         config = SandboxConfig(webhook_url=url, webhook_batch_max=2)
-        async with running_sandbox(config) as base_url:
+        async with cloud_api_emulator(config) as base_url:
             await post_send(http, base_url, text_message(biz_opaque_callback_data="blastd:7"))
             async with asyncio.timeout(10):
                 await receiver.done.wait()
@@ -410,7 +394,7 @@ async def test_webhook_is_retried_with_the_same_signed_bytes_until_2xx(
         config = SandboxConfig(
             webhook_url=url, webhook_statuses=("sent",), webhook_retry_initial_ms=1
         )
-        async with running_sandbox(config) as base_url:
+        async with cloud_api_emulator(config) as base_url:
             await post_send(http, base_url, text_message())
             async with asyncio.timeout(10):
                 await receiver.done.wait()
@@ -429,37 +413,20 @@ async def test_webhook_is_dropped_after_the_last_attempt(http: aiohttp.ClientSes
             webhook_attempts=2,
             webhook_retry_initial_ms=1,
         )
-        async with running_sandbox(config) as base_url:
+        async with cloud_api_emulator(config) as base_url:
             await post_send(http, base_url, text_message())
             stats = await poll_stats(http, base_url, lambda s: s["webhook_statuses_dropped"] > 0)
     assert len(receiver.posts) == 2
     assert stats["webhook_statuses_delivered"] == 0
 
 
-async def poll_stats(
-    http: aiohttp.ClientSession, base_url: str, condition: Callable[[Any], bool]
-) -> Any:
-    """Stats once `condition` holds; the sandbox counts a drop just after the last POST."""
-    async with asyncio.timeout(10):
-        while True:
-            stats = await get_json(http, base_url, "/_sandbox/stats")
-            if condition(stats):
-                return stats
-            await asyncio.sleep(0.01)
-
-
 def test_module_entry_point_announces_its_port_and_serves() -> None:
-    command = [sys.executable, "-m", "blastd.sandbox", "--port", "0", "--rate-per-s", "5"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
-        try:
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            base_url = line.removeprefix("sandbox listening on ").strip()
-            with urllib.request.urlopen(base_url + "/_sandbox/stats", timeout=10) as response:
-                stats = orjson.loads(response.read())
-        finally:
-            process.terminate()
-    assert line.startswith("sandbox listening on http://127.0.0.1:")
+    """sandbox_process checks the announcement: "sandbox listening on http://127.0.0.1:..."."""
+    with (
+        sandbox_process("--rate-per-s", "5") as base_url,
+        urllib.request.urlopen(base_url + "/_sandbox/stats", timeout=10) as response,
+    ):
+        stats = orjson.loads(response.read())
     assert stats["requests"] == 0
 
 

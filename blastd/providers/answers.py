@@ -1,0 +1,90 @@
+"""What every adapter does alike with a provider's answer: read it whole, turn a transport
+failure into a TransientError, keep secrets out of error texts, and honour Retry-After.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+from yarl import URL
+
+from blastd.config import AccountSettings
+from blastd.errors import ThrottledError, TransientError
+
+MAX_RETRY_AFTER_S = 300.0  # a Retry-After of hours would stall the account; our limiter decides
+MAX_ERROR_TEXT_CHARS = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a provider answered to one request."""
+
+    status: int
+    raw_body: bytes
+    retry_after: str | None  # the Retry-After header as sent
+
+
+def client_timeout(account: AccountSettings) -> aiohttp.ClientTimeout:
+    """The account's request and connect timeouts, for every request it sends."""
+    return aiohttp.ClientTimeout(total=account.request_timeout_s, connect=account.connect_timeout_s)
+
+
+async def post_for_answer(
+    http: aiohttp.ClientSession,
+    url: str | URL,
+    payload: bytes | str,
+    headers: Mapping[str, str],
+    time_limits: aiohttp.ClientTimeout,
+    describe: Callable[[Exception], str],
+) -> Answer:
+    """POST and read the whole answer; a timeout or connection failure is a TransientError
+    whose text is `describe(exc)` (the adapter's, so it can keep secrets out)."""
+    try:
+        async with http.post(url, data=payload, headers=headers, timeout=time_limits) as response:
+            raw_body = await response.read()
+            return Answer(response.status, raw_body, response.headers.get("Retry-After"))
+    except TimeoutError as exc:
+        raise TransientError("timeout", describe(exc)) from exc
+    except aiohttp.ClientError as exc:
+        raise TransientError("network", describe(exc)) from exc
+
+
+def clean_error_text(text: str, token: str) -> str:
+    """Text fit for the ledger: the token removed first, then cut to MAX_ERROR_TEXT_CHARS."""
+    if token:
+        text = text.replace(token, "[token]")
+    return text[:MAX_ERROR_TEXT_CHARS]
+
+
+def throttled_error(code: str, text: str, retry_after: str | None) -> ThrottledError:
+    """A ThrottledError that waits as long as the Retry-After header asks, capped."""
+    return ThrottledError(code, text, parse_retry_after_s(retry_after, datetime.now(UTC)))
+
+
+def parse_retry_after_s(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), capped."""
+    if value is None:
+        return None
+    delay_s: float | None
+    try:
+        delay_s = float(value)
+    except ValueError:
+        delay_s = _seconds_until_http_date(value, now)
+    if delay_s is None or not math.isfinite(delay_s):
+        return None
+    return min(max(delay_s, 0.0), MAX_RETRY_AFTER_S)
+
+
+def _seconds_until_http_date(value: str, now: datetime) -> float | None:
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:  # RFC 9110 dates are GMT; parsedate returns "-0000" as naive
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - now).total_seconds()

@@ -1,0 +1,326 @@
+"""Paces one account across every daemon that sends through it, with its state in Redis.
+
+Several `blastd run` processes may share an account (DESIGN §8: the rate promise holds for
+their sum). Each process's SharedPacer asks one Lua script, run atomically by Redis, for the
+account's next release times. The script keeps what the local Pacer keeps, once for everyone:
+
+- the schedule (`next`): each slot is at least 1/R after the previous one; a schedule more
+  than MAX_RETURN_LAG_S behind now restarts at now, so an idle spell saves up no burst;
+- a ring of the last R slots' stamps (a slot's time, or now if that is later): no slot is
+  given out before ring[oldest] + 1 s + CLOCK_GUARD_S + MAX_WAKE_LATE_S, so no one-second
+  window of releases holds more than R;
+- the hold (Retry-After) and the current AIMD rate, so a throttling answer seen by one daemon
+  holds and slows all of them, and cuts the rate once per episode, not once per daemon.
+
+Times in Redis are microseconds of Redis `TIME`: one clock for all daemons. A caller turns a
+slot into its own monotonic clock from the `now` the script returns, taken when the answer
+arrived, so it can only err late, by the round trip. Redis `TIME` is the server's wall clock:
+a step backwards (not NTP's slewing) would stall the account for the step.
+
+A daemon takes LEASE_S worth of slots per call (a lease), and the next lease when half of it
+is left, so the round trip overlaps the sending. Slots are stamped into the ring when they are
+given out, before the caller sleeps, so the window includes MAX_WAKE_LATE_S of lateness; a
+caller later than that gives its slot up unused: the script takes its stamp out of the ring
+and gives a replacement at once, so lateness costs a round trip, not a slot. A caller whose
+knowledge of the hold is older than HOLD_RECHECK_S reads it again before it sends, so a hold
+another daemon set while it slept is honoured; a hold set in the last HOLD_RECHECK_S before a
+release is missed, like a request that was already in flight when the answer came.
+
+Local callers take turns on an asyncio.Lock (FIFO); a slot is used only when its caller
+returns, so a cancelled waiter leaves it to the next. Slots cleared by a hold stay in the
+ring: that is conservative. Every Redis command goes through the daemon's outage policy
+(`redis_call`): during an outage acquire() waits; it never lets a request out unpaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import ParamSpec, Protocol, TypeVar
+
+import redis.asyncio as aioredis
+
+from blastd.limiter import CLOCK_GUARD_S, MAX_RETURN_LAG_S, MIN_SLEEP_S, WINDOW_S
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+US_PER_S = 1_000_000
+# Keys outlive the last reservation and the hold by this much, then an idle account leaves
+# nothing behind; its rate starts again at the configured one.
+IDLE_TTL_MS = 60_000
+# See the module docstring: how late past its slot a caller may still send, and how long a
+# caller may sleep on what it knew of the hold before it must read it again.
+MAX_WAKE_LATE_S = 0.005
+HOLD_RECHECK_S = 0.005
+# One script call reserves this much sending time (at least one slot): at 1000/s 20 slots, so
+# the round trip and its CPU are paid once per 20 requests. The next lease is taken when half
+# of this one is left, so the round trip (a few ms in a busy daemon) overlaps the sending
+# instead of delaying it. Short, so that a rate cut reaches reservations made before it soon.
+LEASE_S = 0.02
+MAX_LEASE_SLOTS = 100  # bounds the script's work at very high rates
+
+# KEYS: state hash, ring list. ARGV: ceiling_per_s, step_per_s, window_us (guard included),
+# return_lag_us, idle_ttl_ms, scheduled, now_us ('' for Redis TIME), then the ring stamps of
+# slots given up unused. Those leave the ring, and each gets a replacement at once, off the
+# schedule; then `scheduled` slots follow on the schedule. Returns {now_us, rate, hold_us,
+# at_us...}, replacements first.
+RESERVE_LUA = """
+local now = tonumber(ARGV[7])
+if not now then
+  local clock = redis.call('TIME')
+  now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
+local ceiling = tonumber(ARGV[1])
+local state = redis.call('HMGET', KEYS[1], 'rate', 'next', 'hold')
+local rate = math.min(ceiling, (tonumber(state[1]) or ceiling) + tonumber(ARGV[2]))
+local next_at = tonumber(state[2]) or now
+local hold = tonumber(state[3]) or 0
+local capacity = math.max(1, math.floor(rate))
+local interval = math.ceil(1000000 / rate)
+local replacements = #ARGV - 7
+for given_up = 8, #ARGV do
+  redis.call('LREM', KEYS[2], 1, ARGV[given_up])
+end
+local reply = {now, tostring(rate), hold}
+local stamp = now
+for slot = 1, replacements + tonumber(ARGV[6]) do
+  local at
+  if slot <= replacements then
+    at = math.max(now, hold)
+  else
+    if next_at < now - tonumber(ARGV[4]) then
+      next_at = now
+    end
+    at = math.max(next_at, hold)
+  end
+  local oldest = redis.call('LINDEX', KEYS[2], capacity - 1)
+  if oldest then
+    at = math.max(at, tonumber(oldest) + tonumber(ARGV[3]))
+  end
+  if slot > replacements or at > next_at then
+    next_at = at + interval
+  end
+  stamp = math.max(at, now)
+  redis.call('LPUSH', KEYS[2], stamp)
+  redis.call('LTRIM', KEYS[2], 0, capacity - 1)
+  reply[#reply + 1] = at
+end
+redis.call('HSET', KEYS[1], 'rate', rate, 'next', next_at)
+local ttl_ms = math.ceil((math.max(stamp, hold) - now) / 1000) + tonumber(ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ttl_ms)
+redis.call('PEXPIRE', KEYS[2], ttl_ms)
+return reply
+"""
+
+# KEYS: state hash, ring list. ARGV: ceiling_per_s, floor_per_s, hold_us, factor,
+# idle_ttl_ms, now_us ('' for Redis TIME). Returns {is_new_episode, rate, hold_us}.
+THROTTLE_LUA = """
+local now = tonumber(ARGV[6])
+if not now then
+  local clock = redis.call('TIME')
+  now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
+local ceiling = tonumber(ARGV[1])
+local state = redis.call('HMGET', KEYS[1], 'rate', 'hold')
+local rate = math.min(ceiling, tonumber(state[1]) or ceiling)
+local hold = tonumber(state[2]) or 0
+local is_new_episode = hold <= now
+hold = math.max(hold, now + tonumber(ARGV[3]))
+if is_new_episode then
+  rate = math.max(tonumber(ARGV[2]), rate * tonumber(ARGV[4]))
+end
+redis.call('HSET', KEYS[1], 'rate', rate, 'hold', hold)
+local ttl_ms = math.ceil((hold - now) / 1000) + tonumber(ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ttl_ms)
+redis.call('PEXPIRE', KEYS[2], ttl_ms)
+return {is_new_episode and 1 or 0, tostring(rate), hold}
+"""
+
+
+class RedisCall(Protocol):
+    """Runs one Redis command, waiting out an outage: the daemon's `Dependencies.redis_call`."""
+
+    async def __call__(
+        self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Release times given out by the script at once, in Redis microseconds."""
+
+    slots_us: tuple[int, ...]  # replacements first, then the scheduled slots
+    now_us: int  # Redis TIME when the script ran
+    rate_per_s: float  # the account's rate after this reservation
+    held_until_us: int
+
+    def stamp_us(self, at_us: int) -> int:
+        """What the ring holds for the slot at at_us: no release happens before either."""
+        return max(at_us, self.now_us)
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    at_us: int
+    stamp_us: int
+    release_at: float  # time.monotonic()
+
+
+def rate_state_key(prefix: str, account: str) -> str:
+    return f"{prefix}rate:{account}:state"
+
+
+def rate_ring_key(prefix: str, account: str) -> str:
+    return f"{prefix}rate:{account}:ring"
+
+
+class SharedPacer:
+    """Releases this daemon's callers in call order; all daemons together at most rate_per_s
+    in any one-second window."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        redis_call: RedisCall,
+        *,
+        prefix: str,
+        account: str,
+        rate_per_s: float,
+        min_rate_per_s: float = 1.0,
+    ) -> None:
+        if rate_per_s <= 0 or min_rate_per_s <= 0:
+            raise ValueError("rate_per_s and min_rate_per_s must be > 0: unlimited is local")
+        self._redis = redis
+        self._call = redis_call
+        self._keys = [rate_state_key(prefix, account), rate_ring_key(prefix, account)]
+        self._reserve_script = redis.register_script(RESERVE_LUA)
+        self._throttle_script = redis.register_script(THROTTLE_LUA)
+        self._ceiling_per_s = rate_per_s
+        # A configured rate below min_rate_per_s is its own floor: decrease never goes lower.
+        self._floor_per_s = min(min_rate_per_s, rate_per_s)
+        self._rate_per_s = rate_per_s
+        self._step_per_s = 0.0  # increases not yet sent: they ride on the next reservation
+        self._held_until_us = 0
+        self._hold_known_at = 0.0  # monotonic time at which _held_until_us was read
+        self._slots: collections.deque[_Slot] = collections.deque()  # reserved, not yet used
+        self._turn = asyncio.Lock()
+
+    @property
+    def rate_per_s(self) -> float:
+        """The account's current rate as last seen in Redis, never above the configured one."""
+        return self._rate_per_s
+
+    async def acquire(self) -> None:
+        """Return when the caller may send: in call order, within the shared rate and hold."""
+        async with self._turn:
+            while True:
+                given_up_us = self._give_up_late_slots()
+                scheduled = self._lease_size() if len(self._slots) <= self._lease_size() // 2 else 0
+                if given_up_us or scheduled:
+                    await self._lease(scheduled, given_up_us)
+                slot = self._slots[0]
+                await _sleep_until(slot.release_at)
+                if slot.at_us < await self._held_until_now_us():
+                    self._slots.clear()  # a throttling answer came while this caller slept
+                elif time.monotonic() - slot.release_at <= MAX_WAKE_LATE_S:
+                    self._slots.popleft()
+                    return
+
+    async def reserve(
+        self, scheduled: int = 1, given_up_us: Sequence[int] = (), now_us: int | None = None
+    ) -> Reservation:
+        """Take the account's next `scheduled` release times, after one at once for each slot
+        given up unused (by its ring stamp); `now_us` replaces Redis TIME (tests only)."""
+        step_per_s, self._step_per_s = self._step_per_s, 0.0
+        # A slot may go out up to MAX_WAKE_LATE_S after its stamp: the window covers that too.
+        window_us = _us(WINDOW_S + CLOCK_GUARD_S + MAX_WAKE_LATE_S)
+        args: list[float | str] = [self._ceiling_per_s, step_per_s, window_us]
+        args += [_us(MAX_RETURN_LAG_S), IDLE_TTL_MS, scheduled, "" if now_us is None else now_us]
+        args += given_up_us
+        try:
+            script_now_us, rate, held_until_us, *slots_us = await self._reserve_script(
+                keys=self._keys, args=args
+            )
+        except BaseException:
+            self._step_per_s += step_per_s  # not applied: send it with the next reservation
+            raise
+        self._rate_per_s = float(rate)
+        slots = tuple(int(at_us) for at_us in slots_us)
+        return Reservation(slots, int(script_now_us), self._rate_per_s, int(held_until_us))
+
+    async def throttle(self, hold_s: float, factor: float = 0.5, now_us: int | None = None) -> bool:
+        """Hold every daemon's sends for hold_s; the first throttle of an episode (no hold
+        active) also multiplies the rate by factor. True when this began a new episode."""
+        if not 0 < factor < 1:
+            raise ValueError("factor must be between 0 and 1")
+        args: list[float | str] = [self._ceiling_per_s, self._floor_per_s, _us(hold_s), factor]
+        args += [IDLE_TTL_MS, "" if now_us is None else now_us]
+        is_new, rate, held_until_us = await self._call(
+            self._throttle_script, keys=self._keys, args=args
+        )
+        self._rate_per_s = float(rate)
+        self._learn_hold(int(held_until_us), time.monotonic())
+        return bool(is_new)
+
+    def increase(self, step_per_s: float) -> None:
+        """Add step_per_s to the shared rate with the next reservation, not above the
+        configured rate: one round trip per request, not two."""
+        if step_per_s < 0:
+            raise ValueError("step_per_s must be >= 0")
+        self._step_per_s += step_per_s
+
+    def _lease_size(self) -> int:
+        return max(1, min(MAX_LEASE_SLOTS, int(self._rate_per_s * LEASE_S)))
+
+    def _give_up_late_slots(self) -> list[int]:
+        """Drop the slots this daemon woke too late for; their ring stamps, for replacement."""
+        given_up_us = []
+        now = time.monotonic()
+        while self._slots and now - self._slots[0].release_at > MAX_WAKE_LATE_S:
+            given_up_us.append(self._slots.popleft().stamp_us)
+        return given_up_us
+
+    async def _lease(self, scheduled: int, given_up_us: list[int]) -> None:
+        """Reserve more slots; replacements go first in line, they are due now."""
+        reservation = await self._call(self.reserve, scheduled, given_up_us)
+        reserved_at = time.monotonic()
+        self._learn_hold(reservation.held_until_us, reserved_at)
+        slots = [
+            _Slot(
+                at_us,
+                reservation.stamp_us(at_us),
+                reserved_at + (at_us - reservation.now_us) / US_PER_S,
+            )
+            for at_us in reservation.slots_us
+        ]
+        replacements = len(given_up_us)
+        self._slots.extendleft(reversed(slots[:replacements]))
+        self._slots.extend(slots[replacements:])
+
+    async def _held_until_now_us(self) -> int:
+        """The hold, read again from Redis if what this daemon knows is older than
+        HOLD_RECHECK_S: another daemon may have been throttled meanwhile."""
+        if time.monotonic() - self._hold_known_at > HOLD_RECHECK_S:
+            held_until = await self._call(self._redis.hget, self._keys[0], "hold")
+            self._learn_hold(int(held_until or 0), time.monotonic())
+        return self._held_until_us
+
+    def _learn_hold(self, held_until_us: int, known_at: float) -> None:
+        self._held_until_us = max(self._held_until_us, held_until_us)
+        self._hold_known_at = known_at
+
+
+async def _sleep_until(monotonic_at: float) -> None:
+    # Not an Event: this sleeps to a deadline, on time.monotonic() because uvloop's loop.time()
+    # is the start of the loop's iteration and may be behind, which would release early.
+    while (remaining_s := monotonic_at - time.monotonic()) > 0:  # noqa: ASYNC110
+        await asyncio.sleep(max(remaining_s, MIN_SLEEP_S))
+
+
+def _us(seconds: float) -> int:
+    return math.ceil(seconds * US_PER_S)

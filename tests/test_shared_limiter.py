@@ -1,0 +1,279 @@
+"""SharedPacer tests against real Redis: several pacers, each on its own connection as if in its
+own daemon, reserve release times from the same account.
+
+Reservations run on a virtual Redis clock (`now_us`), so the reserved times are a pure function
+of the Redis state and the assertions are exact. Only the last tests run on the real clock, and
+they assert an order of events, never a duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import pytest
+import redis.asyncio as aioredis
+from structlog.testing import capture_logs
+
+from blastd import ledger
+from blastd.batches import BatchWriter
+from blastd.daemon import Dependencies
+from blastd.embedded import EmbeddedRedis, free_port
+from blastd.shared_limiter import (
+    IDLE_TTL_MS,
+    LEASE_S,
+    SharedPacer,
+    rate_ring_key,
+    rate_state_key,
+)
+from tests.harness import Servers, make_settings, wait_until
+from tests.test_limiter import max_in_any_window
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+PREFIX = "blastd:"
+ACCOUNT = "shared"
+T0_US = 1_700_000_000_000_000  # a virtual Redis TIME, in microseconds
+US = 1_000_000
+DAEMONS = 3
+# The sending loop's own work between a release and its next acquire(), per daemon, in µs:
+# unequal, so the daemons do not simply take turns.
+LOOP_WORK_US = (150, 400, 900)
+
+
+async def call_directly(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+    """No outage in these tests: run the command as it is."""
+    return await fn(*args, **kwargs)
+
+
+@pytest.fixture
+async def clients(servers: Servers, redis: aioredis.Redis) -> AsyncIterator[list[aioredis.Redis]]:
+    """One connection pool per daemon (the `redis` fixture has flushed the database)."""
+    opened = [aioredis.Redis.from_url(servers.redis_url) for _ in range(DAEMONS)]
+    yield opened
+    for client in opened:
+        await client.aclose()
+
+
+def pacers(clients: list[aioredis.Redis], rate_per_s: float, **kwargs: float) -> list[SharedPacer]:
+    return [
+        SharedPacer(
+            client,
+            call_directly,
+            prefix=PREFIX,
+            account=ACCOUNT,
+            rate_per_s=rate_per_s,
+            **kwargs,
+        )
+        for client in clients
+    ]
+
+
+async def run_daemons(
+    daemons: list[SharedPacer], start_us: int, until_us: int
+) -> list[tuple[float, int]]:
+    """Each daemon reserves a lease of slots as acquire() does, sleeps to each slot in turn and
+    works LOOP_WORK_US after it, in the order of the virtual clock, until until_us. Returns
+    (release time in s from T0, daemon) for every release."""
+    releases: list[tuple[float, int]] = []
+    leases: list[list[int]] = [[] for _ in daemons]
+    due = [(start_us, index) for index in range(len(daemons))]
+    while (now_us := due[0][0]) < until_us:
+        index = due[0][1]
+        if not leases[index]:
+            count = max(1, int(daemons[index].rate_per_s * LEASE_S))
+            reservation = await daemons[index].reserve(count, now_us=now_us)
+            leases[index] = list(reservation.slots_us)
+        released_us = max(leases[index].pop(0), now_us)
+        releases.append(((released_us - T0_US) / US, index))
+        heapq.heapreplace(due, (released_us + LOOP_WORK_US[index], index))
+    return releases
+
+
+def times(
+    releases: list[tuple[float, int]], start_s: float = 0.0, end_s: float = 1e9
+) -> list[float]:
+    return sorted(t for t, _ in releases if start_s <= t < end_s)
+
+
+@pytest.mark.parametrize("rate_per_s", [80, 1000])
+async def test_daemons_together_keep_every_second_within_the_rate_and_reach_it(
+    clients: list[aioredis.Redis], rate_per_s: int
+) -> None:
+    releases = await run_daemons(pacers(clients, rate_per_s), T0_US, T0_US + 10 * US)
+
+    released = times(releases)
+    assert max_in_any_window(released, 1.0) <= rate_per_s
+    assert len(times(releases, 0.0, 10.0)) >= 0.98 * rate_per_s * 10
+    per_daemon = [sum(1 for _, index in releases if index == d) for d in range(DAEMONS)]
+    assert min(per_daemon) >= len(releases) / DAEMONS * 0.9, per_daemon
+
+
+async def test_a_hold_from_one_daemon_holds_every_daemon(clients: list[aioredis.Redis]) -> None:
+    first, *others = pacers(clients, 80)
+    await run_daemons([first, *others], T0_US, T0_US + 2 * US)
+
+    await first.throttle(1.5, now_us=T0_US + 2 * US)
+    releases = await run_daemons(others, T0_US + 2 * US, T0_US + 6 * US)
+
+    assert min(times(releases)) >= 3.5
+    assert len(times(releases, 3.5, 3.6)) <= 40 * 0.1 + 1  # resumes at the cut rate: no burst
+
+
+async def test_throttling_cuts_the_rate_once_per_episode_across_daemons(
+    clients: list[aioredis.Redis],
+) -> None:
+    first, second, third = pacers(clients, 80)
+
+    assert await first.throttle(1.0, now_us=T0_US) is True
+    assert await second.throttle(1.0, now_us=T0_US + 10_000) is False  # same episode
+    assert (first.rate_per_s, second.rate_per_s) == (40, 40)
+    assert await third.throttle(1.0, now_us=T0_US + 2 * US) is True  # the hold had ended
+    assert third.rate_per_s == 20
+
+
+async def test_the_cut_rate_paces_every_daemon(clients: list[aioredis.Redis]) -> None:
+    daemons = pacers(clients, 80)
+    await daemons[0].throttle(0.5, now_us=T0_US)
+
+    releases = await run_daemons(daemons, T0_US, T0_US + 5 * US)
+
+    assert max_in_any_window(times(releases), 1.0) <= 40
+    assert len(times(releases, 1.0, 5.0)) >= 0.98 * 40 * 4
+
+
+async def test_a_slot_given_up_late_is_replaced_at_once_and_leaves_the_ring(
+    clients: list[aioredis.Redis], redis: aioredis.Redis
+) -> None:
+    """A caller that woke 6 ms after its slot did not send: its replacement goes out at once
+    instead of a slot later, the slots after it stay where they were, and the unused slot no
+    longer counts against the window."""
+    daemon = pacers(clients, 80)[0]
+    await daemon.reserve(now_us=T0_US)
+    late = await daemon.reserve(now_us=T0_US + 1_000)
+    assert late.slots_us == (T0_US + 12_500,)
+
+    replacement = await daemon.reserve(0, [late.stamp_us(T0_US + 12_500)], now_us=T0_US + 18_500)
+    following = await daemon.reserve(now_us=T0_US + 19_000)
+
+    assert replacement.slots_us == (T0_US + 18_500,)
+    assert following.slots_us == (T0_US + 25_000,)
+    ring = [int(stamp) for stamp in await redis.lrange(rate_ring_key(PREFIX, ACCOUNT), 0, -1)]
+    assert ring == [T0_US + 25_000, T0_US + 18_500, T0_US]
+
+
+async def test_increase_recovers_the_shared_rate_but_never_above_the_configured_rate(
+    clients: list[aioredis.Redis],
+) -> None:
+    first, second, _ = pacers(clients, 80, min_rate_per_s=5)
+    for episode in range(10):
+        await first.throttle(0.001, now_us=T0_US + episode * US)
+    assert first.rate_per_s == 5
+
+    first.increase(30)
+    await first.reserve(now_us=T0_US + 20 * US)
+    assert first.rate_per_s == 35
+    second.increase(1000)
+    await second.reserve(now_us=T0_US + 21 * US)
+    assert second.rate_per_s == 80
+    await first.reserve(now_us=T0_US + 22 * US)
+    assert first.rate_per_s == 80
+
+
+@pytest.mark.parametrize("rate_per_s", [80, 1000])
+async def test_an_idle_gap_saves_up_no_slots(
+    clients: list[aioredis.Redis], rate_per_s: int
+) -> None:
+    daemons = pacers(clients, rate_per_s)
+    releases = await run_daemons(daemons, T0_US, T0_US + 2 * US)
+    releases += await run_daemons(daemons, T0_US + 7 * US, T0_US + 9 * US)
+
+    assert max_in_any_window(times(releases), 1.0) <= rate_per_s
+    assert len(times(releases, 7.0, 7.1)) <= rate_per_s * 0.1 + 1
+
+
+async def test_an_idle_account_leaves_nothing_behind(
+    clients: list[aioredis.Redis], redis: aioredis.Redis
+) -> None:
+    """Every key the pacers write expires once the account is idle (and its hold is over)."""
+    daemons = pacers(clients, 80)
+    await daemons[0].throttle(30.0)
+    await daemons[1].reserve()
+
+    keys = sorted(await redis.keys(f"{PREFIX}rate:*"))
+    assert keys == sorted(
+        [rate_state_key(PREFIX, ACCOUNT).encode(), rate_ring_key(PREFIX, ACCOUNT).encode()]
+    )
+    for key in keys:
+        assert 30_000 < await redis.pttl(key) <= 30_000 + IDLE_TTL_MS + 1_000
+
+
+async def test_acquire_does_not_release_inside_a_hold_set_while_it_slept(
+    clients: list[aioredis.Redis], redis: aioredis.Redis
+) -> None:
+    """Real clock: the waiting daemon's slot is about a second away when another daemon is
+    told to hold for 1.5 s; it must read the hold again and wait for it to end."""
+    other, waiting, throttled = pacers(clients, 2)
+    for _ in range(2):
+        taken = await other.reserve()
+    acquiring = asyncio.create_task(waiting.acquire())
+    last_us = taken.slots_us[-1]
+    await wait_until(lambda: _newest_reservation_is_after(redis, last_us), interval_s=0.01)
+
+    await throttled.throttle(1.5)
+    held_until_us = int(await redis.hget(rate_state_key(PREFIX, ACCOUNT), "hold") or 0)
+    await acquiring
+
+    seconds, micros = await redis.time()
+    assert seconds * US + micros >= held_until_us
+
+
+async def _newest_reservation_is_after(redis: aioredis.Redis, at_us: int) -> bool:
+    newest = await redis.lindex(rate_ring_key(PREFIX, ACCOUNT), 0)
+    return newest is not None and int(newest) > at_us
+
+
+async def test_acquire_waits_out_a_redis_outage_and_never_releases_unpaced(
+    servers: Servers, migrated_pool: ledger.Pool, tmp_path: Path
+) -> None:
+    """Redis is down when acquire() is called: it retries through the daemon's outage policy
+    and returns only once a reservation is in Redis."""
+    port = free_port()
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1)
+    deps = _dependencies(servers, client, migrated_pool)
+    pacer = SharedPacer(client, deps.redis_call, prefix=PREFIX, account=ACCOUNT, rate_per_s=80)
+    server = EmbeddedRedis(tmp_path / "redis", port)
+    try:
+        with capture_logs() as logs:
+            acquiring = asyncio.create_task(pacer.acquire())
+            await wait_until(lambda: _outage_logged(logs, times=2), interval_s=0.01)
+            assert not acquiring.done()
+            await asyncio.to_thread(server.start)
+            await asyncio.wait_for(acquiring, 30)
+        assert await client.llen(rate_ring_key(PREFIX, ACCOUNT)) == 1
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+def _dependencies(servers: Servers, client: aioredis.Redis, pool: ledger.Pool) -> Dependencies:
+    """The daemon's own Dependencies, for its redis_call (outage policy); nothing is written."""
+    settings = make_settings(servers, "http://127.0.0.1:9", dependency_retry_s=0.05)
+
+    def writer(name: str) -> BatchWriter[object]:
+        return BatchWriter(name, _write_nothing, flush_rows=1, flush_interval_s=1, retry_s=1)
+
+    return Dependencies(settings, client, pool, {}, writer("outcomes"), writer("receipts"))
+
+
+async def _write_nothing(items: object) -> None:
+    raise AssertionError("nothing is written in this test")
+
+
+def _outage_logged(logs: list[dict[str, object]], times: int) -> bool:
+    outages = [e for e in logs if e["event"] == "dependency_unavailable"]
+    return len(outages) >= times and all(e["dependency"] == "redis" for e in outages)
