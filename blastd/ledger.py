@@ -545,6 +545,7 @@ async def apply_receipts_by_message_id(pool: Pool, receipts: Sequence[MessageRec
     ]
     return await apply_receipts(pool, resolved) if resolved else 0
 
+
 @contextlib.asynccontextmanager
 async def transaction(pool: Pool) -> AsyncIterator[asyncpg.Connection]:
     async with pool.acquire() as conn, conn.transaction():
@@ -568,9 +569,7 @@ class Broadcast:
 
 
 async def campaign_type(pool: Pool, campaign_id: str) -> str | None:
-    value: str | None = await pool.fetchval(
-        "SELECT type FROM campaigns WHERE id = $1", campaign_id
-    )
+    value: str | None = await pool.fetchval("SELECT type FROM campaigns WHERE id = $1", campaign_id)
     return value
 
 
