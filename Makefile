@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SOURCES := blastd tests bench
 
-.PHONY: all install format lint typecheck test sandbox demo bench clean
+.PHONY: all install format lint typecheck test sandbox demo bench clean nspawn-root
 
 all: lint typecheck test
 
@@ -37,10 +37,18 @@ sandbox: install
 demo: install
 	$(BIN)/blastd demo
 
+# The Debian root (debootstrap, about 2 minutes, ~500 MB) in which tests/test_systemd_unit.py
+# boots a real systemd with systemd-nspawn; needs root. `make test` builds it when missing.
+# A cache outside git: rm -rf $(NSPAWN_ROOT) to rebuild it from scratch.
+NSPAWN_ROOT := .tmp/nspawn-root
+
+nspawn-root:
+	tests/systemd/build_root.sh $(NSPAWN_ROOT) .
+
 bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/rate.py
-	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/memory.py --recipients 100000 1000000
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
