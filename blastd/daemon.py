@@ -8,7 +8,7 @@ import gc
 import os
 import secrets
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -65,7 +65,26 @@ class Shutdown:
             self._scope = scope
             if self.is_requested:
                 scope.reschedule(asyncio.get_running_loop().time() + drain_timeout_s)
-            yield
+            try:
+                yield
+            finally:
+                self._scope = None  # a signal after the block must not reschedule a spent timer
+
+    async def unless_requested(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """Run `work` to its end, or cancel it and return None once shutdown is requested:
+        waiting for Redis or PostgreSQL at start-up must not make SIGTERM wait too."""
+        task = asyncio.ensure_future(work)
+        requested = asyncio.ensure_future(self._requested.wait())
+        try:
+            await asyncio.wait([task, requested], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            requested.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+        return task.result()
 
     async def wait(self, event: asyncio.Event | None, timeout_s: float | None) -> None:
         """Sleep until `event` is set, shutdown is requested, or `timeout_s` passes."""
@@ -103,6 +122,16 @@ class Dependencies:
         """Run a Redis command, waiting out an outage instead of failing."""
         return await _call_through_outage(
             "redis", REDIS_OUTAGE_ERRORS, self.settings.dependency_retry_s, fn, *args, **kwargs
+        )
+
+    async def outage_call(
+        self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run work that uses Redis and PostgreSQL both, waiting out an outage of either; the
+        work must leave nothing behind when cut short (a transaction), so it can run again."""
+        errors = REDIS_OUTAGE_ERRORS + ledger.DB_OUTAGE_ERRORS
+        return await _call_through_outage(
+            "redis or postgres", errors, self.settings.dependency_retry_s, fn, *args, **kwargs
         )
 
     async def db_call(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -308,7 +337,9 @@ async def run(settings: Settings, shutdown: Shutdown) -> None:
     status = watchdog.StatusLine()
     ping_interval_s = watchdog.ping_interval_s(os.environ, os.getpid())
     async with watchdog.pinging(ping_interval_s), contextlib.AsyncExitStack() as stack:
-        deps = await open_dependencies(stack, settings, status)
+        deps = await shutdown.unless_requested(open_dependencies(stack, settings, status))
+        if deps is None:
+            return
         status.set("starting: waiting for the instance lease")
         if not await claim_instance_id(deps, token, shutdown):
             return

@@ -76,11 +76,11 @@ async def handle_job(deps: Dependencies, raw: bytes) -> None:
     try:
         if deliveries > deps.settings.max_job_deliveries:
             raise InvalidJobError(f"job was taken {deliveries - 1} times without finishing")
-        await accept_job(deps, raw)
+        # An outage mid-way rolls the campaign's transaction back; the job is accepted again
+        # once Redis and PostgreSQL answer, rather than dead-lettered as if it were broken.
+        await deps.outage_call(accept_job, deps, raw)
     except InvalidJobError as exc:
         await dead_letter(deps, raw, exc.reason, exc.job_id)
-    except ledger.DB_OUTAGE_ERRORS:
-        raise  # the job stays in the processing list and is taken again after recovery
     except Exception as exc:  # a bug must not take the daemon down with every later job
         log.exception("job_crashed", error=type(exc).__name__)
         await dead_letter(deps, raw, f"internal error: {type(exc).__name__}", None)

@@ -153,3 +153,23 @@ async def _assert_late_job_kept_and_unsent(
         return
     states = await _states_and_receipts(pool, "late", received)
     assert set(states) == {("pending", 0)}
+
+
+async def test_sigterm_while_waiting_for_redis_at_start_up_exits_at_once(
+    servers: Servers, sandbox: SandboxHandle, tmp_path: Path
+) -> None:
+    """Start-up waits for Redis without end; a SIGTERM meanwhile must stop that wait, or
+    `systemctl stop` would sit out TimeoutStopSec and end in SIGKILL."""
+    env = daemon_env(servers, sandbox.url, free_port())
+    env["BLASTD_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    log_path = tmp_path / "daemon.log"
+    async with daemon_process(env, log_path, tmp_path / "daemon.err") as process:
+        await wait_until(lambda: _has_event(log_path, "dependency_unavailable"), timeout_s=30)
+        process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.wait_for(process.wait(), timeout=20)
+    assert exit_code == 0
+    assert not _has_event(log_path, "daemon_ready")
+
+
+def _has_event(log_path: Path, name: str) -> bool:
+    return any(event.get("event") == name for event in log_events(log_path))
