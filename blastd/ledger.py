@@ -27,6 +27,11 @@ MIGRATION_LOCK_ID = 0x626C617374  # 'blast': one migrator at a time across daemo
 
 Pool: TypeAlias = asyncpg.Pool
 
+# Moving a million staged recipients into the ledger (one sort for the duplicates, index
+# inserts) takes tens of seconds on a busy host. Under the pool's command timeout it would
+# time out, be taken for an outage and start over forever; a dead server still fails fast.
+BULK_STATEMENT_TIMEOUT_S = 900.0
+
 # What a PostgreSQL outage or restart looks like to asyncpg: wait and try again, never give up.
 DB_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -142,11 +147,14 @@ async def insert_campaign(
     async for page in pages:
         await conn.copy_records_to_table(
             "staged_recipients",
+            timeout=BULK_STATEMENT_TIMEOUT_S,
             records=[
                 (r.seq, r.phone, _vars_json(r.vars), r.skip_reason, r.time_zone) for r in page
             ],
         )
-    row = await conn.fetchrow(INSERT_STAGED_RECIPIENTS, campaign.id)
+    row = await conn.fetchrow(
+        INSERT_STAGED_RECIPIENTS, campaign.id, timeout=BULK_STATEMENT_TIMEOUT_S
+    )
     return CampaignCounts(pending=row["pending"], skipped=row["skipped"])
 
 
