@@ -1,14 +1,18 @@
-"""aiohttp app on loopback: health, readiness and the providers' status webhooks."""
+"""aiohttp app on loopback: health, readiness, metrics, campaign status and its event stream,
+and the providers' status webhooks."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hmac
 from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from blastd import ledger
+from blastd import events, intake, ledger, metrics, reports
 from blastd.config import CloudApiAccount, UltraMsgAccount, WablasAccount
 from blastd.providers.cloud_api import answer_verification, is_valid_signature, parse_status_webhook
 from blastd.providers.ultramsg import is_valid_secret, parse_ack_webhook
@@ -41,8 +45,13 @@ def bound_port(runner: web.AppRunner) -> int | None:
 
 
 def build_app(deps: Dependencies) -> web.Application:
-    app = web.Application(client_max_size=MAX_WEBHOOK_BYTES)
+    app = web.Application(client_max_size=MAX_WEBHOOK_BYTES, middlewares=[require_token])
     app[DEPS_KEY] = deps
+    app[events.CLOSING_KEY] = asyncio.Event()
+    app.on_shutdown.append(events.close_streams)
+    app.router.add_get("/metrics", serve_metrics)
+    app.router.add_get("/v1/campaigns/{id}", serve_campaign_status)
+    app.router.add_get("/v1/campaigns/{id}/events", serve_campaign_events)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/webhooks/cloud_api/{account}", verify_cloud_api_webhook)
@@ -163,3 +172,56 @@ async def receive_wablas_webhook(request: web.Request) -> web.Response:
         ]
         await deps.db_call(ledger.apply_receipts_by_message_id, deps.pool, receipts)
     return web.Response(text="ok")
+
+
+# --- metrics and campaign status, behind the optional bearer token ---------------------------
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """/metrics and /v1/* answer 401 unless the request carries the configured token in its
+    Authorization header (never the query string: it ends up in logs and histories)."""
+    token = request.app[DEPS_KEY].settings.admin.token
+    if token is not None and _is_protected(request):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+def _is_protected(request: web.Request) -> bool:
+    """By the route matched, not the raw path: no spelling of a path slips past the check.
+    Health, readiness and the webhooks (which check their own signatures) stay open."""
+    resource = request.match_info.route.resource
+    path = resource.canonical if resource is not None else ""
+    return path == "/metrics" or path.startswith("/v1/")
+
+
+async def serve_metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; the Redis queue depths are read at each scrape."""
+    deps = request.app[DEPS_KEY]
+    prefix = deps.settings.redis_prefix
+    queues = {
+        "jobs": intake.jobs_key(prefix),
+        "dead": intake.dead_key(prefix),
+        "processing": deps.processing_key,
+    }
+    await metrics.sample_queue_depths(deps.redis, queues)
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+async def serve_campaign_status(request: web.Request) -> web.Response:
+    """The campaign's status document, as `blastd status --json` prints it."""
+    deps = request.app[DEPS_KEY]
+    try:
+        report = await reports.campaign_status(deps.pool, request.match_info["id"])
+    except ledger.DB_OUTAGE_ERRORS as exc:
+        raise web.HTTPServiceUnavailable(text="postgres is unreachable") from exc
+    if report is None:
+        raise web.HTTPNotFound(text="no such campaign")
+    return web.json_response(report)
+
+
+async def serve_campaign_events(request: web.Request) -> web.StreamResponse:
+    return await events.stream(request, request.app[DEPS_KEY])

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from blastd import ledger, status_broadcast
+from blastd import events, ledger, metrics, status_broadcast
 from blastd.jobs import BlastOptions, MessageSpec, render
 from blastd.ledger import ClaimedRecipient, Outcome
 from blastd.limiter import Pacer
@@ -54,6 +54,7 @@ async def run(deps: Dependencies, shutdown: Shutdown) -> None:
                 if campaign_id not in active:
                     halted = asyncio.Event()
                     coro = run_campaign(deps, campaign_id, shutdown, halted)
+                    coro = events.reporting(deps, campaign_id, coro)  # progress events
                     task = group.create_task(coro, name=f"campaign:{campaign_id}")
                     active[campaign_id] = _Active(task, halted)
             _halt_departed(active, running)
@@ -267,6 +268,7 @@ async def _send_batch(run: CampaignRun, recipients: Sequence[ClaimedRecipient]) 
         outcomes = await run.sender.deliver(delivery, run.pacer, run.should_stop)
     finally:
         run.sender.slots.release()
+    run.sender.metrics.count_recipients(outcomes)
     for outcome in outcomes:
         run.deps.outcomes.add(outcome)
         run.counts[outcome.state] = run.counts.get(outcome.state, 0) + 1
@@ -279,6 +281,7 @@ async def _sweep(run: CampaignRun) -> None:
     deps, campaign_id, not_after = run.deps, run.campaign.id, run.options.not_after
     if not_after is not None and run.is_expired():
         expired = await deps.db_call(ledger.expire_pending, deps.pool, campaign_id)
+        metrics.count_recipients(run.campaign.account, "expired", expired)
         if expired:
             log.info("recipients_expired", count=expired, not_after=not_after.isoformat())
     await deps.db_call(ledger.cancel_pending, deps.pool, campaign_id)

@@ -189,12 +189,16 @@ ACCOUNT_KINDS = ("cloud_api", "wablas", "ultramsg", "status_gateway")
 
 
 class AdminSettings(BaseModel):
-    """The loopback HTTP server: health, readiness and provider webhooks."""
+    """The loopback HTTP server: health, readiness, metrics, campaign status and webhooks."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key must not fall back silently
 
     host: str = "127.0.0.1"
     port: int = Field(8787, ge=0, le=65535)  # 0 picks a free port (tests)
+    # Bearer token for /metrics and /v1/* (None: open, as on loopback); the credential file
+    # admin.token is read like an account's secrets.
+    token: SecretStr | None = None
+    sse_heartbeat_s: float = Field(15.0, gt=0)  # comment lines keep idle event streams open
 
 
 class Settings(BaseSettings):
@@ -223,6 +227,7 @@ class Settings(BaseSettings):
     outcome_flush_rows: int = Field(500, ge=1)
     outcome_flush_interval_s: float = Field(0.05, gt=0)
     campaign_poll_interval_s: float = Field(1.0, gt=0)
+    progress_interval_s: float = Field(2.0, gt=0)  # a running campaign's progress events
     intake_block_s: float = Field(1.0, gt=0)  # BLMOVE timeout: how soon shutdown is noticed
     redis_socket_timeout_s: float = Field(5.0, gt=0)
     db_command_timeout_s: float = Field(10.0, gt=0)
@@ -240,7 +245,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _read_secret_files(self) -> Settings:
-        """Fill missing account secrets from `{credentials_dir}/{account}.{field}` files."""
+        """Fill missing secrets from `{credentials_dir}/{account}.{field}` files, and the admin
+        token from `{credentials_dir}/admin.token`."""
         if self.credentials_dir is None:
             return self
         for name, account in self.accounts.items():
@@ -248,6 +254,9 @@ class Settings(BaseSettings):
                 path = self.credentials_dir / f"{name}.{field}"
                 if getattr(account, field) is None and path.is_file():
                     setattr(account, field, SecretStr(path.read_text().strip()))
+        admin_token = self.credentials_dir / "admin.token"
+        if self.admin.token is None and admin_token.is_file():
+            self.admin.token = SecretStr(admin_token.read_text().strip())
         return self
 
     def secret_values(self) -> list[str]:
@@ -257,6 +266,7 @@ class Settings(BaseSettings):
             for account in self.accounts.values()
             for field in _secret_fields(account)
         ]
+        secrets.append(self.admin.token)
         passwords = [_url_password(self.redis_url), _url_password(self.database_url)]
         values = [s.get_secret_value() for s in secrets if s is not None] + passwords
         return [v for v in values if v and len(v) >= 4]

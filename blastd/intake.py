@@ -17,7 +17,7 @@ import structlog
 from redis.asyncio.client import Pipeline
 from structlog.contextvars import bound_contextvars
 
-from blastd import controls, ledger, status_intake
+from blastd import controls, ledger, metrics, status_intake
 from blastd.errors import InvalidJobError, InvalidNumberError
 from blastd.jobs import BlastJob, ControlJob, StatusJob, missing_variables, parse_job
 from blastd.recipients import (
@@ -70,6 +70,7 @@ async def run(deps: Dependencies, shutdown: Shutdown) -> None:
 
 async def handle_job(deps: Dependencies, raw: bytes) -> None:
     """Accept one job into the ledger or dead-letter it, then drop it from the processing list."""
+    metrics.JOBS_TAKEN.inc()
     prefix = deps.settings.redis_prefix
     deliveries = await deps.redis_call(deps.redis.incr, deliveries_key(prefix, raw))
     await deps.redis_call(deps.redis.expire, deliveries_key(prefix, raw), DELIVERIES_TTL_S)
@@ -120,6 +121,7 @@ async def _accept_blast(deps: Dependencies, job: BlastJob) -> None:
         if job.recipients_key:
             await deps.redis_call(deps.redis.delete, job.recipients_key)
         log.info("campaign_created", pending=counts.pending, skipped=counts.skipped)
+        metrics.count_recipients(job.account, "skipped", counts.skipped)
         deps.campaigns_changed.set()
 
 
@@ -220,6 +222,7 @@ async def dead_letter(deps: Dependencies, raw: bytes, reason: str, job_id: str |
     await deps.redis_call(
         deps.redis.lpush, dead_key(deps.settings.redis_prefix), orjson.dumps(entry)
     )
+    metrics.JOBS_DEAD_LETTERED.inc()
     log.error("job_dead_lettered", reason=reason, job_id=job_id, payload_bytes=len(raw))
 
 

@@ -9,6 +9,7 @@ for a bulk API; the pacer counts requests.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,7 @@ from blastd.errors import (
 )
 from blastd.ledger import Outcome
 from blastd.limiter import AccountPacer, Pacer
+from blastd.metrics import AccountMetrics
 from blastd.providers import OutboundMessage, Provider, SendResult
 
 log = structlog.get_logger()
@@ -66,6 +68,7 @@ class Sender:
         self.provider = provider
         self.pacer = pacer  # holds the throttling state too: shared by all daemons when shared
         self.slots = asyncio.Semaphore(account.concurrency)
+        self.metrics = AccountMetrics(name)
         retry = account.retry
         self._retrying = AsyncRetrying(  # copied per send: an AsyncRetrying holds one run's state
             retry=retry_if_exception_type(TransientError),
@@ -119,14 +122,17 @@ class Sender:
             with attempt:
                 if attempt.retry_state.attempt_number == 1:
                     raise first_error  # counted and waited for by the policy like any attempt
+                self.metrics.count_retry(TransientError.error_class)
                 return await self._send_paced(delivery, campaign_pacer, should_stop, requests, True)
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def wait_turn(self, campaign_pacer: Pacer | None) -> None:
         """Wait until both the campaign's and the account's rate allow one more request."""
+        started = time.monotonic()
         if campaign_pacer is not None:
             await campaign_pacer.acquire()
         await self.pacer.acquire()
+        self.metrics.limiter_wait.observe(time.monotonic() - started)
 
     async def _send_paced(
         self,
@@ -143,8 +149,11 @@ class Sender:
                     raise NotSentError
             requests[0] += 1
             try:
-                results = await self.provider.send_batch(delivery.messages)
+                results = await self.metrics.observe_request(
+                    self.provider.send_batch(delivery.messages)
+                )
             except ThrottledError as exc:
+                self.metrics.count_retry(exc.error_class)
                 await self._slow_down(exc)
                 needs_turn = True
                 continue
@@ -159,6 +168,7 @@ class Sender:
         hold_s = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_THROTTLE_HOLD_S
         if not await self.pacer.throttle(hold_s, 0.5):
             return
+        self.metrics.throttles.inc()
         log.warning(
             "account_throttled",
             account=self.name,

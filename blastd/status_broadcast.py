@@ -517,11 +517,14 @@ async def _post(run: BroadcastRun, jids: list[str], message_id: str | None) -> s
         if run.should_stop():
             raise NotSentError
         try:
-            returned_id = await run.provider.post_status(run.content, jids, message_id)
+            returned_id = await run.sender.metrics.observe_request(
+                run.provider.post_status(run.content, jids, message_id)
+            )
         except ThrottledError as exc:
             run.throttle_s = min(run.throttle_s * 2 or THROTTLE_FIRST_S, THROTTLE_MAX_S)
             hold_s = exc.retry_after_s if exc.retry_after_s is not None else run.throttle_s
             log.warning("broadcast_throttled", code=exc.code, hold_s=hold_s)
+            run.sender.metrics.throttles.inc()
             await run.shutdown.wait(run.halted, hold_s)
             continue
         run.throttle_s = 0.0
@@ -543,6 +546,7 @@ async def _wait_turn(run: BroadcastRun) -> None:
 async def _write(run: BroadcastRun, outcomes: list[Outcome]) -> None:
     """Outcomes are committed before the next batch leaves: a restart must see them."""
     await run.deps.outcomes.add_durably(outcomes)
+    run.sender.metrics.count_recipients(outcomes)
 
 
 async def _count_request(run: BroadcastRun, *, accepted: bool) -> None:
