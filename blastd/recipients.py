@@ -176,31 +176,6 @@ def _is_known_zone(name: str) -> bool:
     return True
 
 
-def mask_number(number: str) -> str:
-    """Hide a number for logs, keeping the first 3 characters and the last 4: '+62******7890'."""
-    if len(number) < 10:
-        return "******"
-    return number[:3] + "******" + number[-4:]
-
-
-class SeenNumbers:
-    """Remembers E.164 numbers to flag duplicates; kept as ints, about half the memory of str."""
-
-    def __init__(self) -> None:
-        self._seen: set[int] = set()
-
-    def add(self, e164: str) -> bool:
-        """Remember `e164` ('+' and digits); True if it had not been seen before."""
-        key = int(e164[1:])
-        if key in self._seen:
-            return False
-        self._seen.add(key)
-        return True
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-
 async def stream_recipients_key(
     redis_client: redis.asyncio.Redis, key: str, page_size: int
 ) -> AsyncIterator[list[RecipientIn | BadEntry]]:

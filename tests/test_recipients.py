@@ -10,8 +10,6 @@ from blastd.recipients import (
     MAX_ENTRY_BYTES,
     BadEntry,
     RecipientIn,
-    SeenNumbers,
-    mask_number,
     normalize_number,
     parse_recipient_entry,
     stream_recipients_key,
@@ -92,20 +90,6 @@ def test_e164_fast_path_agrees_with_libphonenumber(region: str) -> None:
         assert normalize_number(e164, "ID") == e164
         if not any(char.isalpha() for char in national):
             assert normalize_number(national, region) == e164
-
-
-def test_mask_keeps_country_prefix_and_last_four_digits() -> None:
-    assert mask_number(E164) == "+62******7890"
-    assert mask_number("+14155552671") == "+14******2671"
-    assert mask_number("12345") == "******"
-
-
-def test_seen_numbers_flags_repeats() -> None:
-    seen = SeenNumbers()
-    assert seen.add(E164)
-    assert seen.add("+14155552671")
-    assert not seen.add(E164)
-    assert len(seen) == 2
 
 
 @pytest.mark.parametrize(
