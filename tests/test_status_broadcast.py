@@ -221,7 +221,12 @@ async def test_failed_batches_are_retried_later_with_the_same_message_id(
 
     requests = await gateway.requests()
     (message_id,) = await gateway.statuses()
-    assert [r["status"] for r in requests] == [201, 503, 500, 201, 201, 201]
+    statuses = [r["status"] for r in requests]
+    # The two failed batches are resent when their backoff (with jitter) is due; their
+    # contacts may come due a moment apart and go out as two smaller batches instead of one.
+    assert statuses[:3] == [201, 503, 500]
+    assert set(statuses[3:]) == {201}
+    assert sum(r["size"] for r in requests if r["status"] == 201) == 301
     assert {r["message_id"] for r in requests[1:]} == {message_id}
     stats = await gateway.stats()
     assert stats["contacts_by_deliveries"] == {"1": 301}
