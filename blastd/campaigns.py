@@ -16,7 +16,8 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from blastd import events, ledger, metrics, status_broadcast
-from blastd.jobs import BlastOptions, MessageSpec, render
+from blastd.job_fields import BlastOptions
+from blastd.jobs import MessageSpec, render
 from blastd.ledger import ClaimedRecipient, Outcome
 from blastd.limiter import Pacer
 from blastd.providers import OutboundMessage

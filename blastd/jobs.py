@@ -9,14 +9,9 @@ fields inside `message` and `options` are rejected, because there a typo changes
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, time
 from typing import Annotated, Any, Literal, get_args
-from urllib.parse import urlsplit
 
 import orjson
 from pydantic import (
@@ -28,22 +23,36 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core import PydanticCustomError
 
-from blastd.errors import InvalidJobError, InvalidNumberError
+from blastd.errors import InvalidJobError
+from blastd.job_fields import (
+    JSON_MAX_DEPTH,
+    MAX_CAPTION_CHARS,
+    MAX_NAME_CHARS,
+    MAX_TEXT_CHARS,
+    MESSAGE_TEXT,
+    PLACEHOLDER,
+    SINGLE_LINE,
+    BlastOptions,
+    Compiled,
+    HttpUrl,
+    JobId,
+    Limits,
+    Line,
+    MessageText,
+    RedisKey,
+    Spec,
+    describe,
+    fill,
+    id_problem,
+    list_as_tuple,
+    require_a_valid_number,
+)
 from blastd.providers import Body, TemplateBody, TextBody, VideoBody
-from blastd.recipients import CONTROL_CHARS, RecipientIn, normalize_number, preview
+from blastd.recipients import CONTROL_CHARS, RecipientIn, preview
 
-MAX_ID_CHARS = 200
-MAX_TEXT_CHARS = 4096  # Cloud API text body limit
-MAX_CAPTION_CHARS = 1024  # Cloud API media caption limit
-MAX_URL_CHARS = 2048
-MAX_NAME_CHARS = 512
-MAX_LOCATION_CHARS = 80  # a field path in a reason; longer (hostile keys) is cut by preview()
-JSON_MAX_DEPTH = 1024  # orjson's fixed nesting limit
 MESSAGE_KINDS = ("text", "template", "video")
-PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_CLOCK = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 ControlAction = Literal["pause", "resume", "cancel", "retry_failed"]
 CONTROL_SCOPES = ("messages",)  # 'videos' arrives with the video pipeline
 # Classes whose recipients a retry may send again: the provider error classes, and 'uncertain'
@@ -68,110 +77,23 @@ def _json_kind(value: object) -> str:
     return _JSON_KINDS.get(type(value), type(value).__name__)
 
 
-def _rejecting(pattern: re.Pattern[str]) -> AfterValidator:
-    def check(value: str) -> str:
-        if found := pattern.search(value):
-            code = ord(found.group())
-            raise PydanticCustomError("control_char", f"control character U+{code:04X}")
-        return value
-
-    return AfterValidator(check)
-
-
-def _http_url(value: str) -> str:
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PydanticCustomError("url", "must be an http(s) URL")
-    if not value.isprintable() or " " in value:
-        raise PydanticCustomError("url", "must be an http(s) URL without spaces")
-    return value
-
-
-def _id_problem(value: str) -> str | None:
-    if not value.strip():
-        return "id is empty"
-    if len(value) > MAX_ID_CHARS:
-        return f"id is longer than {MAX_ID_CHARS} characters"
-    if not value.isprintable():
-        return f"id {preview(value)} contains a control or invisible character"
-    return None
-
-
-def _valid_id(value: str) -> str:
-    if problem := _id_problem(value):
-        raise PydanticCustomError("job_id", problem)
-    return value
-
-
-def _list_as_tuple(value: object) -> object:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _aware_datetime(value: object) -> object:
-    """ISO-8601 with an explicit offset, converted to UTC; pydantic's strict mode takes no str."""
-    if isinstance(value, str) and len(value) <= 64:
-        with contextlib.suppress(ValueError):  # left a str: rejected just below
-            value = datetime.fromisoformat(value)
-    if not isinstance(value, datetime):
-        raise PydanticCustomError("datetime", "must be an ISO-8601 datetime string")
-    if value.utcoffset() is None:
-        raise PydanticCustomError("datetime", "needs a timezone, e.g. +07:00 or Z")
-    return value.astimezone(UTC)
-
-
-# Length constraints go before these validators, so that pydantic words them for a string.
-_SINGLE_LINE = _rejecting(re.compile(r"[\x00-\x1f]"))
-_MESSAGE_TEXT = _rejecting(CONTROL_CHARS)
-Line = Annotated[str, _SINGLE_LINE]
-MessageText = Annotated[str, _MESSAGE_TEXT]
-RedisKey = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), _SINGLE_LINE]
-HttpUrl = Annotated[str, Field(max_length=MAX_URL_CHARS), AfterValidator(_http_url)]
-JobId = Annotated[str, AfterValidator(_valid_id)]
-
-_Parts = tuple[str, ...]  # literal, name, literal, name, ..., literal: re.split with one group
-
-
-@dataclass(frozen=True, slots=True)
-class _Compiled:
-    parts: tuple[_Parts, ...]
-    names: frozenset[str]
-
-
-def _fill(parts: _Parts, values: Mapping[str, str]) -> str:
-    if len(parts) == 1:
-        return parts[0]
-    filled = list(parts)
-    for index in range(1, len(parts), 2):
-        filled[index] = values[parts[index]]
-    return "".join(filled)
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
-
-
-class TemplateSpec(_Spec):
-    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), _SINGLE_LINE]
+class TemplateSpec(Spec):
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), SINGLE_LINE]
     language: Annotated[str, Field(pattern=r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})*$")]
-    params: Annotated[tuple[MessageText, ...], BeforeValidator(_list_as_tuple)] = ()
+    params: Annotated[tuple[MessageText, ...], BeforeValidator(list_as_tuple)] = ()
     header_video: HttpUrl | None = None
 
 
-class VideoSpec(_Spec):
+class VideoSpec(Spec):
     link: HttpUrl
-    caption: Annotated[str, Field(max_length=MAX_CAPTION_CHARS), _MESSAGE_TEXT] | None = None
+    caption: Annotated[str, Field(max_length=MAX_CAPTION_CHARS), MESSAGE_TEXT] | None = None
 
 
-class MessageSpec(_Spec):
+class MessageSpec(Spec):
     """Exactly one of text, template or video. Placeholder texts are split once, on first use,
     so that rendering a recipient's message is a dict lookup per placeholder and a join."""
 
-    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), _MESSAGE_TEXT] | None = (
-        None
-    )
+    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), MESSAGE_TEXT] | None = None
     template: TemplateSpec | None = None
     video: VideoSpec | None = None
 
@@ -192,11 +114,11 @@ class MessageSpec(_Spec):
         return value
 
     @functools.cached_property
-    def _compiled(self) -> _Compiled:
+    def _compiled(self) -> Compiled:
         # A cached_property lives in the instance dict: reading it is a plain attribute lookup,
         # where a pydantic private attribute costs microseconds per render.
         parts = tuple(tuple(PLACEHOLDER.split(text)) for text in self._texts())
-        return _Compiled(parts, frozenset(name for split in parts for name in split[1::2]))
+        return Compiled(parts, frozenset(name for split in parts for name in split[1::2]))
 
     def _texts(self) -> tuple[str, ...]:
         """The texts that may hold placeholders, in the order _body takes them back."""
@@ -215,50 +137,6 @@ class MessageSpec(_Spec):
             return TemplateBody(spec.name, spec.language, tuple(texts), spec.header_video)
         assert self.video is not None  # _require_one_kind
         return VideoBody(self.video.link, texts[0] if texts else None)
-
-
-def _clock_time(value: str) -> str:
-    if not _CLOCK.fullmatch(value):
-        raise PydanticCustomError("clock", "must be HH:MM, from 00:00 to 23:59")
-    return value
-
-
-ClockTime = Annotated[str, AfterValidator(_clock_time)]
-AwareDatetime = Annotated[datetime, BeforeValidator(_aware_datetime)]
-
-
-class SendWindow(_Spec):
-    """Hours of the recipient's local day when sending is allowed: start included, end not.
-    An end before the start wraps past midnight (21:00-06:00)."""
-
-    start: ClockTime
-    end: ClockTime
-
-    @model_validator(mode="after")
-    def _require_a_span(self) -> SendWindow:
-        if self.start == self.end:
-            raise PydanticCustomError("window", "start and end must differ")
-        return self
-
-    def contains(self, local: time) -> bool:
-        """True when `local`, a wall-clock time in the recipient's zone, is inside the window."""
-        start, end = time.fromisoformat(self.start), time.fromisoformat(self.end)
-        if start < end:
-            return start <= local < end
-        return local >= start or local < end
-
-
-class BlastOptions(_Spec):
-    rate_per_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    not_before: AwareDatetime | None = None
-    not_after: AwareDatetime | None = None  # pending recipients then end 'expired'
-    window: SendWindow | None = None
-
-    @model_validator(mode="after")
-    def _require_not_after_later(self) -> BlastOptions:
-        if self.not_before and self.not_after and self.not_after <= self.not_before:
-            raise PydanticCustomError("not_after", "not_after must be later than not_before")
-        return self
 
 
 class BlastJob(BaseModel):
@@ -308,7 +186,7 @@ class ControlJob(BaseModel):
         Annotated[
             tuple[RetryClass, ...],
             Field(min_length=1),
-            BeforeValidator(_list_as_tuple),
+            BeforeValidator(list_as_tuple),
         ]
         | None
     ) = None
@@ -324,15 +202,13 @@ StatusType = Literal["text", "image", "video"]
 HexColor = Annotated[str, Field(pattern=r"^#[0-9A-Fa-f]{6}$")]
 
 
-class StatusSpec(_Spec):
+class StatusSpec(Spec):
     """The status (story) to post: a text on a background, or an image or video by URL."""
 
     type: StatusType
-    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), _MESSAGE_TEXT] | None = (
-        None
-    )
+    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), MESSAGE_TEXT] | None = None
     url: HttpUrl | None = None
-    caption: Annotated[str, Field(max_length=MAX_CAPTION_CHARS), _MESSAGE_TEXT] | None = None
+    caption: Annotated[str, Field(max_length=MAX_CAPTION_CHARS), MESSAGE_TEXT] | None = None
     background_color: HexColor = "#000000"  # text only; Evolution requires one (§3.1)
     font: Annotated[int, Field(ge=0, le=5)] = 1  # text only; Evolution's range
 
@@ -350,11 +226,11 @@ class StatusContact(BaseModel):
 
     model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
 
-    to: Annotated[str, Field(max_length=MAX_NAME_CHARS), _SINGLE_LINE]
+    to: Annotated[str, Field(max_length=MAX_NAME_CHARS), SINGLE_LINE]
     priority: Annotated[float, Field(allow_inf_nan=False)] = 0.0
 
 
-class StatusOptions(_Spec):
+class StatusOptions(Spec):
     """Per-job overrides of the account's batch settings, and the order of the contacts."""
 
     batch_size: Annotated[int, Field(ge=1, le=100_000)] | None = None
@@ -389,13 +265,6 @@ class StatusJob(BaseModel):
 Job = BlastJob | ControlJob | StatusJob
 
 
-@dataclass(frozen=True, slots=True)
-class _Limits:
-    accounts: Collection[str]
-    max_inline_recipients: int
-    default_region: str
-
-
 def parse_job(
     raw: bytes,
     *,
@@ -410,7 +279,7 @@ def parse_job(
     try:
         _check_control_chars(data)
         parse = _JOB_TYPES[_read_type(data)]
-        return parse(data, _Limits(accounts, max_inline_recipients, default_region))
+        return parse(data, Limits(accounts, max_inline_recipients, default_region))
     except InvalidJobError as exc:
         exc.job_id = job_id
         raise
@@ -440,7 +309,7 @@ def _read_id(data: dict[str, Any]) -> str:
         raise InvalidJobError("missing id")
     if not isinstance(job_id, str):
         raise InvalidJobError(f"id must be a string, not {_json_kind(job_id)}")
-    if problem := _id_problem(job_id):
+    if problem := id_problem(job_id):
         raise InvalidJobError(problem)
     return job_id
 
@@ -480,7 +349,7 @@ def _read_type(data: dict[str, Any]) -> str:
     return job_type
 
 
-def _parse_blast(data: dict[str, Any], limits: _Limits) -> BlastJob:
+def _parse_blast(data: dict[str, Any], limits: Limits) -> BlastJob:
     recipients = data.get("recipients")
     if isinstance(recipients, list) and len(recipients) > limits.max_inline_recipients:
         raise InvalidJobError(
@@ -490,28 +359,15 @@ def _parse_blast(data: dict[str, Any], limits: _Limits) -> BlastJob:
     try:
         job = BlastJob.model_validate(data)
     except ValidationError as exc:
-        raise InvalidJobError(_describe(exc)) from None
+        raise InvalidJobError(describe(exc)) from None
     if job.account not in limits.accounts:
         raise InvalidJobError(f"unknown account {preview(job.account)}")
     if job.recipients is not None:
-        _require_a_valid_number(job.recipients, limits.default_region)
+        require_a_valid_number(job.recipients, limits.default_region)
     return job
 
 
-def _require_a_valid_number(recipients: list[RecipientIn], default_region: str) -> None:
-    """Invalid numbers are skipped one by one later, but a job with no valid one is dead."""
-    first_problem = ""
-    for recipient in recipients:
-        try:
-            normalize_number(recipient.to, default_region)
-        except InvalidNumberError as exc:
-            first_problem = first_problem or exc.reason
-        else:
-            return
-    raise InvalidJobError(f"no valid recipient (first: {first_problem})")
-
-
-def _parse_status(data: dict[str, Any], limits: _Limits) -> StatusJob:
+def _parse_status(data: dict[str, Any], limits: Limits) -> StatusJob:
     contacts = data.get("contacts")
     if isinstance(contacts, list) and len(contacts) > limits.max_inline_recipients:
         raise InvalidJobError(
@@ -521,49 +377,24 @@ def _parse_status(data: dict[str, Any], limits: _Limits) -> StatusJob:
     try:
         job = StatusJob.model_validate(data)
     except ValidationError as exc:
-        raise InvalidJobError(_describe(exc)) from None
+        raise InvalidJobError(describe(exc)) from None
     if job.account not in limits.accounts:
         raise InvalidJobError(f"unknown account {preview(job.account)}")
     return job
 
 
-def _parse_control(data: dict[str, Any], limits: _Limits) -> ControlJob:
+def _parse_control(data: dict[str, Any], limits: Limits) -> ControlJob:
     try:
         return ControlJob.model_validate(data)
     except ValidationError as exc:
-        raise InvalidJobError(_describe(exc)) from None
+        raise InvalidJobError(describe(exc)) from None
 
 
-_JOB_TYPES: dict[str, Callable[[dict[str, Any], _Limits], Job]] = {
+_JOB_TYPES: dict[str, Callable[[dict[str, Any], Limits], Job]] = {
     "blast": _parse_blast,
     "control": _parse_control,
     "status": _parse_status,
 }
-
-
-def _describe(exc: ValidationError) -> str:
-    """The first error as one line: 'message.template.name: String should have at least…'."""
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    first = errors[0]
-    where = _location(first)
-    if first["type"] == "missing":
-        reason = f"missing {where}"
-    elif first["type"] == "extra_forbidden":
-        reason = f"unknown field {where}"
-    else:
-        reason = f"{where}: {first['msg']}" if where else first["msg"]
-    more = len(errors) - 1
-    return reason + (f" (and {more} more)" if more else "")
-
-
-def _location(error: ErrorDetails) -> str:
-    where = ""
-    for part in error["loc"]:
-        if isinstance(part, int):
-            where += f"[{part}]"
-        else:
-            where = f"{where}.{part}" if where else part
-    return where if where.isprintable() and len(where) <= MAX_LOCATION_CHARS else preview(where)
 
 
 def placeholders(message: MessageSpec) -> frozenset[str]:
@@ -582,4 +413,4 @@ def render(message: MessageSpec, values: Mapping[str, str]) -> Body:
     Raises KeyError for a missing name: check missing_variables first. Values are never
     re-scanned, and str.format is never used, so '{0.__class__}' from a producer stays text.
     """
-    return message._body([_fill(parts, values) for parts in message._compiled.parts])
+    return message._body([fill(parts, values) for parts in message._compiled.parts])

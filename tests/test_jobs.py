@@ -7,9 +7,9 @@ import orjson
 import pytest
 
 from blastd.errors import InvalidJobError
+from blastd.job_fields import BlastOptions
 from blastd.jobs import (
     BlastJob,
-    BlastOptions,
     MessageSpec,
     missing_variables,
     parse_job,

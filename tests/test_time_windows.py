@@ -19,7 +19,8 @@ from structlog.testing import capture_logs
 
 from blastd import ledger
 from blastd.errors import InvalidJobError
-from blastd.jobs import BlastJob, BlastOptions, SendWindow, parse_job
+from blastd.job_fields import BlastOptions, SendWindow
+from blastd.jobs import BlastJob, parse_job
 from blastd.recipients import time_zone_of
 from tests.harness import (
     SandboxHandle,
