@@ -2,7 +2,8 @@
 
 The other providers' emulators are mounted on the same port: UltraMsg under /ultramsg,
 Wablas under /wablas,
-status gateways (Evolution API, seed 001's story API) under /status.
+status gateways (Evolution API, seed 001's story API) under /status,
+D-ID under /did, the generic video-job API under /video.
 
 Prints "sandbox listening on http://HOST:PORT" once bound, so a parent can wait for the line.
 """
@@ -20,8 +21,10 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from blastd.sandbox.cloud_api import SandboxConfig, serve
+from blastd.sandbox.did import DidSandboxConfig, build_did_app
 from blastd.sandbox.status_gateway import StatusSandboxConfig, build_status_app
 from blastd.sandbox.ultramsg import UltraMsgSandboxConfig, build_ultramsg_app
+from blastd.sandbox.video_api import VideoApiSandboxConfig, build_video_api_app
 from blastd.sandbox.wablas import build_wablas_app
 from blastd.sandbox.wablas_config import WablasSandboxConfig
 
@@ -70,6 +73,8 @@ def provider_apps() -> dict[str, web.Application]:
         "/ultramsg": build_ultramsg_app(UltraMsgSandboxConfig()),
         "/wablas": build_wablas_app(WablasSandboxConfig()),
         "/status": build_status_app(StatusSandboxConfig()),
+        "/did": build_did_app(DidSandboxConfig()),
+        "/video": build_video_api_app(VideoApiSandboxConfig()),
     }
 
 
