@@ -11,13 +11,24 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 import aiohttp
+import orjson
+import structlog
 from yarl import URL
 
 from blastd.config import AccountSettings
-from blastd.errors import ThrottledError, TransientError
+from blastd.errors import (
+    CampaignFatalError,
+    PermanentError,
+    ProviderError,
+    ThrottledError,
+    TransientError,
+)
 
 MAX_RETRY_AFTER_S = 300.0  # a Retry-After of hours would stall the account; our limiter decides
 MAX_ERROR_TEXT_CHARS = 300
+MAX_UNKNOWN_STATUSES_LOGGED = 100  # per adapter: a provider inventing values cannot flood logs
+
+log = structlog.get_logger()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +63,56 @@ async def post_for_answer(
         raise TransientError("timeout", describe(exc)) from exc
     except aiohttp.ClientError as exc:
         raise TransientError("network", describe(exc)) from exc
+
+
+async def get_for_answer(
+    http: aiohttp.ClientSession,
+    url: str | URL,
+    headers: Mapping[str, str],
+    time_limits: aiohttp.ClientTimeout,
+    describe: Callable[[Exception], str],
+) -> Answer:
+    """GET and read the whole answer; failures as in `post_for_answer`."""
+    try:
+        async with http.get(url, headers=headers, timeout=time_limits) as response:
+            raw_body = await response.read()
+            return Answer(response.status, raw_body, response.headers.get("Retry-After"))
+    except TimeoutError as exc:
+        raise TransientError("timeout", describe(exc)) from exc
+    except aiohttp.ClientError as exc:
+        raise TransientError("network", describe(exc)) from exc
+
+
+def error_for_status(status: int, code: str, text: str, retry_after: str | None) -> ProviderError:
+    """The error a job API's non-2xx answer means by its status alone (the video adapters).
+
+    429 throttles; 5xx, 408 and 409 (a conflict with a job still processing) pass with time;
+    401/402/403 are the account's credentials, credits or plan; any other 4xx is this request.
+    """
+    if status == 429:
+        return throttled_error(code, text, retry_after)
+    if status >= 500 or status in (408, 409):
+        return TransientError(code, text)
+    if status in (401, 402, 403):
+        return CampaignFatalError(code, text)
+    return PermanentError(code, text)
+
+
+def json_object(raw_body: bytes) -> dict[str, object] | None:
+    """The body as a JSON object; None when it is not JSON or not an object."""
+    try:
+        document: object = orjson.loads(raw_body)
+    except orjson.JSONDecodeError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def log_unknown_status_once(seen: set[str], account: str, value: str) -> None:
+    """Log `video_status_unknown` the first time an account's provider answers `value`."""
+    if value in seen or len(seen) >= MAX_UNKNOWN_STATUSES_LOGGED:
+        return
+    seen.add(value)
+    log.warning("video_status_unknown", account=account, status=value[:100])
 
 
 def clean_error_text(text: str, token: str) -> str:
