@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,35 +202,49 @@ def wablas_account_settings(
     }
 
 
-def daemon_env(stack: Stack, account: dict[str, object], admin_port: int) -> dict[str, str]:
-    """BLASTD_* for a daemon on this stack; every other setting keeps its production default."""
+def daemon_env(
+    stack: Stack,
+    account: dict[str, object],
+    admin_port: int,
+    other_accounts: Mapping[str, dict[str, object]] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """BLASTD_* for a daemon on this stack; every other setting keeps its production default,
+    unless `extra_env` says otherwise. `account` is named ACCOUNT; `other_accounts` join it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLASTD_")}
+    accounts = {ACCOUNT: account, **(other_accounts or {})}
     env.update(
         {
             "BLASTD_REDIS_URL": stack.redis_url,
             "BLASTD_DATABASE_URL": stack.database_url,
-            "BLASTD_ACCOUNTS": orjson.dumps({ACCOUNT: account}).decode(),
+            "BLASTD_ACCOUNTS": orjson.dumps(accounts).decode(),
             "BLASTD_ADMIN__PORT": str(admin_port),
             "BLASTD_INSTANCE_ID": f"bench-{admin_port}",
             "BLASTD_LOG_FORMAT": "json",
+            **(extra_env or {}),
         }
     )
     return env
 
 
-def spawn_daemon(stack: Stack, account: dict[str, object]) -> Daemon:
-    """Spawn `python -m blastd run` for one account; the stack stops it on the way out."""
-    admin_port = free_port()
+def spawn_daemon(
+    stack: Stack, account: dict[str, object], admin_port: int | None = None, **env: Any
+) -> Daemon:
+    """Spawn `python -m blastd run` for one account (daemon_env's keywords pass through); the
+    stack stops it on the way out."""
+    admin_port = admin_port or free_port()
     log_path = stack.root / f"daemon-{admin_port}.log"
-    process = _spawn(daemon_env(stack, account, admin_port), log_path, admin_port)
+    process = _spawn(daemon_env(stack, account, admin_port, **env), log_path, admin_port)
     daemon = Daemon(process, admin_port, log_path)
     stack.daemons.append(daemon)
     return daemon
 
 
-async def start_daemon(stack: Stack, account: dict[str, object]) -> Daemon:
+async def start_daemon(
+    stack: Stack, account: dict[str, object], admin_port: int | None = None, **env: Any
+) -> Daemon:
     """Spawn a daemon and wait until it is ready."""
-    daemon = spawn_daemon(stack, account)
+    daemon = spawn_daemon(stack, account, admin_port, **env)
     await daemon.wait_ready()
     return daemon
 

@@ -8,11 +8,12 @@ import contextlib
 import hmac
 from typing import TYPE_CHECKING
 
+import orjson
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from blastd import events, intake, ledger, metrics, reports
+from blastd import events, intake, ledger, metrics, reports, video_poller
 from blastd.config import CloudApiAccount, UltraMsgAccount, WablasAccount
 from blastd.providers.cloud_api import answer_verification, is_valid_signature, parse_status_webhook
 from blastd.providers.ultramsg import is_valid_secret, parse_ack_webhook
@@ -58,6 +59,7 @@ def build_app(deps: Dependencies) -> web.Application:
     app.router.add_post("/webhooks/cloud_api/{account}", receive_cloud_api_webhook)
     app.router.add_post("/webhooks/ultramsg/{account}", receive_ultramsg_webhook)
     app.router.add_post("/webhooks/wablas/{account}", receive_wablas_webhook)
+    app.router.add_post("/webhooks/video/{account}", receive_video_webhook)
     return app
 
 
@@ -174,6 +176,30 @@ async def receive_wablas_webhook(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def receive_video_webhook(request: web.Request) -> web.Response:
+    """A render finished (D-ID's per-job webhook, a generic API's callback): the body only
+    says which job; the job is polled at once, with our credentials, before anything is
+    believed (D-ID documents no signature). The URL carries our secret when one is set."""
+    deps = request.app[DEPS_KEY]
+    name = request.match_info["account"]
+    video = deps.videos.get(name)
+    if video is None:
+        raise web.HTTPNotFound()
+    secret = video.settings.webhook_secret
+    given = request.query.get("token", "").encode()
+    if secret is not None and not hmac.compare_digest(given, secret.get_secret_value().encode()):
+        log.warning("webhook_rejected", account=name, reason="bad or missing token")
+        raise web.HTTPUnauthorized()
+    try:
+        payload = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise web.HTTPBadRequest() from exc
+    job_id = video.provider.webhook_job_id(payload) if isinstance(payload, dict) else None
+    if job_id is not None and not await video_poller.nudge(deps, job_id):
+        log.info("video_webhook_unknown_job", account=name, video_job_id=job_id)
+    return web.Response(text="ok")
+
+
 # --- metrics and campaign status, behind the optional bearer token ---------------------------
 
 
@@ -207,6 +233,8 @@ async def serve_metrics(request: web.Request) -> web.Response:
         "dead": intake.dead_key(prefix),
         "processing": deps.processing_key,
     }
+    if deps.videos:
+        queues["video_poll"] = video_poller.video_keys(deps).queue
     await metrics.sample_queue_depths(deps.redis, queues)
     return web.Response(body=metrics.exposition(), headers={"Content-Type": metrics.CONTENT_TYPE})
 

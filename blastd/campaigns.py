@@ -15,13 +15,13 @@ from zoneinfo import ZoneInfo
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from blastd import events, ledger, metrics, status_broadcast
+from blastd import events, ledger, metrics, status_broadcast, video_campaigns
 from blastd.job_fields import BlastOptions
 from blastd.jobs import MessageSpec, render
 from blastd.ledger import ClaimedRecipient, Outcome
 from blastd.limiter import Pacer
 from blastd.providers import OutboundMessage
-from blastd.sender import Delivery, Sender
+from blastd.sender import STOP_STATES, Delivery, Sender
 
 if TYPE_CHECKING:
     from blastd.daemon import Dependencies, Shutdown
@@ -31,7 +31,6 @@ log = structlog.get_logger()
 # How much sending time one claim covers. Claimed recipients are 'sending' at once, and a crash
 # can leave about two claims' worth 'uncertain' without their request having left: keep it short.
 CLAIM_AHEAD_S = 0.02
-STOP_STATES = {"quality": "paused", "campaign_fatal": "stopped"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +143,12 @@ async def run_campaign(
     campaign = await deps.db_call(ledger.load_campaign, deps.pool, campaign_id)
     if campaign is None or campaign.state != "running":
         return
-    if await deps.db_call(ledger.campaign_type, deps.pool, campaign_id) == "status":
+    campaign_type = await deps.db_call(ledger.campaign_type, deps.pool, campaign_id)
+    if campaign_type == "status":
         await status_broadcast.run_broadcast(deps, campaign, shutdown, halted)
+        return
+    if campaign_type in ("video_blast", "video_poll"):
+        await video_campaigns.run_video_campaign(deps, campaign, shutdown, halted)
         return
     with bound_contextvars(campaign_id=campaign_id, account=campaign.account):
         run = await _prepare(deps, campaign, shutdown, halted)

@@ -181,11 +181,114 @@ class StatusGatewayAccount(AccountSettings):
     session_keywords: tuple[str, ...] = ("not connected", "disconnected", "qr", "logged out")
 
 
+class VideoAccountSettings(AccountSettings):
+    """A video-generation login: `concurrency` bounds the renders being submitted at once
+    (seed 000: 10) and the status polls in flight; `rate_per_s` paces its requests."""
+
+    concurrency: int = Field(10, ge=1, le=2000)  # seed 000: 10 concurrent D-ID calls
+    rate_per_s: float = Field(0.0, ge=0)  # D-ID publishes no rate; 0 means no limit
+    request_timeout_s: float = Field(60.0, gt=0)  # seed 000: 60 s read for D-ID
+    retry: RetrySettings = RetrySettings(initial_s=2.0, max_s=6.0)  # seed 000: 2 s, 4 s, 6 s
+    # The public URL (https, reachable by the provider) of this daemon's webhook for the
+    # account, e.g. https://hooks.example.com/webhooks/video/did-main. None: polling only.
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None  # added to webhook_url as ?token=...
+
+
+class DidAccount(VideoAccountSettings):
+    """One D-ID API key (shared/providers/d-id.md): clips from a presenter, or talks from a
+    photo. The key is `token`, in its issued form `username:password`."""
+
+    kind: Literal["did"]
+    base_url: str = "https://api.d-id.com"
+    # The docs put the key after "Basic " as issued; community code base64-encodes it first.
+    auth_form: Literal["raw", "base64"] = "raw"
+    endpoint: Literal["clips", "talks"] = "clips"
+    presenter_id: str | None = None  # clips: the default presenter
+    driver_id: str | None = None  # clips: older examples pass one with the presenter
+    source_url: str | None = None  # talks: the default photo
+    voice_provider: str = "microsoft"
+    voice_id: str | None = None  # None: D-ID's default voice
+    result_format: str = "mp4"
+    # find() reads one page of GET /{endpoint}, newest first, of this many jobs (`?limit=`):
+    # a reference submitted before the newest find_list_limit jobs is not found.
+    find_list_limit: int = Field(100, ge=1, le=1000)
+
+
+class VideoApiAccount(VideoAccountSettings):
+    """A generic async video-job API (shared/providers/generic-video-job.md): every path and
+    field name is a setting, because none of them is documented."""
+
+    kind: Literal["video_api"]
+    base_url: str
+    auth_header: str = "X-API-Key"
+    auth_template: str = "{api_key}"  # e.g. "Bearer {api_key}"
+    submit_path: str = "/job"
+    # The submit body; string values are templates over script, reference and callback_url
+    # (and the job's video options); an empty result drops the field.
+    submit_body: dict[str, str] = {
+        "script": "{script}",
+        "reference": "{reference}",
+        "callbackUrl": "{callback_url}",
+    }
+    job_id_path: str = "jobId"  # dotted path into the submit answer
+    status_path: str = "/job/{job_id}"
+    status_field_path: str = "status"
+    video_url_path: str = "videoUrl"
+    error_path: str = "error"
+    # Provider status (compared stripped and lower-cased) -> our state; others: unknown_status.
+    status_map: dict[str, Literal["running", "succeeded", "failed", "not_found"]] = {
+        "processing": "running",
+        "queued": "running",
+        "pending": "running",
+        "completed": "succeeded",
+        "failed": "failed",
+        "not_found": "not_found",
+    }
+    unknown_status: Literal["running", "failed"] = "running"
+    http_404_means_not_found: bool = True
+    # Right after a submit, some job stores do not know the job yet: not_found within this
+    # many seconds of the submit is read as running.
+    not_found_grace_s: float = Field(30.0, ge=0)
+
+
 Account = Annotated[
-    CloudApiAccount | WablasAccount | UltraMsgAccount | StatusGatewayAccount,
+    CloudApiAccount
+    | WablasAccount
+    | UltraMsgAccount
+    | StatusGatewayAccount
+    | DidAccount
+    | VideoApiAccount,
     Field(discriminator="kind"),
 ]
-ACCOUNT_KINDS = ("cloud_api", "wablas", "ultramsg", "status_gateway")
+ACCOUNT_KINDS = ("cloud_api", "wablas", "ultramsg", "status_gateway", "did", "video_api")
+VIDEO_KINDS = ("did", "video_api")
+
+
+class VideoSettings(BaseModel):
+    """The video pipeline: submission progress and seed 002's polling schedule and Redis TTLs."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must not fall back silently
+
+    # Redis key prefix of the video:* keys; None: the daemon's redis_prefix. "" gives seed
+    # 002's exact keys, so an existing producer of that system works unchanged.
+    key_prefix: str | None = None
+    progress_batch: int = Field(50, ge=1, le=10_000)  # seed 000: progress saved every 50 items
+    first_poll_s: float = Field(5.0, gt=0)  # seed 002: initialDelay
+    poll_interval_s: float = Field(10.0, gt=0)  # seed 002: interval
+    # With a webhook configured the webhook ends the wait; polls only guard against a lost one.
+    webhook_poll_interval_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(300.0, gt=0)  # seed 002: give up after 5 minutes
+    max_attempts: int = Field(30, ge=1)  # seed 002: maxAttempts
+    backoff_initial_s: float = Field(5.0, gt=0)  # seed 002: 5 s x 2^failures
+    backoff_max_s: float = Field(60.0, gt=0)  # seed 002: at most 1 minute
+    poll_timeout_s: float = Field(15.0, gt=0)  # seed 002: 15 s HTTP timeout per poll
+    job_ttl_s: int = Field(600, ge=1)  # seed 002: video:job:{id}
+    lock_ttl_s: int = Field(60, ge=1)  # seed 002: video:lock:{id}
+    attempts_ttl_s: int = Field(600, ge=1)  # seed 002: video:attempts:{id}
+    completed_ttl_s: int = Field(7200, ge=1)  # seed 002: video:completed:{id}
+    recovery_interval_s: float = Field(15.0, gt=0)  # how often orphaned jobs are looked for
+    rerender_unknown_errors: int = Field(1, ge=0, le=5)  # D-ID: re-create an UnknownError job
 
 
 class AdminSettings(BaseModel):
@@ -217,6 +320,7 @@ class Settings(BaseSettings):
     )
     accounts: dict[str, Account] = {}
     admin: AdminSettings = AdminSettings()
+    video: VideoSettings = VideoSettings()
 
     default_region: str = "ID"  # region for numbers written without a country code
     max_job_bytes: int = Field(1_048_576, ge=1024)

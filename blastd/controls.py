@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from blastd import ledger
+from blastd import ledger, video_ledger
 from blastd.errors import InvalidJobError
 from blastd.jobs import DEFAULT_RETRY_CLASSES, ControlAction, ControlJob
 from blastd.recipients import preview
@@ -47,6 +47,7 @@ class _Request:
     campaign_id: str
     action: ControlAction
     classes: tuple[str, ...]
+    scope: str = "messages"
 
 
 _Action = Callable[[asyncpg.Connection, _Request, str], Awaitable[ControlResult]]
@@ -59,9 +60,11 @@ async def apply_control(
     classes: Sequence[str] = DEFAULT_RETRY_CLASSES,
     *,
     control_id: str | None = None,
+    scope: str = "messages",
 ) -> ControlResult | None:
-    """Apply one action in one transaction; None when there is no such campaign."""
-    request = _Request(campaign_id, action, tuple(classes))
+    """Apply one action in one transaction; None when there is no such campaign. A retry's
+    `scope` is 'messages' (failed sends) or 'videos' (failed renders of a video campaign)."""
+    request = _Request(campaign_id, action, tuple(classes), scope)
     async with ledger.transaction(pool) as conn:
         state = await ledger.lock_campaign_state(conn, campaign_id)
         if state is None:
@@ -79,7 +82,13 @@ async def apply_control_job(deps: Dependencies, job: ControlJob) -> None:
     classes = job.classes or DEFAULT_RETRY_CLASSES
     with bound_contextvars(job_id=job.id, campaign_id=job.campaign_id):
         result = await deps.db_call(
-            apply_control, deps.pool, job.campaign_id, job.action, classes, control_id=job.id
+            apply_control,
+            deps.pool,
+            job.campaign_id,
+            job.action,
+            classes,
+            control_id=job.id,
+            scope=job.scope,
         )
         if result is None:
             raise InvalidJobError(f"unknown campaign {preview(job.campaign_id)}", job.id)
@@ -114,12 +123,28 @@ async def _retry_failed(conn: asyncpg.Connection, request: _Request, state: str)
     """Requeued recipients reopen the campaign, whatever stopped it, unless it was cancelled."""
     if state == "cancelled":
         return _unchanged(request, state, "campaign is cancelled: nothing is retried")
-    requeued = await ledger.requeue_recipients(conn, request.campaign_id, request.classes)
-    if not requeued:
-        classes = ", ".join(request.classes)
-        return _unchanged(request, state, f"no failed recipients of class {classes}")
+    campaign_type = await ledger.campaign_type(conn, request.campaign_id)
+    is_video = campaign_type in ("video_blast", "video_poll")
+    if request.scope == "videos":
+        if campaign_type != "video_blast":
+            return _unchanged(request, state, "only a video_blast renders videos again")
+        requeued = await video_ledger.requeue_renders(conn, request.campaign_id)
+        if not requeued:
+            return _unchanged(request, state, "no failed renders")
+        back_to = "pending: rendered again"
+    else:
+        if is_video:  # the video is there: only the message is sent again
+            requeue = video_ledger.requeue_deliveries
+            back_to = "rendered: sent again"
+        else:
+            requeue = ledger.requeue_recipients
+            back_to = "pending"
+        requeued = await requeue(conn, request.campaign_id, request.classes)
+        if not requeued:
+            classes = ", ".join(request.classes)
+            return _unchanged(request, state, f"no failed recipients of class {classes}")
     await ledger.change_campaign_state(conn, request.campaign_id, "running", None)
-    message = f"{requeued} recipients back to pending; campaign running"
+    message = f"{requeued} recipients back to {back_to}; campaign running"
     return ControlResult(request.campaign_id, request.action, True, "running", message, requeued)
 
 
@@ -148,4 +173,5 @@ def _log(result: ControlResult, request: _Request) -> None:
         return
     if request.action == "retry_failed":
         fields["classes"] = list(request.classes)
+        fields["scope"] = request.scope
     log.info(_EVENTS[request.action], count=result.recipients, **fields)

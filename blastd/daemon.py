@@ -18,11 +18,12 @@ import redis.exceptions
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
-from blastd import admin, campaigns, intake, ledger, watchdog
+from blastd import admin, campaigns, intake, ledger, video_ledger, video_poller, watchdog
 from blastd.batches import BatchWriter
-from blastd.config import AccountSettings, Settings
+from blastd.config import AccountSettings, Settings, VideoAccountSettings
 from blastd.limiter import AccountPacer, Pacer
 from blastd.providers import build_provider
+from blastd.providers.video import VideoAccount, open_video_account
 from blastd.sender import Sender
 from blastd.shared_limiter import SharedPacer
 
@@ -105,7 +106,8 @@ class Dependencies:
     settings: Settings
     redis: aioredis.Redis
     pool: ledger.Pool
-    senders: dict[str, Sender]
+    senders: dict[str, Sender]  # the messaging accounts
+    videos: dict[str, VideoAccount]  # the video-generation accounts
     outcomes: BatchWriter[ledger.Outcome]
     receipts: BatchWriter[ledger.Receipt]
     campaigns_changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -202,11 +204,15 @@ async def open_dependencies(
         redis=client,
         pool=pool,
         senders={},
+        videos={},
         outcomes=_writer("outcomes", ledger.record_outcomes, pool, settings),
         receipts=_writer("receipts", ledger.apply_receipts, pool, settings),
     )
     for name, account in settings.accounts.items():
         http = await stack.enter_async_context(_http_session(account.concurrency))
+        if isinstance(account, VideoAccountSettings):
+            deps.videos[name] = open_video_account(name, account, http)
+            continue
         provider = build_provider(name, account, http)
         deps.senders[name] = Sender(name, account, provider, _account_pacer(deps, name, account))
     return deps
@@ -282,8 +288,11 @@ async def recover_instance(deps: Dependencies, instance_id: str) -> None:
         instance_id,
         resend_uncertain=deps.settings.uncertain_policy == "resend",
     )
-    if jobs or any(recipients.values()):
-        log.warning("instance_recovered", instance=instance_id, jobs=jobs, **recipients)
+    renders = await deps.db_call(video_ledger.recover_renders, deps.pool, instance_id)
+    if jobs or renders or any(recipients.values()):
+        log.warning(
+            "instance_recovered", instance=instance_id, jobs=jobs, renders=renders, **recipients
+        )
 
 
 async def keep_instance_alive(deps: Dependencies, token: str, work_done: asyncio.Event) -> None:
@@ -373,6 +382,8 @@ async def _serve(
         async with asyncio.TaskGroup() as producers:
             producers.create_task(intake.run(deps, shutdown), name="intake")
             producers.create_task(campaigns.run(deps, shutdown), name="campaigns")
+            if deps.videos:
+                producers.create_task(video_poller.run(deps, shutdown), name="video-poller")
             await _watch_for_drain(deps, shutdown, status)
         deps.outcomes.close()  # producers are done: write the last batch, then return
         deps.receipts.close()

@@ -17,7 +17,7 @@ import structlog
 from redis.asyncio.client import Pipeline
 from structlog.contextvars import bound_contextvars
 
-from blastd import controls, ledger, metrics, status_intake
+from blastd import controls, ledger, metrics, status_intake, video_intake
 from blastd.errors import InvalidJobError, InvalidNumberError
 from blastd.jobs import BlastJob, ControlJob, StatusJob, missing_variables, parse_job
 from blastd.recipients import (
@@ -27,6 +27,7 @@ from blastd.recipients import (
     stream_recipients_key,
     time_zone_of,
 )
+from blastd.video_jobs import VideoBlastJob, VideoPollJob
 
 if TYPE_CHECKING:
     from blastd.daemon import Dependencies, Shutdown
@@ -100,11 +101,16 @@ async def accept_job(deps: Dependencies, raw: bytes) -> None:
         accounts=settings.accounts.keys(),
         max_inline_recipients=settings.max_inline_recipients,
         default_region=settings.default_region,
+        video_accounts=deps.videos.keys(),
     )
     if isinstance(job, ControlJob):
         await controls.apply_control_job(deps, job)
     elif isinstance(job, StatusJob):
         await status_intake.accept_status(deps, job)
+    elif isinstance(job, VideoBlastJob):
+        await video_intake.accept_video_blast(deps, job)
+    elif isinstance(job, VideoPollJob):
+        await video_intake.accept_video_poll(deps, job)
     else:
         await _accept_blast(deps, job)
 
@@ -134,14 +140,14 @@ async def _insert_blast(deps: Dependencies, job: BlastJob) -> ledger.CampaignCou
         options=job.options.model_dump(mode="json", exclude_none=True),
     )
     async with ledger.transaction(deps.pool) as conn:
-        counts = await ledger.insert_campaign(conn, campaign, _staged_pages(deps, job))
+        counts = await ledger.insert_campaign(conn, campaign, staged_pages(deps, job))
         if counts is not None and counts.pending == 0:
             raise InvalidJobError("no valid recipient", job.id)  # rolls the campaign back
         return counts
 
 
-async def _staged_pages(
-    deps: Dependencies, job: BlastJob
+async def staged_pages(
+    deps: Dependencies, job: BlastJob | VideoBlastJob
 ) -> AsyncIterator[Sequence[ledger.StagedRecipient]]:
     settings = deps.settings
     entries: AsyncIterator[Sequence[RecipientIn | BadEntry]]
@@ -189,7 +195,7 @@ async def _check_is_list(deps: Dependencies, key: str, job_id: str) -> None:
 
 
 def stage_recipient(
-    job: BlastJob, seq: int, entry: RecipientIn | BadEntry, region: str
+    job: BlastJob | VideoBlastJob, seq: int, entry: RecipientIn | BadEntry, region: str
 ) -> ledger.StagedRecipient:
     """Normalise one entry; an unusable one is kept as a skipped row with its reason."""
     if isinstance(entry, BadEntry):
@@ -199,11 +205,15 @@ def stage_recipient(
         phone = normalize_number(recipient.to, region)
     except InvalidNumberError as exc:
         return ledger.StagedRecipient(seq, recipient.to[:64], None, exc.reason)
-    missing = missing_variables(job.message, recipient.vars)
+    if isinstance(job, BlastJob):
+        missing = missing_variables(job.message, recipient.vars)
+    else:
+        missing = job.missing_variables(recipient.vars)
     if missing:
         reason = "missing variable: " + ", ".join(sorted(missing))
         return ledger.StagedRecipient(seq, phone, recipient.vars or None, reason)
-    time_zone = time_zone_of(phone) if job.options.window else None
+    window = job.options.window if isinstance(job, BlastJob) else None
+    time_zone = time_zone_of(phone) if window else None
     return ledger.StagedRecipient(seq, phone, recipient.vars or None, None, time_zone)
 
 

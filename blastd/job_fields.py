@@ -175,6 +175,11 @@ class Limits:
     accounts: Collection[str]
     max_inline_recipients: int
     default_region: str
+    video_accounts: Collection[str] = ()  # the accounts of a video kind, among `accounts`
+
+    @property
+    def messaging_accounts(self) -> set[str]:
+        return set(self.accounts) - set(self.video_accounts)
 
 
 def require_a_valid_number(recipients: list[RecipientIn], default_region: str) -> None:

@@ -51,10 +51,11 @@ from blastd.job_fields import (
 )
 from blastd.providers import Body, TemplateBody, TextBody, VideoBody
 from blastd.recipients import CONTROL_CHARS, RecipientIn, preview
+from blastd.video_jobs import VideoBlastJob, VideoPollJob, parse_video_blast, parse_video_poll
 
 MESSAGE_KINDS = ("text", "template", "video")
 ControlAction = Literal["pause", "resume", "cancel", "retry_failed"]
-CONTROL_SCOPES = ("messages",)  # 'videos' arrives with the video pipeline
+CONTROL_SCOPES = ("messages", "videos")  # failed sends, or failed renders of a video_blast
 # Classes whose recipients a retry may send again: the provider error classes, and 'uncertain'
 # (the request may have reached the provider; resending is the operator's explicit choice).
 RetryClass = Literal[
@@ -262,7 +263,7 @@ class StatusJob(BaseModel):
         return self
 
 
-Job = BlastJob | ControlJob | StatusJob
+Job = BlastJob | ControlJob | StatusJob | VideoBlastJob | VideoPollJob
 
 
 def parse_job(
@@ -272,6 +273,7 @@ def parse_job(
     accounts: Collection[str],
     max_inline_recipients: int,
     default_region: str,
+    video_accounts: Collection[str] = (),
 ) -> Job:
     """Return the validated job or raise InvalidJobError with a one-line reason and its id."""
     data = _load_object(raw, max_bytes)
@@ -279,7 +281,8 @@ def parse_job(
     try:
         _check_control_chars(data)
         parse = _JOB_TYPES[_read_type(data)]
-        return parse(data, Limits(accounts, max_inline_recipients, default_region))
+        limits = Limits(accounts, max_inline_recipients, default_region, video_accounts)
+        return parse(data, limits)
     except InvalidJobError as exc:
         exc.job_id = job_id
         raise
@@ -360,7 +363,7 @@ def _parse_blast(data: dict[str, Any], limits: Limits) -> BlastJob:
         job = BlastJob.model_validate(data)
     except ValidationError as exc:
         raise InvalidJobError(describe(exc)) from None
-    if job.account not in limits.accounts:
+    if job.account not in limits.messaging_accounts:
         raise InvalidJobError(f"unknown account {preview(job.account)}")
     if job.recipients is not None:
         require_a_valid_number(job.recipients, limits.default_region)
@@ -378,7 +381,7 @@ def _parse_status(data: dict[str, Any], limits: Limits) -> StatusJob:
         job = StatusJob.model_validate(data)
     except ValidationError as exc:
         raise InvalidJobError(describe(exc)) from None
-    if job.account not in limits.accounts:
+    if job.account not in limits.messaging_accounts:
         raise InvalidJobError(f"unknown account {preview(job.account)}")
     return job
 
@@ -394,6 +397,8 @@ _JOB_TYPES: dict[str, Callable[[dict[str, Any], Limits], Job]] = {
     "blast": _parse_blast,
     "control": _parse_control,
     "status": _parse_status,
+    "video_blast": parse_video_blast,
+    "video_poll": parse_video_poll,
 }
 
 

@@ -12,7 +12,8 @@ from typing import Any, TypeAlias
 import asyncpg
 import orjson
 
-ACTIVE_STATES = ("pending", "sending")
+# A campaign is done once none of its recipients is in one of these.
+ACTIVE_STATES = ("pending", "sending", "rendering", "rendered")
 FINAL_STATES = (
     "sent",
     "delivered",
@@ -22,6 +23,7 @@ FINAL_STATES = (
     "cancelled",
     "uncertain",
     "expired",
+    "video_failed",
 )
 MIGRATION_LOCK_ID = 0x626C617374  # 'blast': one migrator at a time across daemons
 
@@ -287,13 +289,14 @@ async def expire_pending(pool: Pool, campaign_id: str) -> int:
 
 
 async def cancel_pending(executor: Pool | asyncpg.Connection, campaign_id: str) -> int:
-    """Pending recipients of a cancelled campaign end 'cancelled'; return how many.
+    """Pending recipients of a cancelled campaign end 'cancelled', and so do videos not yet
+    delivered (a render still running is then never delivered); return how many.
 
     Also run after a campaign's sends: a claim released (or a send deferred) while the cancel
     committed comes back pending, and must not stay so."""
     result: str = await executor.execute(
         "UPDATE recipients SET state = 'cancelled', next_attempt_at = NULL, updated_at = now() "
-        "WHERE campaign_id = $1 AND state = 'pending' "
+        "WHERE campaign_id = $1 AND state IN ('pending', 'rendering', 'rendered') "
         "AND EXISTS (SELECT 1 FROM campaigns WHERE id = $1 AND state = 'cancelled')",
         campaign_id,
     )
@@ -576,8 +579,10 @@ class Broadcast:
     batches_failed: int
 
 
-async def campaign_type(pool: Pool, campaign_id: str) -> str | None:
-    value: str | None = await pool.fetchval("SELECT type FROM campaigns WHERE id = $1", campaign_id)
+async def campaign_type(executor: Pool | asyncpg.Connection, campaign_id: str) -> str | None:
+    value: str | None = await executor.fetchval(
+        "SELECT type FROM campaigns WHERE id = $1", campaign_id
+    )
     return value
 
 

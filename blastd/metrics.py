@@ -106,6 +106,26 @@ QUEUE_DEPTH = Gauge(
     ["queue"],
     registry=REGISTRY,
 )
+VIDEO_SUBMITS = Counter(
+    "blastd_video_submits",
+    "Render submissions by video account and outcome: ok, found (after a crash), or the error "
+    "class that refused it.",
+    ["account", "outcome"],
+    registry=REGISTRY,
+)
+VIDEO_POLLS = Counter(
+    "blastd_video_polls",
+    "Status polls by video account and answer: running, succeeded, failed, not_found, or the "
+    "error class of a failed poll.",
+    ["account", "result"],
+    registry=REGISTRY,
+)
+VIDEO_RENDERS = Counter(
+    "blastd_video_renders",
+    "Renders this daemon saw end, by video account and outcome: succeeded, failed, timeout.",
+    ["account", "outcome"],
+    registry=REGISTRY,
+)
 CAMPAIGN_RECIPIENTS = Gauge(
     "blastd_campaign_recipients",
     "Recipients of a campaign this daemon is running (removed when its run ends).",

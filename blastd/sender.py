@@ -43,6 +43,8 @@ log = structlog.get_logger()
 DEFAULT_THROTTLE_HOLD_S = 1.0  # when a throttling answer names no Retry-After
 MAX_PAIR_DELAY_S = 3600.0
 RECOVERY_STEPS = 100  # after a cut, the rate climbs back to the ceiling over this many successes
+# What a campaign becomes when a send meets these classes (DESIGN §4).
+STOP_STATES = {"quality": "paused", "campaign_fatal": "stopped"}
 
 
 class NotSentError(Exception):

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from blastd.config import AdminSettings, CloudApiAccount, Settings, load_settings
+from blastd.config import (
+    AdminSettings,
+    CloudApiAccount,
+    Settings,
+    VideoSettings,
+    load_settings,
+)
 from blastd.errors import ConfigError
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "blastd.env.example"
@@ -24,9 +30,11 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 def test_example_env_file_documents_every_setting() -> None:
     documented = set(re.findall(r"^#?(BLASTD_[A-Z0-9_]+)=", EXAMPLE.read_text(), re.MULTILINE))
-    top_level = {f"BLASTD_{name.upper()}" for name in Settings.model_fields} - {"BLASTD_ADMIN"}
+    sections = {"BLASTD_ADMIN", "BLASTD_VIDEO"}
+    top_level = {f"BLASTD_{name.upper()}" for name in Settings.model_fields} - sections
     admin = {f"BLASTD_ADMIN__{name.upper()}" for name in AdminSettings.model_fields}
-    assert top_level | admin <= documented
+    video = {f"BLASTD_VIDEO__{name.upper()}" for name in VideoSettings.model_fields}
+    assert top_level | admin | video <= documented
     example_account = re.search(r"BLASTD_ACCOUNTS='(.*)'", EXAMPLE.read_text())
     assert example_account is not None
     keys = set(re.findall(r'"(\w+)":', example_account.group(1)))

@@ -287,8 +287,8 @@ async def _control_recorded(pool: ledger.Pool, control_id: str) -> bool:
     [
         ({"campaign_id": "never-created"}, "unknown campaign 'never-created'"),
         (
-            {"campaign_id": "x", "scope": "videos"},
-            "scope: scope 'videos' is not supported (supported: messages)",
+            {"campaign_id": "x", "scope": "images"},
+            "scope: scope 'images' is not supported (supported: messages, videos)",
         ),
         (
             {"campaign_id": "x", "action": "stop"},

@@ -267,7 +267,7 @@ def _dependencies(servers: Servers, client: aioredis.Redis, pool: ledger.Pool) -
     def writer(name: str) -> BatchWriter[object]:
         return BatchWriter(name, _write_nothing, flush_rows=1, flush_interval_s=1, retry_s=1)
 
-    return Dependencies(settings, client, pool, {}, writer("outcomes"), writer("receipts"))
+    return Dependencies(settings, client, pool, {}, {}, writer("outcomes"), writer("receipts"))
 
 
 async def _write_nothing(items: object) -> None:

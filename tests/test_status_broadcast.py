@@ -234,7 +234,9 @@ async def test_failed_batches_are_retried_later_with_the_same_message_id(
     assert result is not None
     document = result.document()
     assert document["sentSuccessfully"] == 301
-    assert document["batches"] == {"total": 6, "successful": 4, "failed": 2}
+    batches = document["batches"]
+    assert batches["failed"] == 2
+    assert batches["total"] == batches["successful"] + 2 == len(requests)
     assert document["failedRecipients"] == []
 
 

@@ -73,6 +73,9 @@ class SandboxConfig(EmulatorConfig):
     fail_numbers_http: ByNumber[int] = Field(default_factory=dict)
     # recipient digits -> code in a failed webhook
     async_fail_numbers: ByNumber[int] = Field(default_factory=dict)
+    # recipient digits -> Graph code answered to video messages only (e.g. 131053, media
+    # download failed), so a fallback to text can be shown
+    fail_video_numbers: ByNumber[int] = Field(default_factory=dict)
     app_secret: str = "sandbox-app-secret"
     webhook_statuses: tuple[Literal["sent", "delivered", "read"], ...] = (
         "sent",
@@ -146,6 +149,9 @@ class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
             raise Rejection(190, "the access token is not valid")
         message = read_message(raw_body, self._config.templates)
         self._inject_faults(message.wa_id)
+        video_code = self._config.fail_video_numbers.get(message.wa_id)
+        if message.type == "video" and video_code is not None:
+            raise Rejection(video_code, "failure configured for videos to this recipient")
         self._admit(phone_number_id, message.wa_id, now_s)
         message_id = "wamid." + base64.urlsafe_b64encode(self._rng.randbytes(18)).decode()
         self._record_accepted(phone_number_id, message, message_id, now_s)

@@ -1,0 +1,342 @@
+"""Runs a video campaign: submit its renders in progress batches, keep the polling loop fed,
+deliver what is rendered, and finish once nothing is left to do.
+
+Seed 000 submits with 10 calls in flight and saves progress every 50 items; so does this, with
+the progress saved in the ledger: the batch's recipients are 'rendering' (owned, no job id)
+before any submission leaves, and get their job ids in one statement when the batch is done.
+A crash in between leaves them owned by a dead instance; the recovery looks each one up at the
+provider by its reference (the ledger id, D-ID's user_data) and submits again only those the
+provider does not know. A provider that cannot be searched leaves them 'video_failed' as
+uncertain, for an operator's `retry --scope videos`, rather than risk a second render.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from structlog.contextvars import bound_contextvars
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from blastd import ledger, video_delivery, video_ledger, video_poller
+from blastd.errors import (
+    CampaignFatalError,
+    ProviderError,
+    ThrottledError,
+    TransientError,
+    UncertainOutcomeError,
+)
+from blastd.metrics import VIDEO_SUBMITS
+from blastd.providers.video import VideoAccount, VideoRequest
+from blastd.video_jobs import VideoBlastOptions, fill
+
+if TYPE_CHECKING:
+    from blastd.daemon import Dependencies, Shutdown
+
+log = structlog.get_logger()
+
+BATCHES_IN_FLIGHT = 2  # the next batch is claimed while one finishes: no idle slots between
+DELIVERY_SWEEP = 500  # rendered videos delivered per pass of the campaign loop
+UNCERTAIN_SUBMIT = (
+    "the daemon stopped while submitting this render and the provider cannot be searched: "
+    "it may exist; retry --scope videos submits it again"
+)
+
+
+@dataclass
+class VideoRun:
+    deps: Dependencies
+    campaign: ledger.Campaign
+    account: VideoAccount
+    shutdown: Shutdown
+    halted: asyncio.Event
+    script: str
+    render_options: dict[str, str]
+    progress_batch: int
+    stop_reason: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def should_stop(self) -> bool:
+        return self.stop_reason is not None or self.shutdown.is_requested or self.halted.is_set()
+
+
+async def run_video_campaign(
+    deps: Dependencies, campaign: ledger.Campaign, shutdown: Shutdown, halted: asyncio.Event
+) -> None:
+    """Work on a running video_blast or video_poll campaign until it is done, leaves
+    'running', or the daemon stops."""
+    with bound_contextvars(campaign_id=campaign.id, account=campaign.account):
+        run = await _prepare(deps, campaign, shutdown, halted)
+        if run is None or not await _wait_for_start(run):
+            return
+        synced_at = 0.0
+        while not run.should_stop():
+            await _recover_orphans(run)
+            if time.monotonic() - synced_at >= deps.settings.video.recovery_interval_s:
+                await _resync_polls(run)
+                synced_at = time.monotonic()
+            await _submit_pending(run)
+            await _deliver_rendered(run)
+            if run.stop_reason is not None:
+                await deps.db_call(
+                    ledger.set_campaign_state, deps.pool, campaign.id, "paused", run.stop_reason
+                )
+                log.error("campaign_stopping", state="paused", reason=run.stop_reason)
+                return
+            if await deps.db_call(ledger.finish_campaign_if_done, deps.pool, campaign.id):
+                counts = await deps.db_call(ledger.count_states, deps.pool, campaign.id)
+                log.info("campaign_finished", counts=counts)
+                return
+            await shutdown.wait(halted, deps.settings.campaign_poll_interval_s)
+
+
+async def _prepare(
+    deps: Dependencies, campaign: ledger.Campaign, shutdown: Shutdown, halted: asyncio.Event
+) -> VideoRun | None:
+    render: dict[str, Any] = campaign.message.get("video", {})
+    account = deps.videos.get(render.get("account", ""))
+    if account is None or campaign.account not in deps.senders:
+        reason = f"account {render.get('account')!r} or {campaign.account!r} is not configured"
+        await deps.db_call(ledger.set_campaign_state, deps.pool, campaign.id, "stopped", reason)
+        log.error("campaign_stopped", reason=reason)
+        return None
+    options = VideoBlastOptions.model_validate(campaign.options)
+    batch = options.progress_batch or deps.settings.video.progress_batch
+    script, render_options = render.get("script", ""), render.get("options", {})
+    return VideoRun(deps, campaign, account, shutdown, halted, script, render_options, batch)
+
+
+async def _wait_for_start(run: VideoRun) -> bool:
+    options = VideoBlastOptions.model_validate(run.campaign.options)
+    if options.not_before is not None:
+        delay_s = (options.not_before - datetime.now(UTC)).total_seconds()
+        if delay_s > 0:
+            log.info("campaign_waiting", not_before=options.not_before.isoformat())
+            await run.shutdown.wait(run.halted, delay_s)
+    return not run.should_stop()
+
+
+# --- submission ------------------------------------------------------------------------------
+
+
+async def _submit_pending(run: VideoRun) -> None:
+    """Claim and submit progress batches until no pending render is left or the run stops."""
+    deps = run.deps
+    in_flight = asyncio.Semaphore(BATCHES_IN_FLIGHT)
+    async with asyncio.TaskGroup() as batches:
+        while not run.should_stop():
+            await in_flight.acquire()
+            claims = await deps.db_call(
+                video_ledger.claim_renders,
+                deps.pool,
+                run.campaign.id,
+                deps.settings.instance_id,
+                run.progress_batch,
+            )
+            if not claims:
+                in_flight.release()
+                return
+            batches.create_task(_submit_batch(run, claims, in_flight))
+
+
+async def _submit_batch(
+    run: VideoRun, claims: list[video_ledger.RenderClaim], in_flight: asyncio.Semaphore
+) -> None:
+    try:
+        results = await asyncio.gather(*(_submit_one(run, claim) for claim in claims))
+    finally:
+        in_flight.release()
+    await _save_batch(run, claims, results)
+
+
+async def _save_batch(
+    run: VideoRun,
+    claims: list[video_ledger.RenderClaim],
+    results: list[str | ProviderError | None],
+) -> None:
+    """One statement per kind of result: the batch's progress is saved at once."""
+    deps = run.deps
+    submitted = [
+        video_ledger.Submission(claim.id, result)
+        for claim, result in zip(claims, results, strict=True)
+        if isinstance(result, str)
+    ]
+    failures = [
+        video_ledger.RenderFailure(claim.id, result.error_class, result.code, result.text)
+        for claim, result in zip(claims, results, strict=True)
+        if isinstance(result, ProviderError)
+    ]
+    unsent = [claim.id for claim, result in zip(claims, results, strict=True) if result is None]
+    if submitted:
+        await deps.db_call(video_ledger.save_submissions, deps.pool, submitted)
+        await _schedule_polls(run, submitted)
+    if failures:
+        await deps.db_call(video_ledger.fail_renders, deps.pool, failures)
+    if unsent:
+        await deps.db_call(video_ledger.release_renders, deps.pool, unsent)
+    for name, count in (("submitted", len(submitted)), ("failed", len(failures))):
+        run.counts[name] = run.counts.get(name, 0) + count
+    log.info(
+        "video_batch_saved",
+        submitted=len(submitted),
+        failed=len(failures),
+        released=len(unsent),
+        total_submitted=run.counts.get("submitted", 0),
+    )
+
+
+async def _schedule_polls(run: VideoRun, submitted: list[video_ledger.Submission]) -> None:
+    started_ms = video_poller.now_ms()
+    for submission in submitted:
+        state = video_poller.JobState(
+            job_id=submission.video_job_id,
+            account=run.account.name,
+            ledger_id=submission.id,
+            started_ms=started_ms,
+        )
+        await video_poller.schedule(run.deps, state, run.deps.settings.video.first_poll_s)
+
+
+async def _submit_one(run: VideoRun, claim: video_ledger.RenderClaim) -> str | ProviderError | None:
+    """The job id, the error that ended the submission, or None when the run stopped first."""
+    account = run.account
+    request = VideoRequest(
+        reference=str(claim.id),
+        script=fill(run.script, claim.vars or {}),
+        webhook_url=account.webhook_url,
+        options=run.render_options,
+    )
+    async with account.slots:
+        if run.should_stop():
+            return None
+        try:
+            job_id = await _submit_with_retries(account, request)
+        except CampaignFatalError as exc:
+            run.stop_reason = run.stop_reason or f"{exc.code}: {exc.text}"
+            VIDEO_SUBMITS.labels(account.name, exc.error_class).inc()
+            return None  # not this recipient's fault: it is submitted after a resume
+        except ProviderError as exc:
+            VIDEO_SUBMITS.labels(account.name, exc.error_class).inc()
+            return exc
+    VIDEO_SUBMITS.labels(account.name, "ok").inc()
+    return job_id
+
+
+def _throttle_aware(
+    backoff: Callable[[RetryCallState], float],
+) -> Callable[[RetryCallState], float]:
+    """The backoff, or the provider's Retry-After when that is longer."""
+
+    def wait(state: RetryCallState) -> float:
+        delay_s = backoff(state)
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, ThrottledError) and exc.retry_after_s is not None:
+            return max(delay_s, exc.retry_after_s)
+        return delay_s
+
+    return wait
+
+
+async def _submit_with_retries(account: VideoAccount, request: VideoRequest) -> str:
+    """Submit, retrying transient failures and throttling; before a retry, look the render
+    up by its reference where the provider allows it, since a 5xx or an unreadable answer
+    may come after the job was created (shared/providers/d-id.md §6)."""
+    retry = account.settings.retry
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type((TransientError, ThrottledError, UncertainOutcomeError)),
+        stop=stop_after_attempt(retry.attempts),
+        wait=_throttle_aware(
+            wait_exponential_jitter(
+                multiplier=retry.initial_s, max=retry.max_s, jitter=retry.jitter_s
+            )
+        ),
+        reraise=True,
+    )
+    failed_before = False
+    async for attempt in retrying:
+        with attempt:
+            if failed_before and account.provider.can_find:
+                found = await account.provider.find(request.reference)
+                if found is not None:
+                    return found
+            failed_before = True
+            if account.pacer is not None:
+                await account.pacer.acquire()
+            return await account.provider.submit(request)
+    raise AssertionError("unreachable: tenacity reraises the last error")
+
+
+# --- recovery --------------------------------------------------------------------------------
+
+
+async def _recover_orphans(run: VideoRun) -> None:
+    """Submissions a crashed instance left unrecorded: found, submitted again, or uncertain."""
+    deps, provider = run.deps, run.account.provider
+    orphans = await deps.db_call(video_ledger.orphaned_renders, deps.pool, run.campaign.id)
+    for recipient_id in orphans:
+        if not provider.can_find:
+            failure = video_ledger.RenderFailure(
+                recipient_id, "uncertain", "uncertain", UNCERTAIN_SUBMIT
+            )
+            await deps.db_call(video_ledger.fail_renders, deps.pool, [failure])
+            continue
+        try:
+            job_id = await provider.find(str(recipient_id))
+        except ProviderError as exc:
+            log.warning("video_lookup_failed", recipient=recipient_id, error=str(exc))
+            return  # the next pass tries again
+        if job_id is None:
+            await deps.db_call(video_ledger.resubmit_render, deps.pool, recipient_id)
+            continue
+        submission = video_ledger.Submission(recipient_id, job_id)
+        await deps.db_call(video_ledger.save_submissions, deps.pool, [submission])
+        await _schedule_polls(run, [submission])
+        VIDEO_SUBMITS.labels(run.account.name, "found").inc()
+    if orphans:
+        log.warning("video_orphans_recovered", count=len(orphans))
+
+
+async def _resync_polls(run: VideoRun) -> None:
+    """Renders the ledger follows but Redis lost (wiped, or expired while every daemon was
+    down) are polled again from their ledger start time."""
+    deps = run.deps
+    keys = video_poller.video_keys(deps)
+    renders = await deps.db_call(video_ledger.renders_in_progress, deps.pool, run.campaign.id)
+    if not renders:
+        return
+    pipe = deps.redis.pipeline(transaction=False)
+    for render in renders:
+        pipe.exists(keys.job(render.video_job_id))
+    known = await deps.redis_call(pipe.execute)
+    lost = [render for render, exists in zip(renders, known, strict=True) if not exists]
+    for render in lost:
+        state = video_poller.JobState(
+            job_id=render.video_job_id,
+            account=run.account.name,
+            ledger_id=render.id,
+            started_ms=int(render.started_at.timestamp() * 1000),
+        )
+        await video_poller.schedule(deps, state, 0.0)
+    if lost:
+        log.warning("video_polls_restored", count=len(lost))
+
+
+async def _deliver_rendered(run: VideoRun) -> None:
+    """Videos rendered while the campaign was paused, or whose delivery a crash or a retry
+    left to do."""
+    deps = run.deps
+    ids = await deps.db_call(video_ledger.rendered_ids, deps.pool, run.campaign.id, DELIVERY_SWEEP)
+    async with asyncio.TaskGroup() as deliveries:
+        for recipient_id in ids:
+            deliveries.create_task(video_delivery.deliver(deps, recipient_id))

@@ -1,0 +1,132 @@
+"""Video jobs into the ledger: a video_blast becomes a campaign of pending renders, a video_poll
+a campaign of one chat whose render is already under way."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+from structlog.contextvars import bound_contextvars
+
+from blastd import intake, ledger, video_ledger, video_poller
+from blastd.errors import InvalidJobError
+from blastd.job_fields import Limits
+from blastd.recipients import normalize_number
+from blastd.video_jobs import VideoBlastJob, VideoPollJob, parse_video_poll
+
+if TYPE_CHECKING:
+    from blastd.daemon import Dependencies
+
+log = structlog.get_logger()
+
+
+async def accept_video_blast(deps: Dependencies, job: VideoBlastJob) -> None:
+    with bound_contextvars(job_id=job.id, campaign_id=job.id, account=job.account):
+        if await deps.db_call(ledger.campaign_exists, deps.pool, job.id):
+            log.info("job_duplicate")
+            return
+        campaign = ledger.NewCampaign(
+            id=job.id,
+            type="video_blast",
+            account=job.account,
+            message={
+                "video": job.video.model_dump(mode="json"),
+                # A timed-out render gets the same notice as a failed one.
+                "message": {
+                    **job.message.model_dump(mode="json"),
+                    "timeout_notice": job.message.failure_notice,
+                },
+            },
+            options=job.options.model_dump(mode="json", exclude_none=True),
+        )
+        async with ledger.transaction(deps.pool) as conn:
+            counts = await ledger.insert_campaign(conn, campaign, intake.staged_pages(deps, job))
+            if counts is not None and counts.pending == 0:
+                raise InvalidJobError("no valid recipient", job.id)  # rolls the campaign back
+        if counts is None:
+            log.info("job_duplicate")
+            return
+        if job.recipients_key:
+            await deps.redis_call(deps.redis.delete, job.recipients_key)
+        log.info("campaign_created", pending=counts.pending, skipped=counts.skipped)
+        deps.campaigns_changed.set()
+
+
+async def accept_video_poll(deps: Dependencies, job: VideoPollJob) -> int | None:
+    """Record the job's campaign and schedule its first poll; the recipient's ledger id, or
+    None for a job id seen before."""
+    settings = deps.settings
+    started_at = job.started_at or datetime.now(UTC)
+    notify = job.notify
+    campaign = ledger.NewCampaign(
+        id=job.id,
+        type="video_poll",
+        account=notify.account,
+        message={
+            "video": {"account": job.account, "job_id": job.job_id, "status_url": job.status_url},
+            "message": {
+                "caption": notify.caption,
+                "fallback_text": notify.fallback_text,
+                "failure_notice": notify.failure_text,
+                "timeout_notice": notify.timeout_text,
+            },
+        },
+        options={},
+    )
+    phone = normalize_number(notify.to, settings.default_region)  # checked by parse_job
+    with bound_contextvars(job_id=job.id, campaign_id=job.id, video_job_id=job.job_id):
+        async with ledger.transaction(deps.pool) as conn:
+            ledger_id = await video_ledger.insert_poll_campaign(
+                conn, campaign, phone, job.job_id, started_at
+            )
+        if ledger_id is None:
+            log.info("job_duplicate")
+            return None
+        state = video_poller.JobState(
+            job_id=job.job_id,
+            account=job.account,
+            ledger_id=ledger_id,
+            started_ms=int(started_at.timestamp() * 1000),
+            status_url=job.status_url,
+        )
+        await video_poller.schedule(deps, state, settings.video.first_poll_s)
+        log.info("campaign_created", pending=1, skipped=0)
+        deps.campaigns_changed.set()
+        return ledger_id
+
+
+async def adopt_seed_job(deps: Dependencies, job_id: str, raw: bytes) -> video_poller.JobState:
+    """A `video:job:{id}` written by a producer of seed 002's own system: its JSON is a
+    video_poll job (type and id may be left out; job_id defaults to the key's id). It becomes
+    a campaign like a video_poll taken from the jobs list; raises InvalidJobError if it is not
+    one. Returns the state to poll it with now."""
+    data: dict[str, Any] = orjson.loads(raw)
+    data = {"type": "video_poll", "id": job_id, "job_id": job_id, **data}
+    settings = deps.settings
+    limits = Limits(
+        settings.accounts.keys(),
+        settings.max_inline_recipients,
+        settings.default_region,
+        deps.videos.keys(),
+    )
+    job = parse_video_poll(data, limits)
+    ledger_id = await accept_video_poll(deps, job)
+    if ledger_id is None:  # adopted before, and the daemon stopped before it rewrote the key
+        ledger_id = await deps.db_call(video_ledger.poll_recipient_id, deps.pool, job.id)
+    if ledger_id is None:
+        raise InvalidJobError(f"campaign {job.id!r} exists and is not a video_poll")
+    started_at = job.started_at or datetime.now(UTC)
+    state = video_poller.JobState(
+        job_id=job.job_id,
+        account=job.account,
+        ledger_id=ledger_id,
+        started_ms=int(started_at.timestamp() * 1000),
+        status_url=job.status_url,
+    )
+    keys = video_poller.video_keys(deps)
+    await deps.redis_call(
+        deps.redis.set, keys.job(job_id), state.model_dump_json(), ex=settings.video.job_ttl_s
+    )
+    return state

@@ -1,0 +1,295 @@
+"""The video pipeline through the daemon: D-ID renders on the sandbox (time compressed),
+polled through Redis, delivered over the Cloud API emulator; failures, timeouts, webhooks,
+retries by scope, video_poll jobs and seed 002's own key layout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from blastd import controls, ledger
+from tests.conftest import Servers
+from tests.harness import (
+    ACCOUNT,
+    numbers_from,
+    recipient_rows,
+    running_daemon,
+    wait_until,
+)
+from tests.video_harness import (
+    DID_ACCOUNT,
+    PRESENTER,
+    VideoSandbox,
+    campaign_state,
+    make_video_settings,
+    states,
+    video_blast_job,
+    video_sandbox,
+)
+
+JOBS = "blastd:jobs"
+DEAD = "blastd:dead"
+
+
+async def _finished(pool: ledger.Pool, campaign_id: str) -> bool:
+    return await campaign_state(pool, campaign_id) == "done"
+
+
+async def test_a_video_blast_renders_once_per_recipient_and_delivers_each_video(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    numbers = numbers_from(1, 40)
+    async with video_sandbox() as sandbox:
+        settings = make_video_settings(servers, sandbox, video={"progress_batch": 7})
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, video_blast_job("vb-1", numbers))
+            await wait_until(lambda: _finished(pool, "vb-1"), timeout_s=60)
+        did_stats = await sandbox.did.stats()
+        delivered = await sandbox.cloud.recipients()
+        jobs = await sandbox.jobs()
+    rows = await recipient_rows(pool, "vb-1")
+    assert {r["state"] for r in rows} == {"sent"}
+    assert (did_stats["created"], did_stats["duplicates"]) == (40, {})
+    assert sorted(int(job["reference"]) for job in jobs) == sorted(r["id"] for r in rows)
+    assert all(r["video_url"] and r["video_job_id"] and r["renders"] == 1 for r in rows)
+    assert delivered == {n.removeprefix("+"): 1 for n in numbers}
+    scripts = {job["reference"]: job.get("script") for job in jobs}
+    assert all(script is None or script.startswith("Halo N") for script in scripts.values())
+
+
+async def test_a_1000_row_video_blast_runs_end_to_end_in_compressed_time(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    """Seed 000's job: 1,000 rows, 10 renders in flight, progress saved every 50."""
+    numbers = numbers_from(10_000, 1_000)
+    async with video_sandbox(seed=11) as sandbox:
+        settings = make_video_settings(servers, sandbox)
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, video_blast_job("vb-1000", numbers))
+            await wait_until(lambda: _finished(pool, "vb-1000"), timeout_s=120)
+        did_stats = await sandbox.did.stats()
+        delivered = await sandbox.cloud.recipients()
+        jobs = await sandbox.jobs()
+    assert await states(pool, "vb-1000") == {"sent": 1_000}
+    assert (did_stats["created"], did_stats["duplicates"]) == (1_000, {})
+    assert delivered == {n.removeprefix("+"): 1 for n in numbers}
+    polls = sorted(job["polls"] for job in jobs)
+    print(f"\n1,000-row video blast: polls per job median {polls[500]}, max {polls[-1]}")
+
+
+async def test_a_failed_render_ends_video_failed_with_its_kind_and_sends_the_notice(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    numbers = numbers_from(100, 3)
+    async with video_sandbox() as sandbox:
+        settings = make_video_settings(servers, sandbox)
+        job = orjson.loads(video_blast_job("vb-face", numbers))
+        job["message"]["failure_notice"] = "Maaf {name}, video gagal: {reason}"
+        async with running_daemon(settings):
+            # the references are ledger ids: the campaign's first recipient is id 1
+            await sandbox.did.configure(fail_by_reference={"1": "FaceError"})
+            await redis.lpush(JOBS, orjson.dumps(job))
+            await wait_until(lambda: _finished(pool, "vb-face"), timeout_s=60)
+        delivered = await sandbox.cloud.recipients()
+    rows = {r["id"]: r for r in await recipient_rows(pool, "vb-face")}
+    assert rows[1]["state"] == "video_failed"
+    assert (rows[1]["error_code"], rows[1]["notice"]) == ("FaceError", "sent")
+    assert [rows[i]["state"] for i in (2, 3)] == ["sent", "sent"]
+    # the notice went to the failed one; the videos to the others
+    assert delivered == {n.removeprefix("+"): 1 for n in numbers}
+
+
+async def test_an_unknown_error_is_rendered_again_once_then_fails(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    async with video_sandbox(fail_by_reference={"1": "UnknownError"}) as sandbox:
+        settings = make_video_settings(servers, sandbox)
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, video_blast_job("vb-unknown", numbers_from(200, 1)))
+            await wait_until(lambda: _finished(pool, "vb-unknown"), timeout_s=60)
+        did_stats = await sandbox.did.stats()
+    (row,) = await recipient_rows(pool, "vb-unknown")
+    assert (row["state"], row["error_code"], row["renders"]) == ("video_failed", "UnknownError", 2)
+    assert did_stats["duplicates"] == {"1": 2}  # the one deliberate second render
+
+
+async def test_a_render_that_never_finishes_times_out_with_the_timeout_notice(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    async with video_sandbox(fail_by_reference={"1": "never_finish"}) as sandbox:
+        settings = make_video_settings(servers, sandbox, video={"timeout_s": 1.0})
+        job = orjson.loads(video_blast_job("vb-slow", numbers_from(300, 1)))
+        job["message"]["failure_notice"] = "Maaf, waktu habis ({timeout_min} menit)"
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, orjson.dumps(job))
+            await wait_until(lambda: _finished(pool, "vb-slow"), timeout_s=60)
+        jobs = await sandbox.jobs()
+    (row,) = await recipient_rows(pool, "vb-slow")
+    assert (row["state"], row["error_code"], row["notice"]) == ("video_failed", "timeout", "sent")
+    assert 1 <= jobs[0]["polls"] <= settings.video.max_attempts
+
+
+async def test_out_of_credits_pauses_the_campaign_and_a_resume_after_top_up_finishes_it(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    async with video_sandbox(credits=2) as sandbox:
+        settings = make_video_settings(servers, sandbox, did={"concurrency": 1})
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, video_blast_job("vb-credits", numbers_from(400, 5)))
+            await wait_until(lambda: _is(pool, "vb-credits", "paused"), timeout_s=30)
+            campaign = await ledger.load_campaign(pool, "vb-credits")
+            assert campaign is not None
+            assert "credits" in (campaign.state_reason or "")
+            await sandbox.did.configure(credits=None)
+            await controls.apply_control(pool, "vb-credits", "resume")
+            await wait_until(lambda: _finished(pool, "vb-credits"), timeout_s=60)
+        did_stats = await sandbox.did.stats()
+    assert await states(pool, "vb-credits") == {"sent": 5}
+    assert (did_stats["created"], did_stats["duplicates"]) == (5, {})
+
+
+async def _is(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
+    return await campaign_state(pool, campaign_id) == state
+
+
+async def test_retry_scope_videos_renders_only_the_failed_ones_again(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    async with video_sandbox(fail_by_reference={"2": "SourceError"}) as sandbox:
+        settings = make_video_settings(servers, sandbox)
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, video_blast_job("vb-retry", numbers_from(500, 3)))
+            await wait_until(lambda: _finished(pool, "vb-retry"), timeout_s=60)
+            assert (await states(pool, "vb-retry")) == {"sent": 2, "video_failed": 1}
+            await sandbox.did.configure(fail_by_reference={})
+            result = await controls.apply_control(pool, "vb-retry", "retry_failed", scope="videos")
+            assert result is not None
+            assert result.recipients == 1
+            await wait_until(lambda: _finished(pool, "vb-retry"), timeout_s=60)
+        did_stats = await sandbox.did.stats()
+        delivered = await sandbox.cloud.recipients()
+    assert await states(pool, "vb-retry") == {"sent": 3}
+    assert did_stats["duplicates"] == {"2": 2}  # only the failed one rendered again
+    assert sorted(delivered.values()) == [1, 1, 1]
+
+
+async def test_a_video_the_provider_refuses_goes_as_text_with_the_link(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    (number,) = numbers_from(600, 1)
+    async with video_sandbox() as sandbox:
+        settings = make_video_settings(servers, sandbox)
+        await sandbox.cloud.configure(fail_video_numbers={number: 131053})
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, video_blast_job("vb-link", [number]))
+            await wait_until(lambda: _finished(pool, "vb-link"), timeout_s=60)
+        delivered = await sandbox.cloud.recipients()
+    (row,) = await recipient_rows(pool, "vb-link")
+    assert row["state"] == "sent"
+    assert row["video_url"]
+    assert delivered == {number.removeprefix("+"): 1}  # the text; the video was refused
+
+
+async def test_the_did_webhook_ends_the_wait_without_polling(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    async with video_sandbox() as sandbox:
+        did = {"webhook_url": "placeholder", "webhook_secret": "hook-secret"}
+        # Polls come only every 10 minutes of real time: each render is found by its webhook.
+        video = {"webhook_poll_interval_s": 600.0, "first_poll_s": 600.0, "timeout_s": 1200.0}
+        settings = make_video_settings(servers, sandbox, did=did, video=video, admin_port=0)
+        port = _free_port()
+        settings.admin.port = port
+        settings.accounts[DID_ACCOUNT].webhook_url = (  # type: ignore[union-attr]
+            f"http://127.0.0.1:{port}/webhooks/video/{DID_ACCOUNT}"
+        )
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, video_blast_job("vb-hook", numbers_from(700, 5)))
+            await wait_until(lambda: _finished(pool, "vb-hook"), timeout_s=60)
+        jobs = await sandbox.jobs()
+    assert await states(pool, "vb-hook") == {"sent": 5}
+    assert [job["polls"] for job in jobs] == [1] * 5  # the one poll a webhook triggers
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def _create_clip(sandbox: VideoSandbox, reference: str) -> str:
+    body = {
+        "presenter_id": PRESENTER,
+        "script": {"type": "text", "input": "Hola, tu video"},
+        "user_data": reference,
+    }
+    headers = {"Authorization": "Basic sandbox-token"}
+    async with sandbox.http.post(sandbox.did.url + "/clips", json=body, headers=headers) as r:
+        assert r.status == 201, await r.text()
+        created: dict[str, Any] = await r.json()
+    return str(created["id"])
+
+
+async def test_a_video_poll_job_delivers_the_video_with_the_elapsed_time(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    (number,) = numbers_from(800, 1)
+    async with video_sandbox() as sandbox:
+        settings = make_video_settings(servers, sandbox)
+        clip_id = await _create_clip(sandbox, "external-1")
+        job = {
+            "type": "video_poll",
+            "id": "poll-1",
+            "job_id": clip_id,
+            "account": DID_ACCOUNT,
+            "notify": {"account": ACCOUNT, "to": number, "caption": "Listo en {elapsed_s} s"},
+        }
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, orjson.dumps(job))
+            await wait_until(lambda: _finished(pool, "poll-1"), timeout_s=60)
+            audit = await redis.get(f"blastd:video:completed:{clip_id}")
+            assert await redis.exists(f"blastd:video:job:{clip_id}") == 0
+        delivered = await sandbox.cloud.recipients()
+    (row,) = await recipient_rows(pool, "poll-1")
+    assert (row["state"], row["video_job_id"]) == ("sent", clip_id)
+    assert audit is not None
+    assert orjson.loads(audit)["status"] == "completed"
+    assert delivered == {number.removeprefix("+"): 1}
+
+
+async def test_seed_002_keys_with_an_empty_prefix_work_for_an_existing_producer(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    (number,) = numbers_from(900, 1)
+    async with video_sandbox() as sandbox:
+        settings = make_video_settings(servers, sandbox, video={"key_prefix": ""})
+        clip_id = await _create_clip(sandbox, "seed-producer")
+        state = {"account": DID_ACCOUNT, "notify": {"account": ACCOUNT, "to": number}}
+        async with running_daemon(settings):
+            # What seed 002's enqueueVideoJob does: the state, then the id on the queue.
+            await redis.set(f"video:job:{clip_id}", orjson.dumps(state), ex=600)
+            await redis.lpush("video:poll:queue", clip_id)
+            await wait_until(lambda: _finished(pool, clip_id), timeout_s=60)
+            assert await redis.exists(f"video:completed:{clip_id}") == 1
+        delivered = await sandbox.cloud.recipients()
+    assert delivered == {number.removeprefix("+"): 1}
+
+
+async def test_a_seed_job_that_is_not_a_video_poll_is_dead_lettered_with_its_reason(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    async with video_sandbox() as sandbox:
+        settings = make_video_settings(servers, sandbox, video={"key_prefix": ""})
+        async with running_daemon(settings):
+            await redis.set("video:job:bad-1", b'{"account": "nope"}', ex=600)
+            await redis.lpush("video:poll:queue", "bad-1")
+            raw = await wait_until(lambda: redis.lindex(DEAD, 0))
+            assert await redis.exists("video:job:bad-1") == 0
+    entry = orjson.loads(raw)
+    assert entry["reason"].startswith("video:job:bad-1: ")
+    assert "notify" in entry["reason"]

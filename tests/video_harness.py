@@ -1,0 +1,102 @@
+"""What the video pipeline's tests share: the sandbox with D-ID mounted at /did beside the Cloud
+API emulator (as `python -m blastd.sandbox` serves them), settings with a D-ID account, and
+video jobs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from blastd import ledger
+from blastd.config import DidAccount, Settings, VideoSettings
+from blastd.sandbox.cloud_api import SandboxConfig, build_app, listening
+from blastd.sandbox.did import DidSandboxConfig, build_did_app
+from tests.conftest import Servers
+from tests.harness import ACCOUNT, TOKEN, SandboxHandle, make_settings
+
+DID_ACCOUNT = "did-main"
+PRESENTER = "v2_public_Amber@0zSz8kflCN"
+COMPRESSION = 200.0  # a 60 s render takes 0.3 s
+# Seed 002's schedule (5 s, 10 s, 5 min) under the same compression as the renders.
+VIDEO_SCHEDULE = {
+    "first_poll_s": 5 / COMPRESSION,
+    "poll_interval_s": 10 / COMPRESSION,
+    "webhook_poll_interval_s": 60 / COMPRESSION,
+    "timeout_s": 300 / COMPRESSION,
+    "backoff_initial_s": 5 / COMPRESSION,
+    "backoff_max_s": 60 / COMPRESSION,
+    "recovery_interval_s": 0.2,
+}
+
+
+class VideoSandbox:
+    """The Cloud API emulator at the root and D-ID's at /did, on one loopback port."""
+
+    def __init__(self, url: str, http: aiohttp.ClientSession) -> None:
+        self.url = url
+        self.http = http
+        self.cloud = SandboxHandle(url, http)
+        self.did = SandboxHandle(url + "/did", http)
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        async with self.http.get(self.did.url + "/_sandbox/jobs") as response:
+            jobs: list[dict[str, Any]] = orjson.loads(await response.read())
+            return jobs
+
+
+@contextlib.asynccontextmanager
+async def video_sandbox(**did_knobs: Any) -> AsyncIterator[VideoSandbox]:
+    cloud = build_app(SandboxConfig(seed=7))
+    knobs = {"seed": 7, "time_compression": COMPRESSION, **did_knobs}
+    cloud.add_subapp("/did", build_did_app(DidSandboxConfig.model_validate(knobs)))
+    async with listening(cloud, "127.0.0.1", 0) as url, aiohttp.ClientSession() as http:
+        yield VideoSandbox(url, http)
+
+
+def make_video_settings(
+    servers: Servers,
+    sandbox: VideoSandbox,
+    did: dict[str, Any] | None = None,
+    video: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """A Cloud API account to deliver with and a D-ID account to render with, on the sandbox,
+    with seed 002's polling schedule compressed like the sandbox's renders."""
+    settings = make_settings(servers, sandbox.url, **overrides)
+    account = {
+        "kind": "did",
+        "base_url": sandbox.did.url,
+        "token": TOKEN,
+        "presenter_id": PRESENTER,
+        "retry": {"attempts": 3, "initial_s": 0.01, "max_s": 0.05, "jitter_s": 0.01},
+        **(did or {}),
+    }
+    settings.accounts[DID_ACCOUNT] = DidAccount.model_validate(account)
+    settings.video = VideoSettings.model_validate({**VIDEO_SCHEDULE, **(video or {})})
+    return settings
+
+
+def video_blast_job(job_id: str, numbers: list[str], **fields: Any) -> bytes:
+    job: dict[str, Any] = {
+        "type": "video_blast",
+        "id": job_id,
+        "account": ACCOUNT,
+        "video": {"account": DID_ACCOUNT, "script": "Halo {name}, terima kasih!"},
+        "message": {"caption": "Video untuk {name}"},
+        "recipients": [{"to": n, "vars": {"name": f"N{i}"}} for i, n in enumerate(numbers)],
+        **fields,
+    }
+    return orjson.dumps(job)
+
+
+async def states(pool: ledger.Pool, campaign_id: str) -> dict[str, int]:
+    return await ledger.count_states(pool, campaign_id)
+
+
+async def campaign_state(pool: ledger.Pool, campaign_id: str) -> str | None:
+    campaign = await ledger.load_campaign(pool, campaign_id)
+    return campaign.state if campaign else None
