@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from blastd import controls, enqueueing, intake, ledger, logs, reports
 from blastd.config import Settings, load_settings
 from blastd.errors import EXIT_CONFIG, BlastdError, ConfigError
-from blastd.jobs import DEFAULT_RETRY_CLASSES, RETRY_CLASSES, ControlAction
+from blastd.jobs import CONTROL_SCOPES, DEFAULT_RETRY_CLASSES, RETRY_CLASSES, ControlAction
 
 T = TypeVar("T")
 
@@ -74,24 +74,75 @@ def run(ctx: click.Context) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--account", help="Account that sends (default: the only configured one).")
+@click.option("--account", help="Messaging account that sends (default: the only configured one).")
 @click.option("--id", "job_id", help="Campaign id (default: derived from the file name and time).")
 @click.option("--text", help="Text message; {column} placeholders take the row's values.")
 @click.option("--template", help="Template name.")
 @click.option("--language", default="en_US", show_default=True, help="Template language code.")
 @click.option("--param", "params", multiple=True, help="Template body parameter (repeatable).")
 @click.option("--video", help="Video link for a video message.")
-@click.option("--caption", help="Video caption.")
+@click.option("--caption", help="Video caption (--video or --video-script); {column} allowed.")
 @click.option("--rate", "rate_per_s", type=float, help="Messages per second for this campaign.")
 @click.option("--not-before", help="ISO-8601 time with zone before which nothing is sent.")
+@click.option(
+    "--video-script",
+    help="Render one video per row from this script ({column} placeholders): a video_blast.",
+)
+@click.option("--video-account", help="Video account that renders (default: the only one).")
+@click.option("--fallback-text", help="Text with {video_url} sent when a video cannot be.")
+@click.option("--failure-notice", help="Text sent when a render fails ({reason} allowed).")
+@click.option("--presenter-id", help="D-ID presenter for this job's clips.")
+@click.option("--source-url", help="D-ID photo for this job's talks.")
+@click.option("--voice-id", help="Voice for this job's videos.")
+@click.option(
+    "--progress-batch",
+    type=click.IntRange(min=1),
+    help="Renders submitted between progress saves (default: BLASTD_VIDEO__PROGRESS_BATCH).",
+)
 @click.pass_context
 def enqueue(ctx: click.Context, /, file: Path, **options: Any) -> None:
-    """Push a blast job for the recipients in FILE (.xlsx, .csv or .json) onto Redis."""
+    """Push a blast job for the recipients in FILE (.xlsx, .csv or .json) onto Redis; with
+    --video-script, a video_blast that renders and delivers one video per row."""
+    _check_enqueue_options(ctx, options)
     settings = _settings(ctx)
     job_id = _run(
         _with_redis(settings, lambda r: enqueueing.enqueue_file(r, settings, file, options))
     )
     click.echo(job_id)
+
+
+# Options that shape a blast's fixed message, and options that only a video_blast uses.
+BLAST_MESSAGE_FLAGS = {"text": "--text", "template": "--template", "video": "--video"}
+VIDEO_BLAST_FLAGS = {
+    "video_account": "--video-account",
+    "fallback_text": "--fallback-text",
+    "failure_notice": "--failure-notice",
+    "presenter_id": "--presenter-id",
+    "source_url": "--source-url",
+    "voice_id": "--voice-id",
+    "progress_batch": "--progress-batch",
+}
+
+
+def _check_enqueue_options(ctx: click.Context, options: dict[str, Any]) -> None:
+    """--video-script selects a video_blast: the blast's message and rate do not combine."""
+    given = {name for name, value in options.items() if value is not None}
+    if options["video_script"] is None:
+        if stray := [flag for name, flag in VIDEO_BLAST_FLAGS.items() if name in given]:
+            raise click.UsageError(f"{', '.join(stray)} needs --video-script", ctx)
+        return
+    if clash := [flag for name, flag in BLAST_MESSAGE_FLAGS.items() if name in given]:
+        raise click.UsageError(
+            f"--video-script cannot be combined with {', '.join(clash)}: a video blast sends "
+            "each row its rendered video",
+            ctx,
+        )
+    if options["params"]:
+        raise click.UsageError("--param belongs to --template, not to --video-script", ctx)
+    if options["rate_per_s"] is not None:
+        raise click.UsageError(
+            "--rate does not apply to a video blast: the accounts' own rates pace it", ctx
+        )
 
 
 @main.command()
@@ -114,14 +165,18 @@ def status(ctx: click.Context, campaign_id: str, as_json: bool, follow: bool) ->
 
 
 def _control(
-    ctx: click.Context, campaign_id: str, action: ControlAction, classes: Sequence[str] = ()
+    ctx: click.Context,
+    campaign_id: str,
+    action: ControlAction,
+    classes: Sequence[str] = (),
+    scope: str = "messages",
 ) -> None:
     settings = _settings(ctx)
     result = _run(
         _with_pool(
             settings,
             lambda pool: controls.apply_control(
-                pool, campaign_id, action, classes or DEFAULT_RETRY_CLASSES
+                pool, campaign_id, action, classes or DEFAULT_RETRY_CLASSES, scope=scope
             ),
         )
     )
@@ -165,10 +220,24 @@ def cancel(ctx: click.Context, campaign_id: str) -> None:
     help=f"Error class to retry (repeatable; default: {', '.join(DEFAULT_RETRY_CLASSES)}). "
     "'uncertain' resends recipients whose first request may have arrived.",
 )
+@click.option(
+    "--scope",
+    type=click.Choice(CONTROL_SCOPES),
+    default="messages",
+    show_default=True,
+    help="messages: failed deliveries are sent again (a video campaign's with the video it "
+    "has); videos: a video_blast's failed renders are rendered again.",
+)
 @click.pass_context
-def retry(ctx: click.Context, campaign_id: str, classes: tuple[str, ...]) -> None:
-    """Send failed recipients of the given classes again; sent ones are never touched."""
-    _control(ctx, campaign_id, "retry_failed", classes)
+def retry(ctx: click.Context, campaign_id: str, classes: tuple[str, ...], scope: str) -> None:
+    """Send failed recipients of the given classes again, or with --scope videos render a
+    video_blast's failed videos again; sent ones are never touched."""
+    if scope == "videos" and classes:
+        raise click.UsageError(
+            "--class applies to --scope messages; --scope videos renders every failed render again",
+            ctx,
+        )
+    _control(ctx, campaign_id, "retry_failed", classes, scope)
 
 
 @main.group()
