@@ -11,8 +11,10 @@
    log-normal around 60 s), time compressed by --compression, and the seed's schedule (first
    poll 5 s, every 10 s, give up after 5 min) compressed alike. Printed: polls per render
    (median, p95) and the detection delay, from the render's completion at D-ID to the
-   video's delivery in the ledger (median, p95), in uncompressed seconds; without and then
-   with the D-ID webhook configured.
+   video's delivery in the ledger (median, p95), in uncompressed seconds. Three campaigns,
+   each by a fresh daemon: with no render history (the seed's schedule), then with the
+   adaptive first poll (learnt from the ledger's render times of the first), then with the
+   D-ID webhook configured.
 """
 
 from __future__ import annotations
@@ -103,8 +105,12 @@ async def submission(stack: Stack, renders: int, latency_ms: float) -> dict[str,
     return {"seconds": seconds, "ideal": ideal, "duplicates": duplicates}
 
 
-async def polling(stack: Stack, count: int, compression: float, webhook: bool) -> dict[str, Any]:
-    campaign_id = f"bench-video-{'hook' if webhook else 'poll'}"
+async def polling(
+    stack: Stack, count: int, compression: float, *, webhook: bool, campaign: str
+) -> dict[str, Any]:
+    """A video_blast of `count` renders to the end, by a fresh daemon; its adaptive schedule
+    starts from the render times of the campaigns before it, read from the ledger."""
+    campaign_id = f"bench-video-{campaign}"
     await did(stack, "POST", "config", {"latency_ms": 0, "time_compression": compression})
     await did(stack, "POST", "reset")
     env = {f"BLASTD_VIDEO__{k}": str(v / compression) for k, v in SEED_SCHEDULE_S.items()}
@@ -152,9 +158,15 @@ def quantile(values: list[float], q: float) -> float:
 async def run(renders: int, latency_ms: float, polled: int, compression: float) -> None:
     async with running_stack(fsync=False) as stack:
         submitted = await submission(stack, renders, latency_ms)
-        without = await polling(stack, polled, compression, webhook=False)
-        with_hook = await polling(stack, polled, compression, webhook=True)
-    report(renders, latency_ms, submitted, polled, compression, without, with_hook)
+        first = await polling(stack, polled, compression, webhook=False, campaign="first")
+        adaptive = await polling(stack, polled, compression, webhook=False, campaign="adaptive")
+        with_hook = await polling(stack, polled, compression, webhook=True, campaign="hook")
+    runs = {
+        "polling, no render history": first,
+        "polling, adaptive first poll": adaptive,
+        "D-ID webhook": with_hook,
+    }
+    report(renders, latency_ms, submitted, polled, compression, runs)
 
 
 def report(
@@ -163,8 +175,7 @@ def report(
     submitted: dict[str, float],
     polled: int,
     compression: float,
-    without: dict[str, Any],
-    with_hook: dict[str, Any],
+    runs: dict[str, dict[str, Any]],
 ) -> None:
     table = Table(title="video pipeline (D-ID sandbox)")
     table.add_column("measure")
@@ -177,13 +188,13 @@ def report(
         f"ideal {submitted['ideal']:.2f} (ratio {ratio:.2f})",
     )
     table.add_row("clips submitted twice", f"{submitted['duplicates']:g}", "0")
-    render_s = without["renders"]
+    render_s = runs["polling, no render history"]["renders"]
     table.add_row(
         f"render time at D-ID, {polled} renders (s, uncompressed)",
         f"median {statistics.median(render_s):.0f}, p95 {quantile(render_s, 0.95):.0f}",
         "seed 002: 60-120",
     )
-    for name, figures in (("polling only", without), ("with D-ID webhook", with_hook)):
+    for name, figures in runs.items():
         polls, delays = figures["polls"], figures["delays"]
         table.add_row(
             f"{name}: polls per render",

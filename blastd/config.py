@@ -275,6 +275,9 @@ class VideoSettings(BaseModel):
     key_prefix: str | None = None
     progress_batch: int = Field(50, ge=1, le=10_000)  # seed 000: progress saved every 50 items
     first_poll_s: float = Field(5.0, gt=0)  # seed 002: initialDelay
+    # Wait longer before the first poll once the account's recent renders show none finish
+    # that soon (their 5th percentile): fewer polls, the same delay for 95 % of renders.
+    adaptive_first_poll: bool = True
     poll_interval_s: float = Field(10.0, gt=0)  # seed 002: interval
     # With a webhook configured the webhook ends the wait; polls only guard against a lost one.
     webhook_poll_interval_s: float = Field(60.0, gt=0)

@@ -38,7 +38,7 @@ from blastd.errors import (
     UncertainOutcomeError,
 )
 from blastd.metrics import VIDEO_SUBMITS
-from blastd.providers.video import VideoAccount, VideoRequest
+from blastd.providers.video import RENDER_SAMPLES, VideoAccount, VideoRequest
 from blastd.video_jobs import VideoBlastOptions, fill
 
 if TYPE_CHECKING:
@@ -111,6 +111,11 @@ async def _prepare(
         await deps.db_call(ledger.set_campaign_state, deps.pool, campaign.id, "stopped", reason)
         log.error("campaign_stopped", reason=reason)
         return None
+    if not account.render_times:  # a restart: the adaptive schedule starts from the ledger
+        times = await deps.db_call(
+            video_ledger.recent_render_times, deps.pool, account.name, RENDER_SAMPLES
+        )
+        account.render_times.extend(reversed(times))
     options = VideoBlastOptions.model_validate(campaign.options)
     batch = options.progress_batch or deps.settings.video.progress_batch
     script, render_options = render.get("script", ""), render.get("options", {})
@@ -198,6 +203,7 @@ async def _save_batch(
 
 async def _schedule_polls(run: VideoRun, submitted: list[video_ledger.Submission]) -> None:
     started_ms = video_poller.now_ms()
+    first_poll_s = video_poller.first_poll_s(run.deps, run.account)
     for submission in submitted:
         state = video_poller.JobState(
             job_id=submission.video_job_id,
@@ -205,7 +211,7 @@ async def _schedule_polls(run: VideoRun, submitted: list[video_ledger.Submission
             ledger_id=submission.id,
             started_ms=started_ms,
         )
-        await video_poller.schedule(run.deps, state, run.deps.settings.video.first_poll_s)
+        await video_poller.schedule(run.deps, state, first_poll_s)
 
 
 async def _submit_one(run: VideoRun, claim: video_ledger.RenderClaim) -> str | ProviderError | None:

@@ -357,3 +357,18 @@ async def poll_recipient_id(pool: Pool, campaign_id: str) -> int | None:
         campaign_id,
     )
     return value
+
+
+async def recent_render_times(pool: Pool, video_account: str, limit: int) -> list[float]:
+    """Seconds from submission to completion of the account's latest renders, newest first."""
+    rows = await pool.fetch(
+        """
+        SELECT extract(epoch FROM r.rendered_at - r.render_started_at) AS seconds
+        FROM recipients r JOIN campaigns c ON c.id = r.campaign_id
+        WHERE r.rendered_at IS NOT NULL AND c.message -> 'video' ->> 'account' = $1
+        ORDER BY r.rendered_at DESC LIMIT $2
+        """,
+        video_account,
+        limit,
+    )
+    return [float(r["seconds"]) for r in rows]

@@ -41,6 +41,8 @@ log = structlog.get_logger()
 
 MOVE_BATCH = 500  # due ids moved per script call (Lua's unpack has a stack limit)
 POLL_TASKS = 64  # jobs polled at once by this daemon, over all accounts
+ADAPTIVE_MIN_RENDERS = 20  # renders seen before the schedule adapts
+ADAPTIVE_QUANTILE_PERCENT = 5
 EARLY_MS = 50  # an entry this much before the job's due time is a duplicate, not a turn
 MOVE_DUE_LUA = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
@@ -110,6 +112,17 @@ class JobState(BaseModel):
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def first_poll_s(deps: Dependencies, account: VideoAccount) -> float:
+    """Seed 002's first poll; with the adaptive schedule, no earlier than the quickest 5 % of
+    the account's recent renders took (once there are enough of them to tell)."""
+    video = deps.settings.video
+    times = account.render_times
+    if not video.adaptive_first_poll or len(times) < ADAPTIVE_MIN_RENDERS:
+        return video.first_poll_s
+    quickest_s = sorted(times)[len(times) * ADAPTIVE_QUANTILE_PERCENT // 100]
+    return max(video.first_poll_s, quickest_s)
 
 
 async def schedule(deps: Dependencies, state: JobState, delay_s: float) -> None:
@@ -358,6 +371,8 @@ async def _succeed(
     if not rendered:
         return  # cancelled meanwhile, or handled by another turn
     VIDEO_RENDERS.labels(state.account, "succeeded").inc()
+    if (account := deps.videos.get(state.account)) is not None:
+        account.render_times.append(elapsed_s)
     log.info("video_rendered", video_job_id=state.job_id, elapsed_s=round(elapsed_s, 1))
     await video_delivery.deliver(deps, state.ledger_id)
 

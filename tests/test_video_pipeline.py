@@ -21,9 +21,11 @@ from tests.harness import (
 from tests.video_harness import (
     DID_ACCOUNT,
     PRESENTER,
+    VIDEO_API_ACCOUNT,
     VideoSandbox,
     campaign_state,
     make_video_settings,
+    seed_schedule,
     states,
     video_blast_job,
     video_sandbox,
@@ -293,3 +295,60 @@ async def test_a_seed_job_that_is_not_a_video_poll_is_dead_lettered_with_its_rea
     entry = orjson.loads(raw)
     assert entry["reason"].startswith("video:job:bad-1: ")
     assert "notify" in entry["reason"]
+
+
+async def test_a_generic_video_api_renders_with_its_own_dialect_and_failures(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    numbers = numbers_from(1_100, 4)
+    async with video_sandbox() as sandbox:
+        settings = make_video_settings(servers, sandbox)
+        # reference 2 fails, 3 is unknown to the job store for its first polls (the grace
+        # period covers it), 4 is never found
+        faults = {"2": "failed", "3": "not_found_at_first", "4": "not_found"}
+        await sandbox.video_api.configure(fail_by_reference=faults, not_found_first_polls=2)
+        job = orjson.loads(video_blast_job("vb-generic", numbers))
+        job["video"]["account"] = VIDEO_API_ACCOUNT
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, orjson.dumps(job))
+            await wait_until(lambda: _finished(pool, "vb-generic"), timeout_s=60)
+        api_stats = await sandbox.video_api.stats()
+    rows = {r["id"]: r for r in await recipient_rows(pool, "vb-generic")}
+    assert [rows[i]["state"] for i in (1, 2, 3, 4)] == [
+        "sent",
+        "video_failed",
+        "sent",
+        "video_failed",
+    ]
+    assert rows[2]["error_code"] == "failed"
+    assert rows[4]["error_code"] in ("not_found", "timeout")
+    assert (api_stats["created"], api_stats["duplicates"]) == (4, {})
+
+
+async def test_renders_survive_a_redis_wipe_and_are_polled_again_from_the_ledger(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    numbers = numbers_from(1_200, 20)
+    # Renders of about 3 s: the wipe lands while every one of them is being polled.
+    async with video_sandbox(time_compression=20.0) as sandbox:
+        video = {**seed_schedule(20.0), "key_prefix": "wipe:"}
+        settings = make_video_settings(servers, sandbox, video=video)
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, video_blast_job("vb-wipe", numbers))
+            await wait_until(lambda: _all_rendering(pool, "vb-wipe", 20), timeout_s=30)
+            await redis.execute_command("FLUSHDB")
+            await wait_until(lambda: _finished(pool, "vb-wipe"), timeout_s=60)
+        did_stats = await sandbox.did.stats()
+        delivered = await sandbox.cloud.recipients()
+    assert await states(pool, "vb-wipe") == {"sent": 20}
+    assert did_stats["duplicates"] == {}
+    assert delivered == {n.removeprefix("+"): 1 for n in numbers}
+
+
+async def _all_rendering(pool: ledger.Pool, campaign_id: str, count: int) -> bool:
+    rendering = await pool.fetchval(
+        "SELECT count(*) FROM recipients WHERE campaign_id = $1 AND state = 'rendering' "
+        "AND video_job_id IS NOT NULL",
+        campaign_id,
+    )
+    return bool(rendering == count)

@@ -12,25 +12,30 @@ import aiohttp
 import orjson
 
 from blastd import ledger
-from blastd.config import DidAccount, Settings, VideoSettings
+from blastd.config import DidAccount, Settings, VideoApiAccount, VideoSettings
 from blastd.sandbox.cloud_api import SandboxConfig, build_app, listening
 from blastd.sandbox.did import DidSandboxConfig, build_did_app
+from blastd.sandbox.video_api import VideoApiSandboxConfig, build_video_api_app
 from tests.conftest import Servers
 from tests.harness import ACCOUNT, TOKEN, SandboxHandle, make_settings
 
 DID_ACCOUNT = "did-main"
+VIDEO_API_ACCOUNT = "video-main"
 PRESENTER = "v2_public_Amber@0zSz8kflCN"
 COMPRESSION = 200.0  # a 60 s render takes 0.3 s
-# Seed 002's schedule (5 s, 10 s, 5 min) under the same compression as the renders.
-VIDEO_SCHEDULE = {
-    "first_poll_s": 5 / COMPRESSION,
-    "poll_interval_s": 10 / COMPRESSION,
-    "webhook_poll_interval_s": 60 / COMPRESSION,
-    "timeout_s": 300 / COMPRESSION,
-    "backoff_initial_s": 5 / COMPRESSION,
-    "backoff_max_s": 60 / COMPRESSION,
-    "recovery_interval_s": 0.2,
-}
+
+
+def seed_schedule(compression: float = COMPRESSION) -> dict[str, float]:
+    """Seed 002's schedule (5 s, 10 s, 5 min) under the same compression as the renders."""
+    return {
+        "first_poll_s": 5 / compression,
+        "poll_interval_s": 10 / compression,
+        "webhook_poll_interval_s": 60 / compression,
+        "timeout_s": 300 / compression,
+        "backoff_initial_s": 5 / compression,
+        "backoff_max_s": 60 / compression,
+        "recovery_interval_s": 0.2,
+    }
 
 
 class VideoSandbox:
@@ -41,18 +46,23 @@ class VideoSandbox:
         self.http = http
         self.cloud = SandboxHandle(url, http)
         self.did = SandboxHandle(url + "/did", http)
+        self.video_api = SandboxHandle(url + "/video", http)
 
-    async def jobs(self) -> list[dict[str, Any]]:
-        async with self.http.get(self.did.url + "/_sandbox/jobs") as response:
+    async def jobs(self, emulator: str = "/did") -> list[dict[str, Any]]:
+        async with self.http.get(f"{self.url}{emulator}/_sandbox/jobs") as response:
             jobs: list[dict[str, Any]] = orjson.loads(await response.read())
             return jobs
 
 
 @contextlib.asynccontextmanager
 async def video_sandbox(**did_knobs: Any) -> AsyncIterator[VideoSandbox]:
+    """The Cloud API emulator, D-ID's at /did (with `did_knobs`) and the generic video-job
+    API's at /video, renders compressed by COMPRESSION."""
     cloud = build_app(SandboxConfig(seed=7))
     knobs = {"seed": 7, "time_compression": COMPRESSION, **did_knobs}
     cloud.add_subapp("/did", build_did_app(DidSandboxConfig.model_validate(knobs)))
+    generic = VideoApiSandboxConfig(seed=7, time_compression=COMPRESSION)
+    cloud.add_subapp("/video", build_video_api_app(generic))
     async with listening(cloud, "127.0.0.1", 0) as url, aiohttp.ClientSession() as http:
         yield VideoSandbox(url, http)
 
@@ -76,7 +86,15 @@ def make_video_settings(
         **(did or {}),
     }
     settings.accounts[DID_ACCOUNT] = DidAccount.model_validate(account)
-    settings.video = VideoSettings.model_validate({**VIDEO_SCHEDULE, **(video or {})})
+    settings.accounts[VIDEO_API_ACCOUNT] = VideoApiAccount.model_validate(
+        {
+            "kind": "video_api",
+            "base_url": sandbox.video_api.url,
+            "token": TOKEN,
+            "retry": account["retry"],
+        }
+    )
+    settings.video = VideoSettings.model_validate({**seed_schedule(), **(video or {})})
     return settings
 
 

@@ -8,6 +8,7 @@ or into the errors of errors.py; nothing outside `blastd.providers` knows a prov
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -21,6 +22,7 @@ from blastd.limiter import Pacer
 
 # running: not finished yet; succeeded: `video_url` is set; failed: the render ended in an
 # error (`error_code` is the provider's kind); not_found: the provider does not know the job.
+RENDER_SAMPLES = 200  # recent render times kept per account for the adaptive schedule
 VideoState = Literal["running", "succeeded", "failed", "not_found"]
 
 
@@ -108,6 +110,9 @@ class VideoAccount:
     provider: VideoProvider
     slots: asyncio.Semaphore
     pacer: Pacer | None
+    # Seconds from submission to a detected completion, of the latest renders: the adaptive
+    # schedule's first poll waits until the quickest of them would be done.
+    render_times: deque[float] = field(default_factory=lambda: deque(maxlen=RENDER_SAMPLES))
 
     @property
     def has_webhook(self) -> bool:

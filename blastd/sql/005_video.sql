@@ -14,3 +14,5 @@ CREATE INDEX recipients_by_video_job ON recipients (video_job_id)
     WHERE video_job_id IS NOT NULL;
 CREATE INDEX recipients_rendering ON recipients (campaign_id, id)
     WHERE state IN ('rendering', 'rendered');
+-- The latest render times, which the adaptive polling schedule starts from after a restart.
+CREATE INDEX recipients_rendered_at ON recipients (rendered_at) WHERE rendered_at IS NOT NULL;
