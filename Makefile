@@ -49,6 +49,10 @@ bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/rate.py
 	$(BIN)/python bench/memory.py --recipients 100000 1000000
+	$(BIN)/python bench/multi_rate.py
+	$(BIN)/python bench/wablas_bulk.py
+	$(BIN)/python bench/status_broadcast.py
+	$(BIN)/python bench/video.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -133,13 +133,12 @@ async def _retry_failed(conn: asyncpg.Connection, request: _Request, state: str)
             return _unchanged(request, state, "no failed renders")
         back_to = "pending: rendered again"
     else:
-        if is_video:  # the video is there: only the message is sent again
-            requeue = video_ledger.requeue_deliveries
-            back_to = "rendered: sent again"
-        else:
-            requeue = ledger.requeue_recipients
-            back_to = "pending"
-        requeued = await requeue(conn, request.campaign_id, request.classes)
+        # A video campaign's video is there: only its message is sent again.
+        to_state = "rendered" if is_video else "pending"
+        requeued = await ledger.requeue_recipients(
+            conn, request.campaign_id, request.classes, to_state
+        )
+        back_to = "rendered: sent again" if is_video else "pending"
         if not requeued:
             classes = ", ".join(request.classes)
             return _unchanged(request, state, f"no failed recipients of class {classes}")

@@ -116,11 +116,25 @@ async def accept_job(deps: Dependencies, raw: bytes) -> None:
 
 
 async def _accept_blast(deps: Dependencies, job: BlastJob) -> None:
+    campaign = ledger.NewCampaign(
+        id=job.id,
+        type="blast",
+        account=job.account,
+        message=job.message.model_dump(mode="json"),
+        options=job.options.model_dump(mode="json", exclude_none=True),
+    )
+    await accept_campaign(deps, job, campaign)
+
+
+async def accept_campaign(
+    deps: Dependencies, job: BlastJob | VideoBlastJob, campaign: ledger.NewCampaign
+) -> None:
+    """Insert a campaign with the job's recipients, unless its id was taken before."""
     with bound_contextvars(job_id=job.id, campaign_id=job.id, account=job.account):
         if await deps.db_call(ledger.campaign_exists, deps.pool, job.id):
             log.info("job_duplicate")
             return
-        counts = await deps.db_call(_insert_blast, deps, job)
+        counts = await deps.db_call(_insert_campaign, deps, job, campaign)
         if counts is None:
             log.info("job_duplicate")
             return
@@ -131,14 +145,9 @@ async def _accept_blast(deps: Dependencies, job: BlastJob) -> None:
         deps.campaigns_changed.set()
 
 
-async def _insert_blast(deps: Dependencies, job: BlastJob) -> ledger.CampaignCounts | None:
-    campaign = ledger.NewCampaign(
-        id=job.id,
-        type="blast",
-        account=job.account,
-        message=job.message.model_dump(mode="json"),
-        options=job.options.model_dump(mode="json", exclude_none=True),
-    )
+async def _insert_campaign(
+    deps: Dependencies, job: BlastJob | VideoBlastJob, campaign: ledger.NewCampaign
+) -> ledger.CampaignCounts | None:
     async with ledger.transaction(deps.pool) as conn:
         counts = await ledger.insert_campaign(conn, campaign, staged_pages(deps, job))
         if counts is not None and counts.pending == 0:

@@ -344,13 +344,14 @@ async def change_campaign_state(
 
 
 async def requeue_recipients(
-    conn: asyncpg.Connection, campaign_id: str, classes: Sequence[str]
+    conn: asyncpg.Connection, campaign_id: str, classes: Sequence[str], to_state: str = "pending"
 ) -> int:
     """Failed recipients of `classes` (and uncertain ones, if 'uncertain' is among them) go
-    back to pending with their attempts kept; sent, delivered and read are never touched."""
+    back to `to_state` with their attempts kept; sent, delivered and read are never touched.
+    A video campaign's go back to 'rendered': their video is sent again, not rendered again."""
     result: str = await conn.execute(
         """
-        UPDATE recipients SET state = 'pending', owner = NULL, next_attempt_at = NULL,
+        UPDATE recipients SET state = $3, owner = NULL, next_attempt_at = NULL,
             error_class = NULL, error_code = NULL, error_text = NULL, updated_at = now()
         WHERE campaign_id = $1
           AND ((state = 'failed' AND error_class = ANY($2::text[]))
@@ -358,6 +359,7 @@ async def requeue_recipients(
         """,
         campaign_id,
         list(classes),
+        to_state,
     )
     return int(result.split()[-1])
 

@@ -23,35 +23,21 @@ log = structlog.get_logger()
 
 
 async def accept_video_blast(deps: Dependencies, job: VideoBlastJob) -> None:
-    with bound_contextvars(job_id=job.id, campaign_id=job.id, account=job.account):
-        if await deps.db_call(ledger.campaign_exists, deps.pool, job.id):
-            log.info("job_duplicate")
-            return
-        campaign = ledger.NewCampaign(
-            id=job.id,
-            type="video_blast",
-            account=job.account,
-            message={
-                "video": job.video.model_dump(mode="json"),
-                # A timed-out render gets the same notice as a failed one.
-                "message": {
-                    **job.message.model_dump(mode="json"),
-                    "timeout_notice": job.message.failure_notice,
-                },
+    campaign = ledger.NewCampaign(
+        id=job.id,
+        type="video_blast",
+        account=job.account,
+        message={
+            "video": job.video.model_dump(mode="json"),
+            # A timed-out render gets the same notice as a failed one.
+            "message": {
+                **job.message.model_dump(mode="json"),
+                "timeout_notice": job.message.failure_notice,
             },
-            options=job.options.model_dump(mode="json", exclude_none=True),
-        )
-        async with ledger.transaction(deps.pool) as conn:
-            counts = await ledger.insert_campaign(conn, campaign, intake.staged_pages(deps, job))
-            if counts is not None and counts.pending == 0:
-                raise InvalidJobError("no valid recipient", job.id)  # rolls the campaign back
-        if counts is None:
-            log.info("job_duplicate")
-            return
-        if job.recipients_key:
-            await deps.redis_call(deps.redis.delete, job.recipients_key)
-        log.info("campaign_created", pending=counts.pending, skipped=counts.skipped)
-        deps.campaigns_changed.set()
+        },
+        options=job.options.model_dump(mode="json", exclude_none=True),
+    )
+    await intake.accept_campaign(deps, job, campaign)
 
 
 async def accept_video_poll(deps: Dependencies, job: VideoPollJob) -> int | None:
@@ -84,13 +70,7 @@ async def accept_video_poll(deps: Dependencies, job: VideoPollJob) -> int | None
         if ledger_id is None:
             log.info("job_duplicate")
             return None
-        state = video_poller.JobState(
-            job_id=job.job_id,
-            account=job.account,
-            ledger_id=ledger_id,
-            started_ms=int(started_at.timestamp() * 1000),
-            status_url=job.status_url,
-        )
+        state = _poll_state(job, ledger_id, started_at)
         await video_poller.schedule(deps, state, settings.video.first_poll_s)
         log.info("campaign_created", pending=1, skipped=0)
         deps.campaigns_changed.set()
@@ -117,16 +97,19 @@ async def adopt_seed_job(deps: Dependencies, job_id: str, raw: bytes) -> video_p
         ledger_id = await deps.db_call(video_ledger.poll_recipient_id, deps.pool, job.id)
     if ledger_id is None:
         raise InvalidJobError(f"campaign {job.id!r} exists and is not a video_poll")
-    started_at = job.started_at or datetime.now(UTC)
-    state = video_poller.JobState(
+    state = _poll_state(job, ledger_id, job.started_at or datetime.now(UTC))
+    keys = video_poller.video_keys(deps)
+    await deps.redis_call(
+        deps.redis.set, keys.job(job_id), state.model_dump_json(), ex=settings.video.job_ttl_s
+    )
+    return state
+
+
+def _poll_state(job: VideoPollJob, ledger_id: int, started_at: datetime) -> video_poller.JobState:
+    return video_poller.JobState(
         job_id=job.job_id,
         account=job.account,
         ledger_id=ledger_id,
         started_ms=int(started_at.timestamp() * 1000),
         status_url=job.status_url,
     )
-    keys = video_poller.video_keys(deps)
-    await deps.redis_call(
-        deps.redis.set, keys.job(job_id), state.model_dump_json(), ex=settings.video.job_ttl_s
-    )
-    return state

@@ -315,25 +315,6 @@ async def requeue_renders(conn: asyncpg.Connection, campaign_id: str) -> int:
     return int(result.split()[-1])
 
 
-async def requeue_deliveries(
-    conn: asyncpg.Connection, campaign_id: str, classes: Sequence[str]
-) -> int:
-    """Operator's retry, scope messages, of a video campaign: failed deliveries of `classes`
-    go back to 'rendered' and are sent again with the video they have."""
-    result: str = await conn.execute(
-        """
-        UPDATE recipients SET state = 'rendered', owner = NULL, next_attempt_at = NULL,
-            error_class = NULL, error_code = NULL, error_text = NULL, updated_at = now()
-        WHERE campaign_id = $1 AND video_url IS NOT NULL
-          AND ((state = 'failed' AND error_class = ANY($2::text[]))
-               OR (state = 'uncertain' AND 'uncertain' = ANY($2::text[])))
-        """,
-        campaign_id,
-        list(classes),
-    )
-    return int(result.split()[-1])
-
-
 @dataclass(frozen=True, slots=True)
 class RenderInfo:
     campaign_type: str

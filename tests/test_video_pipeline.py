@@ -352,3 +352,48 @@ async def _all_rendering(pool: ledger.Pool, campaign_id: str, count: int) -> boo
         campaign_id,
     )
     return bool(rendering == count)
+
+
+async def test_two_daemons_share_a_video_blast_and_deliver_each_video_once(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    numbers = numbers_from(1_300, 100)
+    async with video_sandbox() as sandbox:
+        first = make_video_settings(servers, sandbox, instance_id="video-1")
+        second = make_video_settings(servers, sandbox, instance_id="video-2")
+        async with running_daemon(first), running_daemon(second):
+            await redis.lpush(JOBS, video_blast_job("vb-two", numbers))
+            await wait_until(lambda: _finished(pool, "vb-two"), timeout_s=60)
+        did_stats = await sandbox.did.stats()
+        delivered = await sandbox.cloud.recipients()
+    assert await states(pool, "vb-two") == {"sent": 100}
+    assert (did_stats["created"], did_stats["duplicates"]) == (100, {})
+    assert delivered == {n.removeprefix("+"): 1 for n in numbers}
+
+
+async def test_a_render_past_its_window_when_the_daemon_starts_is_failed_with_the_notice(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    """A video_poll job whose 5 minutes passed while no daemon ran (started_at long ago):
+    polled once, still rendering, so it ends with the timeout notice."""
+    (number,) = numbers_from(1_400, 1)
+    async with video_sandbox(fail_by_reference={"late": "never_finish"}) as sandbox:
+        settings = make_video_settings(servers, sandbox)
+        clip_id = await _create_clip(sandbox, "late")
+        job = {
+            "type": "video_poll",
+            "id": "poll-late",
+            "job_id": clip_id,
+            "account": DID_ACCOUNT,
+            "started_at": "2026-01-01T00:00:00Z",
+            "notify": {"account": ACCOUNT, "to": number},
+        }
+        await redis.lpush(JOBS, orjson.dumps(job))
+        async with running_daemon(settings):
+            await wait_until(lambda: _finished(pool, "poll-late"), timeout_s=60)
+        jobs = await sandbox.jobs()
+        delivered = await sandbox.cloud.recipients()
+    (row,) = await recipient_rows(pool, "poll-late")
+    assert (row["state"], row["error_code"], row["notice"]) == ("video_failed", "timeout", "sent")
+    assert [job["polls"] for job in jobs] == [1]
+    assert delivered == {number.removeprefix("+"): 1}  # the notice
