@@ -116,13 +116,15 @@ def now_ms() -> int:
 
 def first_poll_s(deps: Dependencies, account: VideoAccount) -> float:
     """Seed 002's first poll; with the adaptive schedule, no earlier than the quickest 5 % of
-    the account's recent renders took (once there are enough of them to tell)."""
+    the account's recent renders took (once there are enough of them to tell), less the one
+    interval by which their completion may have been seen late."""
     video = deps.settings.video
     times = account.render_times
     if not video.adaptive_first_poll or len(times) < ADAPTIVE_MIN_RENDERS:
         return video.first_poll_s
+    # A render time is when its completion was seen: up to one interval after it happened.
     quickest_s = sorted(times)[len(times) * ADAPTIVE_QUANTILE_PERCENT // 100]
-    return max(video.first_poll_s, quickest_s)
+    return max(video.first_poll_s, quickest_s - video.poll_interval_s)
 
 
 async def schedule(deps: Dependencies, state: JobState, delay_s: float) -> None:
