@@ -115,10 +115,13 @@ def now_ms() -> int:
 
 
 def first_poll_s(deps: Dependencies, account: VideoAccount) -> float:
-    """Seed 002's first poll; with the adaptive schedule, no earlier than the quickest 5 % of
-    the account's recent renders took (once there are enough of them to tell), less the one
-    interval by which their completion may have been seen late."""
+    """Seed 002's first poll, or the webhook's guard interval where one is set. The adaptive
+    schedule waits until the quickest 5 % of the account's recent renders were done (once
+    there are enough of them to tell), less the one interval by which their completion may
+    have been seen late."""
     video = deps.settings.video
+    if account.has_webhook:  # the webhook ends the wait; a poll only guards against its loss
+        return video.webhook_poll_interval_s
     times = account.render_times
     if not video.adaptive_first_poll or len(times) < ADAPTIVE_MIN_RENDERS:
         return video.first_poll_s

@@ -215,6 +215,21 @@ async def test_the_did_webhook_ends_the_wait_without_polling(
     assert [job["polls"] for job in jobs] == [1] * 5  # the one poll a webhook triggers
 
 
+async def test_a_lost_webhook_is_covered_by_the_guard_polls(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    async with video_sandbox(webhook_drop_p=1.0) as sandbox:
+        port = _free_port()
+        did = {"webhook_url": f"http://127.0.0.1:{port}/webhooks/video/{DID_ACCOUNT}"}
+        settings = make_video_settings(servers, sandbox, did=did, admin_port=port)
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, video_blast_job("vb-lost-hook", numbers_from(750, 5)))
+            await wait_until(lambda: _finished(pool, "vb-lost-hook"), timeout_s=60)
+        stats = await sandbox.did.stats()
+    assert await states(pool, "vb-lost-hook") == {"sent": 5}
+    assert stats["webhook_events_delivered"] == 0
+
+
 def _free_port() -> int:
     import socket
 
