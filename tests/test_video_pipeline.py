@@ -21,6 +21,7 @@ from tests.harness import (
 from tests.video_harness import (
     DID_ACCOUNT,
     PRESENTER,
+    ULTRAMSG_ACCOUNT,
     VIDEO_API_ACCOUNT,
     VideoSandbox,
     campaign_state,
@@ -277,6 +278,35 @@ async def test_a_video_poll_job_delivers_the_video_with_the_elapsed_time(
     assert audit is not None
     assert orjson.loads(audit)["status"] == "completed"
     assert delivered == {number.removeprefix("+"): 1}
+
+
+async def test_seed_002_delivery_through_ultramsg_is_a_video_message_with_its_caption(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    """Seed 002's UltraMsg path: POST /messages/video with the link and the caption."""
+    (number,) = numbers_from(850, 1)
+    async with video_sandbox() as sandbox:
+        settings = make_video_settings(servers, sandbox)
+        clip_id = await _create_clip(sandbox, "ultra-1")
+        notify = {"account": ULTRAMSG_ACCOUNT, "to": number, "caption": "Listo en {elapsed_s} s"}
+        job = {
+            "type": "video_poll",
+            "id": "poll-ultra",
+            "job_id": clip_id,
+            "account": DID_ACCOUNT,
+            "notify": notify,
+        }
+        async with running_daemon(settings):
+            await redis.lpush(JOBS, orjson.dumps(job))
+            await wait_until(lambda: _finished(pool, "poll-ultra"), timeout_s=60)
+        async with sandbox.http.get(sandbox.ultramsg.url + "/_sandbox/messages") as response:
+            messages = orjson.loads(await response.read())
+    (row,) = await recipient_rows(pool, "poll-ultra")
+    (message,) = messages
+    assert row["state"] == "sent"
+    assert message["type"] == "video"
+    assert message["video"] == row["video_url"]
+    assert message["caption"].startswith("Listo en ")
 
 
 async def test_seed_002_keys_with_an_empty_prefix_work_for_an_existing_producer(

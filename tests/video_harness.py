@@ -12,15 +12,23 @@ import aiohttp
 import orjson
 
 from blastd import ledger
-from blastd.config import DidAccount, Settings, VideoApiAccount, VideoSettings
+from blastd.config import (
+    DidAccount,
+    Settings,
+    UltraMsgAccount,
+    VideoApiAccount,
+    VideoSettings,
+)
 from blastd.sandbox.cloud_api import SandboxConfig, build_app, listening
 from blastd.sandbox.did import DidSandboxConfig, build_did_app
+from blastd.sandbox.ultramsg import UltraMsgSandboxConfig, build_ultramsg_app
 from blastd.sandbox.video_api import VideoApiSandboxConfig, build_video_api_app
 from tests.conftest import Servers
 from tests.harness import ACCOUNT, TOKEN, SandboxHandle, make_settings
 
 DID_ACCOUNT = "did-main"
 VIDEO_API_ACCOUNT = "video-main"
+ULTRAMSG_ACCOUNT = "ultra-main"
 PRESENTER = "v2_public_Amber@0zSz8kflCN"
 COMPRESSION = 200.0  # a 60 s render takes 0.3 s
 
@@ -47,6 +55,7 @@ class VideoSandbox:
         self.cloud = SandboxHandle(url, http)
         self.did = SandboxHandle(url + "/did", http)
         self.video_api = SandboxHandle(url + "/video", http)
+        self.ultramsg = SandboxHandle(url + "/ultramsg", http)
 
     async def jobs(self, emulator: str = "/did") -> list[dict[str, Any]]:
         async with self.http.get(f"{self.url}{emulator}/_sandbox/jobs") as response:
@@ -63,6 +72,7 @@ async def video_sandbox(**did_knobs: Any) -> AsyncIterator[VideoSandbox]:
     cloud.add_subapp("/did", build_did_app(DidSandboxConfig.model_validate(knobs)))
     generic = VideoApiSandboxConfig(seed=7, time_compression=COMPRESSION)
     cloud.add_subapp("/video", build_video_api_app(generic))
+    cloud.add_subapp("/ultramsg", build_ultramsg_app(UltraMsgSandboxConfig(seed=7)))
     async with listening(cloud, "127.0.0.1", 0) as url, aiohttp.ClientSession() as http:
         yield VideoSandbox(url, http)
 
@@ -86,6 +96,16 @@ def make_video_settings(
         **(did or {}),
     }
     settings.accounts[DID_ACCOUNT] = DidAccount.model_validate(account)
+    settings.accounts[ULTRAMSG_ACCOUNT] = UltraMsgAccount.model_validate(
+        {
+            "kind": "ultramsg",
+            "base_url": sandbox.ultramsg.url,
+            "instance_id": "instance1150",
+            "token": TOKEN,
+            "rate_per_s": 0,
+            "retry": account["retry"],
+        }
+    )
     settings.accounts[VIDEO_API_ACCOUNT] = VideoApiAccount.model_validate(
         {
             "kind": "video_api",

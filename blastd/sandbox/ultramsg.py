@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from aiohttp import web
@@ -283,7 +283,9 @@ def field_problems(message_type: str, fields: dict[str, str]) -> list[dict[str, 
     if to and len(digits(to)) < MIN_NUMBER_DIGITS:
         problems.append({"to": "is invalid"})
     video = fields.get("video")
-    if message_type == "video" and video and not video.lower().endswith(VIDEO_EXTENSIONS):
+    # By the link's path: a signed link (D-ID's S3 results) carries a query after the name.
+    path = urlsplit(video).path if video else ""
+    if message_type == "video" and video and not path.lower().endswith(VIDEO_EXTENSIONS):
         problems.append({"video": "must be mp4, 3gp or mov"})
     return problems
 
