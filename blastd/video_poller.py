@@ -260,7 +260,7 @@ async def _load_state(deps: Dependencies, keys: VideoKeys, job_id: str) -> JobSt
         return JobState.model_validate(data)
     except (orjson.JSONDecodeError, ValidationError, InvalidJobError) as exc:
         reason = exc.reason if isinstance(exc, InvalidJobError) else "unreadable video job state"
-        from blastd import intake
+        from blastd import intake  # imported here: intake reaches this module through its jobs
 
         await intake.dead_letter(deps, raw, f"video:job:{job_id}: {reason}", job_id)
         await deps.redis_call(deps.redis.delete, keys.job(job_id))
