@@ -41,6 +41,10 @@ DB_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
+    # A connection cut by a server shutdown in the middle of an operation can be handed out
+    # again before the pool notices; its next query fails with "cannot switch to state ...;
+    # another operation is in progress" (asyncpg 0.32). Seen in tests/test_outages.py.
+    asyncpg.InternalClientError,
 )
 
 
