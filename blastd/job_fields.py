@@ -8,7 +8,7 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -25,6 +25,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from blastd.errors import InvalidJobError, InvalidNumberError
 from blastd.recipients import CONTROL_CHARS, RecipientIn, normalize_number, preview
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
 MAX_ID_CHARS = 200
 MAX_TEXT_CHARS = 4096  # Cloud API text body limit
 MAX_CAPTION_CHARS = 1024  # Cloud API media caption limit
@@ -218,3 +219,29 @@ def location(error: ErrorDetails) -> str:
         else:
             where = f"{where}.{part}" if where else part
     return where if where.isprintable() and len(where) <= MAX_LOCATION_CHARS else preview(where)
+
+
+def require_one_source(items: object, key: object, field: str) -> None:
+    """A job names its recipients (or contacts) inline in `field` or by `{field}_key`: one."""
+    if (items is None) == (key is None):
+        raise PydanticCustomError(
+            "source", "exactly one of {field} and {field}_key is required", {"field": field}
+        )
+
+
+def check_inline_count(data: dict[str, Any], field: str, limits: Limits) -> None:
+    """Before validating a long inline list: past the limit it belongs in a Redis list."""
+    items = data.get(field)
+    if isinstance(items, list) and len(items) > limits.max_inline_recipients:
+        raise InvalidJobError(
+            f"{len(items)} inline {field}, over the limit of "
+            f"{limits.max_inline_recipients}: use {field}_key"
+        )
+
+
+def validate(model: type[ModelT], data: dict[str, Any]) -> ModelT:
+    """The job as `model`, or InvalidJobError with the first problem as its reason."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidJobError(describe(exc)) from None

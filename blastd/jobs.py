@@ -20,7 +20,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -43,11 +42,13 @@ from blastd.job_fields import (
     MessageText,
     RedisKey,
     Spec,
-    describe,
+    check_inline_count,
     fill,
     id_problem,
     list_as_tuple,
     require_a_valid_number,
+    require_one_source,
+    validate,
 )
 from blastd.providers import Body, TemplateBody, TextBody, VideoBody
 from blastd.recipients import CONTROL_CHARS, RecipientIn, preview
@@ -155,10 +156,7 @@ class BlastJob(BaseModel):
 
     @model_validator(mode="after")
     def _require_one_recipient_source(self) -> BlastJob:
-        if (self.recipients is None) == (self.recipients_key is None):
-            raise PydanticCustomError(
-                "recipient_source", "exactly one of recipients and recipients_key is required"
-            )
+        require_one_source(self.recipients, self.recipients_key, "recipients")
         return self
 
 
@@ -256,10 +254,7 @@ class StatusJob(BaseModel):
 
     @model_validator(mode="after")
     def _require_one_contact_source(self) -> StatusJob:
-        if (self.contacts is None) == (self.contacts_key is None):
-            raise PydanticCustomError(
-                "contact_source", "exactly one of contacts and contacts_key is required"
-            )
+        require_one_source(self.contacts, self.contacts_key, "contacts")
         return self
 
 
@@ -353,16 +348,8 @@ def _read_type(data: dict[str, Any]) -> str:
 
 
 def _parse_blast(data: dict[str, Any], limits: Limits) -> BlastJob:
-    recipients = data.get("recipients")
-    if isinstance(recipients, list) and len(recipients) > limits.max_inline_recipients:
-        raise InvalidJobError(
-            f"{len(recipients)} inline recipients, over the limit of "
-            f"{limits.max_inline_recipients}: use recipients_key"
-        )
-    try:
-        job = BlastJob.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidJobError(describe(exc)) from None
+    check_inline_count(data, "recipients", limits)
+    job = validate(BlastJob, data)
     if job.account not in limits.messaging_accounts:
         raise InvalidJobError(f"unknown account {preview(job.account)}")
     if job.recipients is not None:
@@ -371,26 +358,15 @@ def _parse_blast(data: dict[str, Any], limits: Limits) -> BlastJob:
 
 
 def _parse_status(data: dict[str, Any], limits: Limits) -> StatusJob:
-    contacts = data.get("contacts")
-    if isinstance(contacts, list) and len(contacts) > limits.max_inline_recipients:
-        raise InvalidJobError(
-            f"{len(contacts)} inline contacts, over the limit of "
-            f"{limits.max_inline_recipients}: use contacts_key"
-        )
-    try:
-        job = StatusJob.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidJobError(describe(exc)) from None
+    check_inline_count(data, "contacts", limits)
+    job = validate(StatusJob, data)
     if job.account not in limits.messaging_accounts:
         raise InvalidJobError(f"unknown account {preview(job.account)}")
     return job
 
 
 def _parse_control(data: dict[str, Any], limits: Limits) -> ControlJob:
-    try:
-        return ControlJob.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidJobError(describe(exc)) from None
+    return validate(ControlJob, data)
 
 
 _JOB_TYPES: dict[str, Callable[[dict[str, Any], Limits], Job]] = {

@@ -9,10 +9,9 @@ and the names in VIDEO_NAMES, which the pipeline fills in when it delivers.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blastd.errors import InvalidJobError, InvalidNumberError
 from blastd.job_fields import (
@@ -30,8 +29,10 @@ from blastd.job_fields import (
     Line,
     RedisKey,
     Spec,
-    describe,
+    check_inline_count,
     require_a_valid_number,
+    require_one_source,
+    validate,
 )
 from blastd.recipients import RecipientIn, normalize_number, preview
 
@@ -45,7 +46,6 @@ DEFAULT_FALLBACK = "{caption}\n\n🔗 Video: {video_url}"  # seed 002's text-wit
 DEFAULT_FAILURE = "Sorry, your video could not be generated: {reason}"
 DEFAULT_TIMEOUT = "Video generation timeout: Process exceeded {timeout_min} minutes"
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
 ScriptText = Annotated[str, Field(min_length=3, max_length=MAX_SCRIPT_CHARS), MESSAGE_TEXT]
 Caption = Annotated[str, Field(max_length=MAX_CAPTION_CHARS), MESSAGE_TEXT]
 NoticeText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), MESSAGE_TEXT]
@@ -104,10 +104,7 @@ class VideoBlastJob(BaseModel):
 
     @model_validator(mode="after")
     def _require_one_recipient_source(self) -> VideoBlastJob:
-        if (self.recipients is None) == (self.recipients_key is None):
-            raise PydanticCustomError(
-                "recipient_source", "exactly one of recipients and recipients_key is required"
-            )
+        require_one_source(self.recipients, self.recipients_key, "recipients")
         return self
 
     def missing_variables(self, values: Mapping[str, str]) -> frozenset[str]:
@@ -146,13 +143,8 @@ class VideoPollJob(BaseModel):
 
 
 def parse_video_blast(data: dict[str, Any], limits: Limits) -> VideoBlastJob:
-    recipients = data.get("recipients")
-    if isinstance(recipients, list) and len(recipients) > limits.max_inline_recipients:
-        raise InvalidJobError(
-            f"{len(recipients)} inline recipients, over the limit of "
-            f"{limits.max_inline_recipients}: use recipients_key"
-        )
-    job = _validate(VideoBlastJob, data)
+    check_inline_count(data, "recipients", limits)
+    job = validate(VideoBlastJob, data)
     _check_accounts(job.video.account, job.account, limits)
     if job.recipients is not None:
         require_a_valid_number(job.recipients, limits.default_region)
@@ -160,20 +152,13 @@ def parse_video_blast(data: dict[str, Any], limits: Limits) -> VideoBlastJob:
 
 
 def parse_video_poll(data: dict[str, Any], limits: Limits) -> VideoPollJob:
-    job = _validate(VideoPollJob, data)
+    job = validate(VideoPollJob, data)
     _check_accounts(job.account, job.notify.account, limits)
     try:
         normalize_number(job.notify.to, limits.default_region)
     except InvalidNumberError as exc:  # the one chat must be reachable
         raise InvalidJobError(f"notify.to: {exc.reason}") from None
     return job
-
-
-def _validate(model: type[ModelT], data: dict[str, Any]) -> ModelT:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidJobError(describe(exc)) from None
 
 
 def _check_accounts(video_account: str, messaging_account: str, limits: Limits) -> None:
