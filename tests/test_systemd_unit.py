@@ -76,12 +76,16 @@ def _systemd_analyze() -> str:
     if found:
         return found
     if nspawn.cannot_boot_reason() is not None or not shutil.which("apt-get"):
-        pytest.skip("systemd-analyze is missing and installing it needs root and apt-get")
+        pytest.fail(
+            "systemd-analyze is missing and installing it needs root and apt-get; "
+            f"{nspawn.LEAVE_OUT}"
+        )
     subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
     subprocess.run(["apt-get", "install", "-y", "-q", "systemd"], check=True, capture_output=True)
     return "systemd-analyze"
 
 
+@pytest.mark.systemd
 def test_unit_exposure_is_at_most_1_5() -> None:
     result = subprocess.run(
         [_systemd_analyze(), "security", "--offline=true", str(UNIT)],
@@ -218,6 +222,7 @@ systemctl daemon-reload
 
 
 @pytest.mark.slow
+@pytest.mark.systemd
 @pytest.mark.timeout(900)  # the first run builds the root with debootstrap (about 2 minutes)
 async def test_unit_under_real_systemd_starts_survives_a_stall_and_stops_cleanly(
     servers: Servers,
@@ -230,7 +235,7 @@ async def test_unit_under_real_systemd_starts_survives_a_stall_and_stops_cleanly
     systemd restarts it; `systemctl stop` mid-campaign drains and exits 0."""
     reason = nspawn.cannot_boot_reason()
     if reason is not None:
-        pytest.skip(reason)
+        pytest.fail(f"{reason}; {nspawn.LEAVE_OUT}")
     await nspawn.build_root()
     payload = _payload(tmp_path, servers, sandbox.url)
     await _build_wheel(tmp_path / "source", payload / "wheel")
