@@ -8,7 +8,9 @@ at D-ID by their user_data after the restart, and submitted only if D-ID never g
 
 from __future__ import annotations
 
+import functools
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,26 +123,58 @@ async def _check(sandbox: VideoSandbox, pool: ledger.Pool, job_id: str) -> dict[
     return {state: states.count(state) for state in set(states)}
 
 
+async def _blast_with_kills(
+    servers: Servers,
+    redis: aioredis.Redis,
+    pool: ledger.Pool,
+    tmp_path: Path,
+    job_id: str,
+    figure: Callable[[VideoSandbox], Awaitable[int]],
+    kill_at: list[int],
+    **did_knobs: Any,
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Run a video blast, SIGKILL the daemon as `figure` reaches each of `kill_at`, run it to
+    the end; the recipients' states (checked by _check) and D-ID's stats."""
+    async with video_sandbox(**did_knobs) as sandbox:
+        admin_port = free_port()
+        await sandbox.cloud.configure(
+            webhook_url=webhook_url(admin_port), webhook_statuses=["sent"], webhook_attempts=8
+        )
+        env = _env(servers, sandbox, admin_port, did_knobs["time_compression"])
+        await _push_blast(redis, job_id)
+
+        async def reached(count: int) -> bool:
+            return await figure(sandbox) >= count
+
+        kills = [functools.partial(reached, count) for count in kill_at]
+        await _run_with_kills(sandbox, pool, env, tmp_path, job_id, kills)
+        return await _check(sandbox, pool, job_id), await sandbox.did.stats()
+
+
+async def _clips_created(sandbox: VideoSandbox) -> int:
+    return int((await sandbox.did.stats())["created"])
+
+
+async def _videos_delivered(sandbox: VideoSandbox) -> int:
+    return int((await sandbox.cloud.stats())["accepted"])
+
+
 @pytest.mark.slow
 async def test_sigkill_during_submission_submits_no_clip_twice(
     servers: Servers, redis: aioredis.Redis, pool: ledger.Pool, tmp_path: Path
 ) -> None:
     # Creates take 40 ms each, ten at a time: about 1.2 s to submit them all.
-    async with video_sandbox(latency_ms=40.0) as sandbox:
-        admin_port = free_port()
-        await sandbox.cloud.configure(
-            webhook_url=webhook_url(admin_port), webhook_statuses=["sent"], webhook_attempts=8
-        )
-        env = _env(servers, sandbox, admin_port, compression=200.0)
-        await _push_blast(redis, "vcrash-submit")
-
-        async def created_at_least(count: int) -> bool:
-            return int((await sandbox.did.stats())["created"]) >= count
-
-        kills = [lambda: created_at_least(45), lambda: created_at_least(160)]
-        await _run_with_kills(sandbox, pool, env, tmp_path, "vcrash-submit", kills)
-        counts = await _check(sandbox, pool, "vcrash-submit")
-        did_stats = await sandbox.did.stats()
+    counts, did_stats = await _blast_with_kills(
+        servers,
+        redis,
+        pool,
+        tmp_path,
+        "vcrash-submit",
+        _clips_created,
+        [45, 160],
+        latency_ms=40.0,
+        time_compression=200.0,
+    )
     print(f"\nvideo crash during submission: {counts}; clips created {did_stats['created']}")
 
 
@@ -150,19 +184,15 @@ async def test_sigkill_during_polling_delivers_no_video_twice(
 ) -> None:
     # Renders of about 3 s: every clip is submitted before the first one is done, and the
     # kills land while some are delivered and the rest are still being polled.
-    async with video_sandbox(time_compression=20.0) as sandbox:
-        admin_port = free_port()
-        await sandbox.cloud.configure(
-            webhook_url=webhook_url(admin_port), webhook_statuses=["sent"], webhook_attempts=8
-        )
-        env = _env(servers, sandbox, admin_port, compression=20.0)
-        await _push_blast(redis, "vcrash-poll")
-
-        async def delivered_at_least(count: int) -> bool:
-            return int((await sandbox.cloud.stats())["accepted"]) >= count
-
-        kills = [lambda: delivered_at_least(40), lambda: delivered_at_least(150)]
-        await _run_with_kills(sandbox, pool, env, tmp_path, "vcrash-poll", kills)
-        counts = await _check(sandbox, pool, "vcrash-poll")
+    counts, _ = await _blast_with_kills(
+        servers,
+        redis,
+        pool,
+        tmp_path,
+        "vcrash-poll",
+        _videos_delivered,
+        [40, 150],
+        time_compression=20.0,
+    )
     print(f"\nvideo crash during polling: {counts}")
     assert counts.get("sent", 0) >= RECIPIENTS - 20
