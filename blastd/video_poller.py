@@ -282,6 +282,7 @@ async def _take_turn(deps: Dependencies, keys: VideoKeys, state: JobState) -> No
         await _fail(deps, keys, state, "config", "no_account", f"{state.account!r} not configured")
         return
     attempts = await _count_attempt(deps, keys, state.job_id)
+    failure: ProviderError | TimeoutError | None = None
     try:
         async with account.slots:
             status = await asyncio.wait_for(
@@ -293,12 +294,25 @@ async def _take_turn(deps: Dependencies, keys: VideoKeys, state: JobState) -> No
         return
     except (ProviderError, TimeoutError) as exc:
         VIDEO_POLLS.labels(state.account, getattr(exc, "error_class", "timeout")).inc()
-        await _back_off(deps, keys, state, exc, attempts)
-        return
-    VIDEO_POLLS.labels(state.account, status.state).inc()
-    if status.state == "running":
-        await _wait_more(deps, keys, state, attempts, account)
-    elif status.state == "succeeded":
+        failure = exc
+    else:
+        VIDEO_POLLS.labels(state.account, status.state).inc()
+        if status.state != "running":
+            await _finish(deps, keys, state, status)
+            return
+    # Not finished, or not known: give up once past the window, else look again later.
+    if _is_over(deps, state, attempts):
+        await _time_out(deps, keys, state, attempts)
+    elif failure is not None:
+        await _back_off(deps, keys, state, failure)
+    else:
+        await _wait_more(deps, keys, state, account)
+
+
+async def _finish(
+    deps: Dependencies, keys: VideoKeys, state: JobState, status: VideoStatus
+) -> None:
+    if status.state == "succeeded":
         await _succeed(deps, keys, state, status)
     elif status.state == "failed":
         await _render_failed(deps, keys, state, status)
@@ -321,12 +335,9 @@ def _is_over(deps: Dependencies, state: JobState, attempts: int) -> bool:
 
 
 async def _wait_more(
-    deps: Dependencies, keys: VideoKeys, state: JobState, attempts: int, account: VideoAccount
+    deps: Dependencies, keys: VideoKeys, state: JobState, account: VideoAccount
 ) -> None:
     video = deps.settings.video
-    if _is_over(deps, state, attempts):
-        await _time_out(deps, keys, state, attempts)
-        return
     interval_s = video.webhook_poll_interval_s if account.has_webhook else video.poll_interval_s
     # The last poll lands on the deadline, so a give-up comes on time, not an interval late.
     deadline_ms = state.started_ms + int(video.timeout_s * 1000)
@@ -335,13 +346,10 @@ async def _wait_more(
 
 
 async def _back_off(
-    deps: Dependencies, keys: VideoKeys, state: JobState, exc: BaseException, attempts: int
+    deps: Dependencies, keys: VideoKeys, state: JobState, exc: BaseException
 ) -> None:
     """The status API failed: seed 002's exponential backoff, 5 s x 2^n, at most a minute."""
     video = deps.settings.video
-    if _is_over(deps, state, attempts):
-        await _time_out(deps, keys, state, attempts)
-        return
     failures = state.failures + 1
     delay_s = min(video.backoff_initial_s * 2 ** (failures - 1), video.backoff_max_s)
     if isinstance(exc, ThrottledError) and exc.retry_after_s is not None:
