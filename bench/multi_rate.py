@@ -51,8 +51,8 @@ from stack import (
 )
 from windows import max_in_window
 
-from blastd.limiter import Pacer
-from blastd.shared_limiter import SharedPacer
+from blastd.pacing import Pacer
+from blastd.shared_pacing import SharedPacer
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from windows import max_in_window
 
-from blastd.limiter import Pacer
+from blastd.pacing import Pacer
 
 RATES_PER_S = (80, 1000)
 

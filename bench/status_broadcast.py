@@ -37,7 +37,7 @@ from stack import (
 )
 
 from blastd.config import StatusBatchSizes
-from blastd.status_broadcast import batch_size_for
+from blastd.status.broadcast import batch_size_for
 
 CAMPAIGN_ID = "bench-status"
 SEED_PROMISE_S = 10.0  # seed 001: 50,000 recipients in "~8-10 seconds" with 11 API calls

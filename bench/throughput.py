@@ -56,7 +56,7 @@ from stack import (
 )
 
 from blastd.config import CloudApiAccount
-from blastd.providers import OutboundMessage, TextBody
+from blastd.providers.base import OutboundMessage, TextBody
 from blastd.providers.cloud_api import build_request_body
 
 PROMISED_RATIO = 0.9

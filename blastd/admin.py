@@ -13,14 +13,16 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from blastd import events, intake, ledger, metrics, reports, video_poller
+from blastd import events, ledger, metrics, outages, queues, reports
 from blastd.config import CloudApiAccount, UltraMsgAccount, WablasAccount
+from blastd.errors import PostgresUnavailableError
 from blastd.providers.cloud_api import answer_verification, is_valid_signature, parse_status_webhook
 from blastd.providers.ultramsg import is_valid_secret, parse_ack_webhook
 from blastd.providers.wablas import is_valid_tracking_secret, parse_tracking_webhook
+from blastd.video import schedule as video_schedule
 
 if TYPE_CHECKING:
-    from blastd.daemon import Dependencies
+    from blastd.resources import Dependencies
 
 log = structlog.get_logger()
 DEPS_KEY: web.AppKey[Dependencies] = web.AppKey("deps")
@@ -172,7 +174,7 @@ async def receive_wablas_webhook(request: web.Request) -> web.Response:
             ledger.MessageReceipt(u.provider_message_id, u.state, u.error_code, u.error_text)
             for u in updates
         ]
-        await deps.db_call(ledger.apply_receipts_by_message_id, deps.pool, receipts)
+        await deps.db(ledger.apply_receipts_by_message_id, receipts)
     return web.Response(text="ok")
 
 
@@ -182,7 +184,7 @@ async def receive_video_webhook(request: web.Request) -> web.Response:
     believed (D-ID documents no signature). The URL carries our secret when one is set."""
     deps = request.app[DEPS_KEY]
     name = request.match_info["account"]
-    video = deps.videos.get(name)
+    video = deps.video_accounts.get(name)
     if video is None:
         raise web.HTTPNotFound()
     secret = video.settings.webhook_secret
@@ -195,7 +197,7 @@ async def receive_video_webhook(request: web.Request) -> web.Response:
     except orjson.JSONDecodeError as exc:
         raise web.HTTPBadRequest() from exc
     job_id = video.provider.webhook_job_id(payload) if isinstance(payload, dict) else None
-    if job_id is not None and not await video_poller.nudge(deps, job_id):
+    if job_id is not None and not await video_schedule.nudge(deps, job_id):
         log.info("video_webhook_unknown_job", account=name, video_job_id=job_id)
     return web.Response(text="ok")
 
@@ -228,14 +230,14 @@ async def serve_metrics(request: web.Request) -> web.Response:
     """Prometheus text format; the Redis queue depths are read at each scrape."""
     deps = request.app[DEPS_KEY]
     prefix = deps.settings.redis_prefix
-    queues = {
-        "jobs": intake.jobs_key(prefix),
-        "dead": intake.dead_key(prefix),
-        "processing": deps.processing_key,
+    lists = {
+        "jobs": queues.jobs_key(prefix),
+        "dead": queues.dead_key(prefix),
+        "processing": queues.processing_key(prefix, deps.settings.instance_id),
     }
-    if deps.videos:
-        queues["video_poll"] = video_poller.video_keys(deps).queue
-    await metrics.sample_queue_depths(deps.redis, queues)
+    if deps.video_accounts:
+        lists["video_poll"] = video_schedule.video_keys(deps).queue
+    await metrics.sample_queue_depths(deps.redis, lists)
     return web.Response(body=metrics.exposition(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
@@ -243,8 +245,10 @@ async def serve_campaign_status(request: web.Request) -> web.Response:
     """The campaign's status document, as `blastd status --json` prints it."""
     deps = request.app[DEPS_KEY]
     try:
-        report = await reports.campaign_status(deps.pool, request.match_info["id"])
-    except ledger.DB_OUTAGE_ERRORS as exc:
+        report = await outages.on_postgres(
+            reports.campaign_status, deps.pool, request.match_info["id"]
+        )
+    except PostgresUnavailableError as exc:
         raise web.HTTPServiceUnavailable(text="postgres is unreachable") from exc
     if report is None:
         raise web.HTTPNotFound(text="no such campaign")

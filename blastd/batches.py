@@ -9,7 +9,7 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from blastd.ledger import DB_OUTAGE_ERRORS
+from blastd.errors import UnavailableError
 
 T = TypeVar("T")
 log = structlog.get_logger()
@@ -89,7 +89,7 @@ class BatchWriter(Generic[T]):
                 # Shielded: a cancelled drain must not abandon outcomes the provider acted on.
                 await asyncio.shield(self._write(batch))
                 break
-            except DB_OUTAGE_ERRORS as exc:
+            except UnavailableError as exc:
                 log.warning(
                     "batch_write_retried", writer=self.name, rows=len(batch), error=repr(exc)
                 )

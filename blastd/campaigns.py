@@ -15,16 +15,19 @@ from zoneinfo import ZoneInfo
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from blastd import events, ledger, metrics, status_broadcast, video_campaigns
+from blastd import events, ledger, metrics
 from blastd.job_fields import BlastOptions
 from blastd.jobs import MessageSpec, render
 from blastd.ledger import ClaimedRecipient, Outcome
-from blastd.limiter import Pacer
-from blastd.providers import OutboundMessage
+from blastd.pacing import Pacer
+from blastd.providers.base import OutboundMessage
 from blastd.sender import STOP_STATES, Delivery, Sender
+from blastd.status import broadcast as status_broadcast
+from blastd.video import runner as video_runner
 
 if TYPE_CHECKING:
-    from blastd.daemon import Dependencies, Shutdown
+    from blastd.resources import Dependencies
+    from blastd.shutdown import Shutdown
 
 log = structlog.get_logger()
 
@@ -48,7 +51,7 @@ async def run(deps: Dependencies, shutdown: Shutdown) -> None:
     async with asyncio.TaskGroup() as group:
         while not shutdown.is_requested:
             deps.campaigns_changed.clear()
-            running = await deps.db_call(ledger.running_campaign_ids, deps.pool)
+            running = await deps.db(ledger.running_campaign_ids)
             active = {cid: entry for cid, entry in active.items() if not entry.task.done()}
             for campaign_id in running:
                 if campaign_id not in active:
@@ -140,15 +143,15 @@ async def run_campaign(
 ) -> None:
     """Send every due pending recipient of one campaign, then finish or stop it; `halted` set
     (the campaign left 'running') stops the launching and releases what was claimed."""
-    campaign = await deps.db_call(ledger.load_campaign, deps.pool, campaign_id)
+    campaign = await deps.db(ledger.load_campaign, campaign_id)
     if campaign is None or campaign.state != "running":
         return
-    campaign_type = await deps.db_call(ledger.campaign_type, deps.pool, campaign_id)
+    campaign_type = await deps.db(ledger.campaign_type, campaign_id)
     if campaign_type == "status":
         await status_broadcast.run_broadcast(deps, campaign, shutdown, halted)
         return
     if campaign_type in ("video_blast", "video_poll"):
-        await video_campaigns.run_video_campaign(deps, campaign, shutdown, halted)
+        await video_runner.run_video_campaign(deps, campaign, shutdown, halted)
         return
     with bound_contextvars(campaign_id=campaign_id, account=campaign.account):
         run = await _prepare(deps, campaign, shutdown, halted)
@@ -179,7 +182,7 @@ async def _prepare(
     sender = deps.senders.get(campaign.account)
     if sender is None:
         reason = f"account {campaign.account!r} is not configured"
-        await deps.db_call(ledger.set_campaign_state, deps.pool, campaign.id, "stopped", reason)
+        await deps.db(ledger.set_campaign_state, campaign.id, "stopped", reason)
         log.error("campaign_stopped", reason=reason)
         return None
     options = BlastOptions.model_validate(campaign.options)
@@ -210,7 +213,7 @@ async def _wait_for_window(run: CampaignRun) -> bool:
         return True
     is_logged = False
     while not (run.shutdown.is_requested or run.halted.is_set()):
-        run.time_zones = await deps.db_call(ledger.pending_time_zones, deps.pool, run.campaign.id)
+        run.time_zones = await deps.db(ledger.pending_time_zones, run.campaign.id)
         if not run.time_zones or run.open_time_zones() or run.is_expired():
             return True
         if not is_logged:
@@ -247,9 +250,8 @@ async def _claim(run: CampaignRun) -> list[ClaimedRecipient]:
     time_zones = run.open_time_zones()
     if time_zones is not None and not time_zones:
         return []  # the window has closed in every zone left
-    return await deps.db_call(
+    return await deps.db(
         ledger.claim_recipients,
-        deps.pool,
         run.campaign.id,
         deps.settings.instance_id,
         run.claim_size,
@@ -284,23 +286,21 @@ async def _sweep(run: CampaignRun) -> None:
     (released or deferred) while an operator's cancel committed."""
     deps, campaign_id, not_after = run.deps, run.campaign.id, run.options.not_after
     if not_after is not None and run.is_expired():
-        expired = await deps.db_call(ledger.expire_pending, deps.pool, campaign_id)
+        expired = await deps.db(ledger.expire_pending, campaign_id)
         metrics.count_recipients(run.campaign.account, "expired", expired)
         if expired:
             log.info("recipients_expired", count=expired, not_after=not_after.isoformat())
-    await deps.db_call(ledger.cancel_pending, deps.pool, campaign_id)
+    await deps.db(ledger.cancel_pending, campaign_id)
 
 
 async def _settle(run: CampaignRun, duration_s: float) -> None:
     deps, campaign_id = run.deps, run.campaign.id
     if run.stop_state is not None:
-        await deps.db_call(
-            ledger.set_campaign_state, deps.pool, campaign_id, run.stop_state, run.stop_reason
-        )
+        await deps.db(ledger.set_campaign_state, campaign_id, run.stop_state, run.stop_reason)
         log.error("campaign_stopped", state=run.stop_state, reason=run.stop_reason)
         return
     if run.counts:
         log.info("campaign_batch_sent", counts=run.counts, duration_ms=round(duration_s * 1000))
-    if await deps.db_call(ledger.finish_campaign_if_done, deps.pool, campaign_id):
-        counts = await deps.db_call(ledger.count_states, deps.pool, campaign_id)
+    if await deps.db(ledger.finish_campaign_if_done, campaign_id):
+        counts = await deps.db(ledger.count_states, campaign_id)
         log.info("campaign_finished", counts=counts)

@@ -17,7 +17,7 @@ import click
 import orjson
 import redis.asyncio as aioredis
 
-from blastd import controls, enqueueing, intake, ledger, logs, reports
+from blastd import controls, enqueueing, ledger, logs, queues, reports
 from blastd.config import Settings, load_settings
 from blastd.errors import EXIT_CONFIG, BlastdError, ConfigError
 from blastd.jobs import CONTROL_SCOPES, DEFAULT_RETRY_CLASSES, RETRY_CLASSES, ControlAction
@@ -252,14 +252,14 @@ def dead_list(ctx: click.Context, limit: int) -> None:
     """List the most recent entries, newest first: index, dead_at, job id, bytes, reason."""
     settings = _settings(ctx)
     prefix = settings.redis_prefix
-    entries = _run(_with_redis(settings, lambda r: intake.list_dead(r, prefix, limit)))
+    entries = _run(_with_redis(settings, lambda r: queues.list_dead(r, prefix, limit)))
     if not entries:
         click.echo("no dead-letter entries")
     for entry in entries:
         click.echo(_dead_line(entry))
 
 
-def _dead_line(entry: intake.DeadEntry) -> str:
+def _dead_line(entry: queues.DeadEntry) -> str:
     fields, payload = entry.fields, entry.payload()
     size = "-" if payload is None else f"{len(payload)}B"
     dead_at, job_id = fields.get("dead_at") or "-", fields.get("job_id") or "-"
@@ -273,7 +273,7 @@ def dead_show(ctx: click.Context, index: int) -> None:
     """Print one entry in full, its payload as stored."""
     settings = _settings(ctx)
     prefix = settings.redis_prefix
-    entry = _run(_with_redis(settings, lambda r: intake.read_dead(r, prefix, index)))
+    entry = _run(_with_redis(settings, lambda r: queues.read_dead(r, prefix, index)))
     if entry is None:
         click.echo(f"blastd: no dead-letter entry {index}", err=True)
         sys.exit(1)
@@ -293,10 +293,10 @@ def dead_requeue(ctx: click.Context, index: int | None, every: bool) -> None:
     settings = _settings(ctx)
     prefix = settings.redis_prefix
     if index is None:
-        count = _run(_with_redis(settings, lambda r: intake.requeue_all_dead(r, prefix)))
+        count = _run(_with_redis(settings, lambda r: queues.requeue_all_dead(r, prefix)))
         click.echo(f"requeued {count} entries")
         return
-    entry = _run(_with_redis(settings, lambda r: intake.requeue_dead(r, prefix, index)))
+    entry = _run(_with_redis(settings, lambda r: queues.requeue_dead(r, prefix, index)))
     if entry is None:
         click.echo(f"blastd: no dead-letter entry {index}", err=True)
         sys.exit(1)

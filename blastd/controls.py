@@ -18,13 +18,14 @@ import asyncpg
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from blastd import ledger, video_ledger
+from blastd import ledger
 from blastd.errors import InvalidJobError
 from blastd.jobs import DEFAULT_RETRY_CLASSES, ControlAction, ControlJob
 from blastd.recipients import preview
+from blastd.video import ledger as video_ledger
 
 if TYPE_CHECKING:
-    from blastd.daemon import Dependencies
+    from blastd.resources import Dependencies
 
 log = structlog.get_logger()
 OPERATOR = "operator"  # state_reason of a campaign an operator paused or cancelled
@@ -81,9 +82,8 @@ async def apply_control_job(deps: Dependencies, job: ControlJob) -> None:
     """Apply a control job from Redis; an unknown campaign is the job's error (dead-lettered)."""
     classes = job.classes or DEFAULT_RETRY_CLASSES
     with bound_contextvars(job_id=job.id, campaign_id=job.campaign_id):
-        result = await deps.db_call(
+        result = await deps.db(
             apply_control,
-            deps.pool,
             job.campaign_id,
             job.action,
             classes,

@@ -14,10 +14,10 @@ import redis.asyncio as aioredis
 
 from blastd.config import VIDEO_KINDS, Settings
 from blastd.errors import BlastdError, InvalidJobError
-from blastd.intake import jobs_key
 from blastd.jobs import parse_job
+from blastd.queues import jobs_key
 from blastd.sources import read_recipients
-from blastd.video_jobs import VIDEO_NAMES, VideoBlastJob, template_names
+from blastd.video.jobs import VIDEO_NAMES, VideoBlastJob, template_names
 
 PUSH_PAGE = 5_000
 # The video_blast fields the CLI's options fill, by the option's name.

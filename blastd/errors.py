@@ -5,17 +5,24 @@
     ├── InvalidJobError         a job that cannot be accepted: dead-lettered with its reason
     ├── InvalidNumberError      a number that is not a valid phone number: recorded as skipped
     ├── SourceError             a recipients file for `blastd enqueue` cannot be read
+    ├── DrainTimeoutError       the drain deadline cut in-flight work short: exit code 1
+    ├── UnavailableError        Redis or PostgreSQL does not answer: wait, then try again
+    │   ├── RedisUnavailableError
+    │   └── PostgresUnavailableError
     └── ProviderError           a provider answered something other than success
         ├── TransientError      retry with backoff and jitter, bounded attempts
         ├── ThrottledError      slow the account, honour retry_after_s, try again: not a failure
         ├── PairLimitError      resend this recipient later: not a failure
         ├── QualityError        pause the campaign and wait for an operator
         ├── PermanentError      fail this recipient, never retry
+        │   └── BatchTooLargeError  a status gateway refused a batch's size: split, retry
         ├── CampaignFatalError  stop the campaign at once
         └── UncertainOutcomeError  unreadable 2xx: the provider may have accepted it
 
-The provider adapters translate HTTP statuses and provider codes into these classes; nothing
-outside `blastd.providers` knows a provider's codes.
+Foreign exceptions are translated where they enter: the provider adapters turn HTTP statuses,
+aiohttp errors and provider codes into ProviderError classes (nothing outside
+`blastd.providers` knows a provider's codes), and `blastd.outages` turns the Redis and asyncpg
+errors that mean "the server is away" into UnavailableError classes.
 """
 
 from __future__ import annotations
@@ -52,6 +59,24 @@ class SourceError(BlastdError):
     """A recipients file cannot be read; the message names the file and what was expected."""
 
 
+class DrainTimeoutError(BlastdError):
+    """The drain deadline passed with work still running; that work was cancelled."""
+
+
+class UnavailableError(BlastdError):
+    """A server blastd depends on does not answer; `dependency` names it, the cause says why."""
+
+    dependency = "a dependency"
+
+
+class RedisUnavailableError(UnavailableError):
+    dependency = "redis"
+
+
+class PostgresUnavailableError(UnavailableError):
+    dependency = "postgres"
+
+
 class ProviderError(BlastdError):
     """A provider refused or failed a request. `code` and `text` go into the ledger."""
 
@@ -85,6 +110,11 @@ class QualityError(ProviderError):
 
 class PermanentError(ProviderError):
     error_class = "permanent"
+
+
+class BatchTooLargeError(PermanentError):
+    """A status gateway refused the contact list as too long: the status runner splits it and
+    tries again; to every other caller it is a PermanentError."""
 
 
 class CampaignFatalError(ProviderError):

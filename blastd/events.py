@@ -19,20 +19,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import redis.exceptions
 import structlog
 from aiohttp import web
 from redis.asyncio.client import PubSub
 
-from blastd import ledger, metrics, reports
+from blastd import metrics, outages, reports
+from blastd.errors import PostgresUnavailableError, RedisUnavailableError, UnavailableError
 
 if TYPE_CHECKING:
-    from blastd.daemon import Dependencies
+    from blastd.resources import Dependencies
 
 log = structlog.get_logger()
 
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*ledger.DB_OUTAGE_ERRORS, *REDIS_ERRORS)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 HEARTBEAT = b": heartbeat\n\n"
 # Set when the admin app shuts down: open streams end cleanly at once, instead of holding the
@@ -66,13 +64,13 @@ class _Reporter:
         if deps.unreachable:
             return  # an outage: the next sample after it catches up, without adding to the wait
         try:
-            status = await reports.campaign_status(deps.pool, self.campaign_id)
+            status = await outages.on_postgres(reports.campaign_status, deps.pool, self.campaign_id)
             if status is None or status == self._last:
                 return
             metrics.set_campaign_progress(self.campaign_id, status["done"], status["total"])
             topic = channel(deps.settings.redis_prefix, self.campaign_id)
-            await deps.redis.publish(topic, orjson.dumps(status))
-        except OUTAGE_ERRORS:
+            await outages.on_redis(deps.redis.publish, topic, orjson.dumps(status))
+        except UnavailableError:
             return  # progress only informs: an outage the health probe has not seen yet
         self._last = status
 
@@ -101,7 +99,9 @@ async def stream(request: web.Request, deps: Dependencies) -> web.StreamResponse
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         closing = request.app[CLOSING_KEY]
-        with contextlib.suppress(*REDIS_ERRORS):  # the client or Redis went away: end here
+        with contextlib.suppress(
+            *outages.REDIS_OUTAGE_ERRORS
+        ):  # the client or Redis went away: end here
             await _relay(response, _Feed(pubsub, closing), deps, request.match_info["id"])
             await response.write_eof()
         return response
@@ -117,8 +117,10 @@ async def _subscribed(deps: Dependencies, campaign_id: str) -> AsyncIterator[Pub
     pubsub = deps.redis.pubsub(ignore_subscribe_messages=True)
     try:
         try:
-            await pubsub.subscribe(channel(deps.settings.redis_prefix, campaign_id))
-        except REDIS_ERRORS as exc:
+            await outages.on_redis(
+                pubsub.subscribe, channel(deps.settings.redis_prefix, campaign_id)
+            )
+        except RedisUnavailableError as exc:
             raise web.HTTPServiceUnavailable(text="redis is unreachable") from exc
         yield pubsub
     finally:
@@ -182,8 +184,8 @@ class _Feed:
 
 async def _ledger_status(deps: Dependencies, campaign_id: str) -> Status | None:
     try:
-        return await reports.campaign_status(deps.pool, campaign_id)
-    except ledger.DB_OUTAGE_ERRORS:
+        return await outages.on_postgres(reports.campaign_status, deps.pool, campaign_id)
+    except PostgresUnavailableError:
         return None
 
 

@@ -50,9 +50,9 @@ from blastd.job_fields import (
     require_one_source,
     validate,
 )
-from blastd.providers import Body, TemplateBody, TextBody, VideoBody
+from blastd.providers.base import Body, TemplateBody, TextBody, VideoBody
 from blastd.recipients import CONTROL_CHARS, RecipientIn, preview
-from blastd.video_jobs import VideoBlastJob, VideoPollJob, parse_video_blast, parse_video_poll
+from blastd.video.jobs import VideoBlastJob, VideoPollJob, parse_video_blast, parse_video_poll
 
 MESSAGE_KINDS = ("text", "template", "video")
 ControlAction = Literal["pause", "resume", "cancel", "retry_failed"]

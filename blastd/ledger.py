@@ -34,19 +34,6 @@ Pool: TypeAlias = asyncpg.Pool
 # time out, be taken for an outage and start over forever; a dead server still fails fast.
 BULK_STATEMENT_TIMEOUT_S = 900.0
 
-# What a PostgreSQL outage or restart looks like to asyncpg: wait and try again, never give up.
-DB_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
-    # A connection cut by a server shutdown in the middle of an operation can be handed out
-    # again before the pool notices; its next query fails with "cannot switch to state ...;
-    # another operation is in progress" (asyncpg 0.32). Seen in tests/test_outages.py.
-    asyncpg.InternalClientError,
-)
-
 
 async def open_pool(url: str, *, command_timeout_s: float, max_size: int = 10) -> Pool:
     """Open a pool whose connections decode jsonb with orjson."""

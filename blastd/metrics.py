@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -26,6 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from blastd import outages
 from blastd.errors import ProviderError
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ async def sample_queue_depths(client: aioredis.Redis, keys: Mapping[str, str]) -
         pipe.llen(key)
     try:
         lengths = await pipe.execute()
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+    except outages.REDIS_OUTAGE_ERRORS:
         return
     for queue, length in zip(keys, lengths, strict=True):
         QUEUE_DEPTH.labels(queue).set(length)

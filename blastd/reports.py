@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from blastd import ledger
+from blastd import ledger, outages
 from blastd.config import Settings
 
 FOLLOW_INTERVAL_S = 0.5
@@ -105,7 +105,7 @@ async def check_connectivity(settings: Settings) -> CheckResult:
     try:
         await client.ping()
         result.add(True, "redis")
-    except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+    except outages.REDIS_OUTAGE_ERRORS as exc:
         result.add(False, "redis", type(exc).__name__)
     finally:
         await client.aclose()
@@ -113,7 +113,7 @@ async def check_connectivity(settings: Settings) -> CheckResult:
         pool = await ledger.open_pool(settings.database_url, command_timeout_s=5, max_size=1)
         await pool.close()
         result.add(True, "postgres")
-    except (*ledger.DB_OUTAGE_ERRORS, asyncpg.PostgresError) as exc:
+    except (*outages.DB_OUTAGE_ERRORS, asyncpg.PostgresError) as exc:
         result.add(False, "postgres", type(exc).__name__)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
         for name, account in settings.accounts.items():

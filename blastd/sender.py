@@ -34,9 +34,9 @@ from blastd.errors import (
     UncertainOutcomeError,
 )
 from blastd.ledger import Outcome
-from blastd.limiter import AccountPacer, Pacer
 from blastd.metrics import AccountMetrics
-from blastd.providers import OutboundMessage, Provider, SendResult
+from blastd.pacing import AccountPacer, Pacer
+from blastd.providers.base import OutboundMessage, Provider, SendResult
 
 log = structlog.get_logger()
 

@@ -23,6 +23,7 @@ from blastd.config import AdminSettings, CloudApiAccount, Settings
 from blastd.embedded import EmbeddedPostgres, EmbeddedRedis
 from blastd.sandbox.cloud_api import SandboxConfig, build_app, listening
 from blastd.sandbox.ultramsg import UltraMsgSandboxConfig, build_ultramsg_app
+from blastd.shutdown import Shutdown
 
 ACCOUNT = "cloud-main"
 TOKEN = "sandbox-token"
@@ -92,9 +93,9 @@ def make_settings(servers: Servers, sandbox_url: str, **overrides: Any) -> Setti
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(settings: Settings) -> AsyncIterator[daemon.Shutdown]:
+async def running_daemon(settings: Settings) -> AsyncIterator[Shutdown]:
     """The daemon in this event loop; drained (and checked to exit cleanly) on the way out."""
-    shutdown = daemon.Shutdown()
+    shutdown = Shutdown()
     task = asyncio.create_task(daemon.run(settings, shutdown), name="daemon")
     try:
         yield shutdown
@@ -187,14 +188,14 @@ async def is_ready(admin_port: int) -> bool:
 class DaemonUnderTest:
     """A daemon running in this event loop: its Shutdown and the task that runs it."""
 
-    shutdown: daemon.Shutdown
+    shutdown: Shutdown
     task: asyncio.Task[None]
 
 
 @contextlib.asynccontextmanager
 async def running_daemon_task(settings: Settings) -> AsyncIterator[DaemonUnderTest]:
     """Like running_daemon, but the test also sees the task, to check it is still running."""
-    shutdown = daemon.Shutdown()
+    shutdown = Shutdown()
     task = asyncio.create_task(daemon.run(settings, shutdown), name="daemon")
     try:
         yield DaemonUnderTest(shutdown, task)

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from blastd import controls, daemon, ledger
 from blastd.config import AdminSettings, Settings
 from blastd.embedded import free_port
+from blastd.shutdown import Shutdown
 from tests.harness import (
     APP_SECRET,
     SandboxHandle,
@@ -174,7 +175,7 @@ async def test_event_stream_sends_heartbeats_and_does_not_hold_the_daemon_at_exi
     settings = make_settings(servers, sandbox.url, admin=admin)
     later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     job = blast_job("idle-sse", numbers_from(42_000_300, 2), options={"not_before": later})
-    shutdown = daemon.Shutdown()
+    shutdown = Shutdown()
     task = asyncio.create_task(daemon.run(settings, shutdown), name="daemon")
     try:
         async with aiohttp.ClientSession() as http:

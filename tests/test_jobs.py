@@ -16,7 +16,7 @@ from blastd.jobs import (
     placeholders,
     render,
 )
-from blastd.providers import TemplateBody, TextBody, VideoBody
+from blastd.providers.base import TemplateBody, TextBody, VideoBody
 from blastd.recipients import RecipientIn
 from tests.poison_jobs import ACCOUNT, MALFORMED_JOBS, REASON_WORDS
 

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from blastd.limiter import MAX_LAG_S, Pacer
+from blastd.pacing import MAX_LAG_S, Pacer
 
 T = TypeVar("T")
 CONSUMERS = 50

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from blastd import ledger
 from blastd.embedded import free_port
-from blastd.shared_limiter import rate_state_key
+from blastd.shared_pacing import rate_state_key
 from tests.harness import (
     ACCOUNT,
     APP_SECRET,

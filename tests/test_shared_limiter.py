@@ -20,9 +20,9 @@ from structlog.testing import capture_logs
 
 from blastd import ledger
 from blastd.batches import BatchWriter
-from blastd.daemon import Dependencies
 from blastd.embedded import EmbeddedRedis, free_port
-from blastd.shared_limiter import (
+from blastd.resources import Dependencies
+from blastd.shared_pacing import (
     IDLE_TTL_MS,
     LEASE_S,
     SharedPacer,

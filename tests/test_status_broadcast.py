@@ -20,13 +20,14 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from blastd import ledger, status_broadcast
+from blastd import ledger
 from blastd.config import StatusBatchSizes, StatusGatewayAccount
 from blastd.embedded import free_port
 from blastd.jobs import StatusOptions
 from blastd.sandbox.cloud_api import listening
 from blastd.sandbox.status_gateway import StatusSandboxConfig, build_status_app
-from blastd.status_intake import send_order
+from blastd.status import broadcast as status_broadcast
+from blastd.status.intake import send_order
 from tests.harness import (
     TOKEN,
     SandboxHandle,

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from blastd import ledger
 from blastd.jobs import parse_job
-from blastd.video_jobs import VideoBlastJob
+from blastd.video.jobs import VideoBlastJob
 from tests.conftest import Servers
 from tests.harness import (
     ACCOUNT,

@@ -25,7 +25,14 @@ from blastd.errors import (
     TransientError,
     UncertainOutcomeError,
 )
-from blastd.providers import (
+from blastd.providers.answers import (
+    MAX_ERROR_TEXT_CHARS,
+    clean_error_text,
+    client_timeout,
+    post_for_answer,
+    throttled_error,
+)
+from blastd.providers.base import (
     OutboundMessage,
     SendReceipt,
     SingleMessageProvider,
@@ -34,16 +41,6 @@ from blastd.providers import (
     TextBody,
     VideoBody,
 )
-from blastd.providers.answers import (
-    MAX_ERROR_TEXT_CHARS,
-    client_timeout,
-    post_for_answer,
-    throttled_error,
-)
-
-# Re-exported under their old address: blastd/providers/status_gateway.py imports them here.
-from blastd.providers.answers import clean_error_text as clean_error_text
-from blastd.providers.answers import parse_retry_after_s as parse_retry_after_s
 
 CALLBACK_PREFIX = "blastd:"  # biz_opaque_callback_data = CALLBACK_PREFIX + ledger_id
 SIGNATURE_PREFIX = "sha256="

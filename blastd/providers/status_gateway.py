@@ -26,6 +26,7 @@ import orjson
 
 from blastd.config import StatusGatewayAccount
 from blastd.errors import (
+    BatchTooLargeError,
     CampaignFatalError,
     ConfigError,
     PermanentError,
@@ -34,8 +35,8 @@ from blastd.errors import (
     TransientError,
     UncertainOutcomeError,
 )
-from blastd.providers import OutboundMessage, SendResult
-from blastd.providers.cloud_api import clean_error_text, parse_retry_after_s
+from blastd.providers.answers import clean_error_text, parse_retry_after_s
+from blastd.providers.base import OutboundMessage, SendResult
 
 JID_SUFFIX = "@s.whatsapp.net"
 DEFAULT_ID_PATHS = {"evolution": "key.id", "story": "messageId"}
@@ -52,13 +53,6 @@ class StatusContent:
     caption: str | None = None
     background_color: str = "#000000"
     font: int = 1
-
-
-class BatchTooLargeError(PermanentError):
-    """The gateway refused the contact list as too long: the caller splits it and tries again.
-
-    Defined here, not in errors.py: only this adapter raises it and only the status runner
-    acts on it; to every other caller it is a PermanentError."""
 
 
 def jid_of(e164: str) -> str:

@@ -25,19 +25,19 @@ from blastd.errors import (
     TransientError,
     UncertainOutcomeError,
 )
-from blastd.providers import (
+from blastd.providers.answers import (
+    clean_error_text,
+    client_timeout,
+    post_for_answer,
+    throttled_error,
+)
+from blastd.providers.base import (
     OutboundMessage,
     SendReceipt,
     SingleMessageProvider,
     StatusUpdate,
     TemplateBody,
     TextBody,
-)
-from blastd.providers.answers import (
-    clean_error_text,
-    client_timeout,
-    post_for_answer,
-    throttled_error,
 )
 
 REFERENCE_PREFIX = "blastd:"  # referenceId = REFERENCE_PREFIX + ledger_id, echoed on acks

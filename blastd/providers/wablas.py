@@ -26,13 +26,13 @@ from blastd.errors import (
     TransientError,
     UncertainOutcomeError,
 )
-from blastd.providers import OutboundMessage, SendReceipt, SendResult, TemplateBody, VideoBody
 from blastd.providers.answers import (
     clean_error_text,
     client_timeout,
     post_for_answer,
     throttled_error,
 )
+from blastd.providers.base import OutboundMessage, SendReceipt, SendResult, TemplateBody, VideoBody
 
 # Right after sending, items are "pending" (or process, sent, ...: any other state with an id
 # counts as taken); these end the message, per community enums and webhook mappers.

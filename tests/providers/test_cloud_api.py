@@ -24,14 +24,14 @@ from blastd.errors import (
     TransientError,
     UncertainOutcomeError,
 )
-from blastd.providers import (
+from blastd.providers.answers import parse_retry_after_s
+from blastd.providers.base import (
     OutboundMessage,
     StatusUpdate,
     TemplateBody,
     TextBody,
     VideoBody,
 )
-from blastd.providers.answers import parse_retry_after_s
 from blastd.providers.cloud_api import (
     CloudApiProvider,
     answer_verification,

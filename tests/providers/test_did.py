@@ -26,8 +26,9 @@ from blastd.errors import (
     UncertainOutcomeError,
 )
 from blastd.providers.answers import MAX_RETRY_AFTER_S, Answer
-from blastd.providers.did import DidProvider, build_job_body, read_job, refusal_error
-from blastd.providers.video import VideoRequest, VideoStatus, build_video_provider
+from blastd.providers.video.accounts import build_video_provider
+from blastd.providers.video.base import VideoRequest, VideoStatus
+from blastd.providers.video.did import DidProvider, build_job_body, read_job, refusal_error
 from blastd.sandbox.did import DidSandboxConfig, build_did_app
 from tests.harness import serving, wait_until
 

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from blastd.config import StatusGatewayAccount
 from blastd.errors import (
+    BatchTooLargeError,
     CampaignFatalError,
     PermanentError,
     ProviderError,
@@ -20,9 +21,8 @@ from blastd.errors import (
     TransientError,
     UncertainOutcomeError,
 )
-from blastd.providers import OutboundMessage, TextBody
+from blastd.providers.base import OutboundMessage, TextBody
 from blastd.providers.status_gateway import (
-    BatchTooLargeError,
     StatusContent,
     StatusGatewayProvider,
     jid_of,

@@ -18,7 +18,7 @@ from blastd.errors import (
     TransientError,
     UncertainOutcomeError,
 )
-from blastd.providers import OutboundMessage, StatusUpdate, TemplateBody, TextBody, VideoBody
+from blastd.providers.base import OutboundMessage, StatusUpdate, TemplateBody, TextBody, VideoBody
 from blastd.providers.ultramsg import (
     UltraMsgProvider,
     classify_answer,

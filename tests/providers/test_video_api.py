@@ -26,8 +26,9 @@ from blastd.errors import (
     UncertainOutcomeError,
 )
 from blastd.providers.answers import MAX_RETRY_AFTER_S, error_for_status
-from blastd.providers.video import VideoRequest, VideoStatus, build_video_provider
-from blastd.providers.video_api import (
+from blastd.providers.video.accounts import build_video_provider
+from blastd.providers.video.base import VideoRequest, VideoStatus
+from blastd.providers.video.video_api import (
     VideoApiProvider,
     error_text_at,
     job_id_text,

@@ -20,7 +20,7 @@ from blastd.errors import (
     TransientError,
     UncertainOutcomeError,
 )
-from blastd.providers import (
+from blastd.providers.base import (
     OutboundMessage,
     SendReceipt,
     SendResult,

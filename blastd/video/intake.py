@@ -10,14 +10,16 @@ import orjson
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from blastd import intake, ledger, video_ledger, video_poller
+from blastd import admission, ledger
 from blastd.errors import InvalidJobError
 from blastd.job_fields import Limits
 from blastd.recipients import normalize_number
-from blastd.video_jobs import VideoBlastJob, VideoPollJob, parse_video_poll
+from blastd.video import ledger as video_ledger
+from blastd.video import schedule as video_schedule
+from blastd.video.jobs import VideoBlastJob, VideoPollJob, parse_video_poll
 
 if TYPE_CHECKING:
-    from blastd.daemon import Dependencies
+    from blastd.resources import Dependencies
 
 log = structlog.get_logger()
 
@@ -37,7 +39,7 @@ async def accept_video_blast(deps: Dependencies, job: VideoBlastJob) -> None:
         },
         options=job.options.model_dump(mode="json", exclude_none=True),
     )
-    await intake.accept_campaign(deps, job, campaign)
+    await admission.accept_campaign(deps, job, campaign)
 
 
 async def accept_video_poll(deps: Dependencies, job: VideoPollJob) -> int | None:
@@ -71,13 +73,13 @@ async def accept_video_poll(deps: Dependencies, job: VideoPollJob) -> int | None
             log.info("job_duplicate")
             return None
         state = _poll_state(job, ledger_id, started_at)
-        await video_poller.schedule(deps, state, settings.video.first_poll_s)
+        await video_schedule.schedule(deps, state, settings.video.first_poll_s)
         log.info("campaign_created", pending=1, skipped=0)
         deps.campaigns_changed.set()
         return ledger_id
 
 
-async def adopt_seed_job(deps: Dependencies, job_id: str, raw: bytes) -> video_poller.JobState:
+async def adopt_seed_job(deps: Dependencies, job_id: str, raw: bytes) -> video_schedule.PollState:
     """A `video:job:{id}` written by a producer of seed 002's own system: its JSON is a
     video_poll job (type and id may be left out; job_id defaults to the key's id). It becomes
     a campaign like a video_poll taken from the jobs list; raises InvalidJobError if it is not
@@ -89,24 +91,26 @@ async def adopt_seed_job(deps: Dependencies, job_id: str, raw: bytes) -> video_p
         settings.accounts.keys(),
         settings.max_inline_recipients,
         settings.default_region,
-        deps.videos.keys(),
+        deps.video_accounts.keys(),
     )
     job = parse_video_poll(data, limits)
     ledger_id = await accept_video_poll(deps, job)
     if ledger_id is None:  # adopted before, and the daemon stopped before it rewrote the key
-        ledger_id = await deps.db_call(video_ledger.poll_recipient_id, deps.pool, job.id)
+        ledger_id = await deps.db(video_ledger.poll_recipient_id, job.id)
     if ledger_id is None:
         raise InvalidJobError(f"campaign {job.id!r} exists and is not a video_poll")
     state = _poll_state(job, ledger_id, job.started_at or datetime.now(UTC))
-    keys = video_poller.video_keys(deps)
+    keys = video_schedule.video_keys(deps)
     await deps.redis_call(
         deps.redis.set, keys.job(job_id), state.model_dump_json(), ex=settings.video.job_ttl_s
     )
     return state
 
 
-def _poll_state(job: VideoPollJob, ledger_id: int, started_at: datetime) -> video_poller.JobState:
-    return video_poller.JobState(
+def _poll_state(
+    job: VideoPollJob, ledger_id: int, started_at: datetime
+) -> video_schedule.PollState:
+    return video_schedule.PollState(
         job_id=job.job_id,
         account=job.account,
         ledger_id=ledger_id,

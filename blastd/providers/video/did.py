@@ -40,7 +40,7 @@ from blastd.providers.answers import (
     log_unknown_status_once,
     post_for_answer,
 )
-from blastd.providers.video import VideoRequest, VideoStatus
+from blastd.providers.video.base import VideoRequest, VideoStatus
 
 RUNNING_STATUSES = frozenset({"created", "started"})
 KNOWN_STATUSES = RUNNING_STATUSES | {"done", "error", "rejected"}

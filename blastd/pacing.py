@@ -28,7 +28,7 @@ only when its caller returns, so a cancelled waiter never uses a slot. Each acqu
 O(1) work. Times are loop.time() (monotonic) throughout.
 
 A Pacer knows only its own process. The daemon paces an account with a rate through
-shared_limiter.SharedPacer, whose state lives in Redis so that several daemons share the rate;
+shared_pacing.SharedPacer, whose state lives in Redis so that several daemons share the rate;
 it keeps a Pacer for an unlimited account (holds only: no Redis round trip on the throughput
 path) and for a campaign's own rate_per_s, which therefore applies per daemon.
 """

@@ -24,10 +24,10 @@ from blastd.config import StatusGatewayAccount
 from blastd.errors import InvalidJobError, InvalidNumberError
 from blastd.jobs import StatusContact, StatusJob, StatusOptions
 from blastd.recipients import MAX_ENTRY_BYTES, BadEntry, normalize_number, preview
-from blastd.status_broadcast import calling_code, initial_batch_size
+from blastd.status.broadcast import calling_code, initial_batch_size
 
 if TYPE_CHECKING:
-    from blastd.daemon import Dependencies
+    from blastd.resources import Dependencies
 
 log = structlog.get_logger()
 _Valid = tuple[str, float]  # E.164 number, priority
@@ -40,12 +40,12 @@ async def accept_status(deps: Dependencies, job: StatusJob) -> None:
     if not isinstance(account, StatusGatewayAccount):
         raise InvalidJobError(f"account {preview(job.account)} is not a status_gateway", job.id)
     with bound_contextvars(job_id=job.id, campaign_id=job.id, account=job.account):
-        if await deps.db_call(ledger.campaign_exists, deps.pool, job.id):
+        if await deps.db(ledger.campaign_exists, job.id):
             log.info("job_duplicate")
             return
         entries = job.contacts if job.contacts is not None else await _read_key(deps, job)
         staged = stage_contacts(entries, job.options, deps.settings.default_region)
-        counts = await deps.db_call(_insert, deps, job, account, staged)
+        counts = await deps.outage_call(_insert, deps, job, account, staged)
         if counts is None:
             log.info("job_duplicate")
             return

@@ -13,23 +13,22 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from blastd import ledger, video_ledger
+from blastd import ledger
 from blastd.ledger import Outcome
-from blastd.providers import OutboundMessage, TextBody, VideoBody
+from blastd.providers.base import OutboundMessage, TextBody, VideoBody
 from blastd.sender import STOP_STATES, Delivery, Sender
-from blastd.video_jobs import DEFAULT_FALLBACK, fill
+from blastd.video import ledger as video_ledger
+from blastd.video.jobs import DEFAULT_FALLBACK, fill
 
 if TYPE_CHECKING:
-    from blastd.daemon import Dependencies
+    from blastd.resources import Dependencies
 
 log = structlog.get_logger()
 
 
 async def deliver(deps: Dependencies, recipient_id: int) -> None:
     """Send a rendered video; nothing happens unless it is 'rendered' in a running campaign."""
-    claim = await deps.db_call(
-        video_ledger.claim_delivery, deps.pool, recipient_id, deps.settings.instance_id
-    )
+    claim = await deps.db(video_ledger.claim_delivery, recipient_id, deps.settings.instance_id)
     if claim is None:
         return
     sender = deps.senders.get(claim.account)
@@ -65,7 +64,7 @@ async def deliver(deps: Dependencies, recipient_id: int) -> None:
 
 async def send_notice(deps: Dependencies, recipient_id: int, kind: str, reason: str) -> None:
     """Tell the recipient their video failed or timed out, if the campaign has a text for it."""
-    target = await deps.db_call(video_ledger.notice_target, deps.pool, recipient_id)
+    target = await deps.db(video_ledger.notice_target, recipient_id)
     if target is None:
         return
     template = target.message.get("message", {}).get(f"{kind}_notice")
@@ -81,7 +80,7 @@ async def send_notice(deps: Dependencies, recipient_id: int, kind: str, reason: 
     notice = OutboundMessage(target.id, target.phone, TextBody(fill(template, values)))
     outcome = await _send(deps, sender, notice, 0)
     state = "sent" if outcome.state == "sent" else f"{outcome.state}: {outcome.error_code}"
-    await deps.db_call(video_ledger.record_notice, deps.pool, target.id, state)
+    await deps.db(video_ledger.record_notice, target.id, state)
     log.info("video_notice", recipient=target.id, kind=kind, state=state)
 
 
@@ -104,11 +103,11 @@ async def _settle(deps: Dependencies, campaign_id: str, outcome: Outcome) -> Non
         if outcome.error_class in STOP_STATES:
             reason = f"{outcome.error_code}: {outcome.error_text}"
             state = STOP_STATES[outcome.error_class]
-            await deps.db_call(ledger.set_campaign_state, deps.pool, campaign_id, state, reason)
+            await deps.db(ledger.set_campaign_state, campaign_id, state, reason)
             log.error("campaign_stopped", campaign_id=campaign_id, state=state, reason=reason)
         outcome = dataclasses.replace(outcome, state="rendered")
     await _record(deps, outcome)
 
 
 async def _record(deps: Dependencies, outcome: Outcome) -> None:
-    await deps.db_call(ledger.record_outcomes, deps.pool, [outcome])
+    await deps.db(ledger.record_outcomes, [outcome])

@@ -30,6 +30,7 @@ from structlog.contextvars import bound_contextvars
 from blastd import ledger
 from blastd.config import StatusBatchSizes, StatusGatewayAccount
 from blastd.errors import (
+    BatchTooLargeError,
     CampaignFatalError,
     ProviderError,
     QualityError,
@@ -40,7 +41,6 @@ from blastd.errors import (
 from blastd.jobs import StatusOptions, StatusSpec
 from blastd.ledger import ClaimedRecipient, Outcome
 from blastd.providers.status_gateway import (
-    BatchTooLargeError,
     StatusContent,
     StatusGatewayProvider,
     jid_of,
@@ -48,7 +48,8 @@ from blastd.providers.status_gateway import (
 from blastd.sender import Sender
 
 if TYPE_CHECKING:
-    from blastd.daemon import Dependencies, Shutdown
+    from blastd.resources import Dependencies
+    from blastd.shutdown import Shutdown
 
 log = structlog.get_logger()
 
@@ -198,7 +199,7 @@ async def run_broadcast(
         if run.message_id is not None:
             await _send_batches(run)
         await deps.outcomes.synced()
-        await deps.db_call(ledger.cancel_pending, deps.pool, campaign.id)
+        await deps.db(ledger.cancel_pending, campaign.id)
         await _settle(run, time.monotonic() - started)
 
 
@@ -206,10 +207,10 @@ async def _prepare(
     deps: Dependencies, campaign: ledger.Campaign, shutdown: Shutdown, halted: asyncio.Event
 ) -> BroadcastRun | None:
     sender = deps.senders.get(campaign.account)
-    broadcast = await deps.db_call(ledger.load_broadcast, deps.pool, campaign.id)
+    broadcast = await deps.db(ledger.load_broadcast, campaign.id)
     if sender is None or not isinstance(sender.provider, StatusGatewayProvider):
         reason = f"account {campaign.account!r} is not a configured status_gateway account"
-        await deps.db_call(ledger.set_campaign_state, deps.pool, campaign.id, "stopped", reason)
+        await deps.db(ledger.set_campaign_state, campaign.id, "stopped", reason)
         log.error("campaign_stopped", reason=reason)
         return None
     assert broadcast is not None  # inserted with the campaign
@@ -217,7 +218,7 @@ async def _prepare(
     content = StatusContent(
         spec.type, spec.text, spec.url, spec.caption, spec.background_color, spec.font
     )
-    counts = await deps.db_call(ledger.count_states, deps.pool, campaign.id)
+    counts = await deps.db(ledger.count_states, campaign.id)
     return BroadcastRun(
         deps,
         campaign.id,
@@ -243,8 +244,8 @@ async def _send_anchor(run: BroadcastRun) -> None:
     every batch resends. A contact whose anchor send fails for good leaves it to the next."""
     deps = run.deps
     while run.message_id is None and not run.should_stop():
-        claimed = await deps.db_call(
-            ledger.claim_recipients, deps.pool, run.campaign_id, deps.settings.instance_id, 1
+        claimed = await deps.db(
+            ledger.claim_recipients, run.campaign_id, deps.settings.instance_id, 1
         )
         if not claimed:
             return
@@ -304,9 +305,7 @@ async def _anchor_accepted(
     run: BroadcastRun, anchor: ClaimedRecipient, message_id: str, requests: int
 ) -> None:
     deps = run.deps
-    await deps.db_call(
-        ledger.record_anchor, deps.pool, run.campaign_id, anchor.id, message_id, requests
-    )
+    await deps.db(ledger.record_anchor, run.campaign_id, anchor.id, message_id, requests)
     run.message_id = message_id
     run.reached += 1
     run.batches_accepted += 1
@@ -335,9 +334,8 @@ async def _send_batches(run: BroadcastRun) -> None:
 
 async def _claim(run: BroadcastRun) -> list[ClaimedRecipient]:
     deps = run.deps
-    return await deps.db_call(
+    return await deps.db(
         ledger.claim_recipients,
-        deps.pool,
         run.campaign_id,
         deps.settings.instance_id,
         run.batch_size,
@@ -352,7 +350,7 @@ async def _wait_for_work(run: BroadcastRun) -> bool:
         await run.shutdown.wait(run.batch_done, None)
         return True
     deps = run.deps
-    retry_at = await deps.db_call(ledger.next_retry_at, deps.pool, run.campaign_id)
+    retry_at = await deps.db(ledger.next_retry_at, run.campaign_id)
     if retry_at is None:
         return False
     delay_s = (retry_at - datetime.now(UTC)).total_seconds()
@@ -424,9 +422,7 @@ async def _send_in_chunks(run: BroadcastRun, batch: Sequence[ClaimedRecipient]) 
 
 async def _lower_batch_size(run: BroadcastRun, size: int, exc: ProviderError) -> None:
     deps = run.deps
-    run.batch_size = await deps.db_call(
-        ledger.lower_broadcast_batch_size, deps.pool, run.campaign_id, size
-    )
+    run.batch_size = await deps.db(ledger.lower_broadcast_batch_size, run.campaign_id, size)
     log.warning("broadcast_batch_too_large", code=exc.code, batch_size=run.batch_size)
 
 
@@ -551,21 +547,17 @@ async def _write(run: BroadcastRun, outcomes: list[Outcome]) -> None:
 
 async def _count_request(run: BroadcastRun, *, accepted: bool) -> None:
     deps = run.deps
-    await deps.db_call(
-        ledger.count_broadcast_request, deps.pool, run.campaign_id, accepted=accepted
-    )
+    await deps.db(ledger.count_broadcast_request, run.campaign_id, accepted=accepted)
 
 
 async def _settle(run: BroadcastRun, duration_s: float) -> None:
     deps, campaign_id = run.deps, run.campaign_id
     if run.stop_state is not None:
-        await deps.db_call(
-            ledger.set_campaign_state, deps.pool, campaign_id, run.stop_state, run.stop_reason
-        )
+        await deps.db(ledger.set_campaign_state, campaign_id, run.stop_state, run.stop_reason)
         log.error("campaign_stopped", state=run.stop_state, reason=run.stop_reason)
         return
-    if await deps.db_call(ledger.finish_campaign_if_done, deps.pool, campaign_id):
-        result = await deps.db_call(load_result, deps.pool, campaign_id)
+    if await deps.db(ledger.finish_campaign_if_done, campaign_id):
+        result = await deps.db(load_result, campaign_id)
         assert result is not None
         log.info(
             "broadcast_finished",

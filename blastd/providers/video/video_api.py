@@ -39,7 +39,7 @@ from blastd.providers.answers import (
     log_unknown_status_once,
     post_for_answer,
 )
-from blastd.providers.video import VideoRequest, VideoState, VideoStatus
+from blastd.providers.video.base import VideoRequest, VideoState, VideoStatus
 
 MAX_REMEMBERED_SUBMITS = 10_000  # submit times kept for the not-found grace; oldest go first
 MAX_ERROR_CODE_CHARS = 64  # a failed job's code is the provider's status string

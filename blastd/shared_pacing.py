@@ -44,7 +44,7 @@ from typing import ParamSpec, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 
-from blastd.limiter import CLOCK_GUARD_S, MAX_RETURN_LAG_S, MIN_SLEEP_S, WINDOW_S
+from blastd.pacing import CLOCK_GUARD_S, MAX_RETURN_LAG_S, MIN_SLEEP_S, WINDOW_S
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -29,7 +29,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from blastd import ledger, video_delivery, video_ledger, video_poller
+from blastd import ledger
 from blastd.errors import (
     CampaignFatalError,
     ProviderError,
@@ -38,11 +38,16 @@ from blastd.errors import (
     UncertainOutcomeError,
 )
 from blastd.metrics import VIDEO_SUBMITS
-from blastd.providers.video import RENDER_SAMPLES, VideoAccount, VideoRequest
-from blastd.video_jobs import VideoBlastOptions, fill
+from blastd.providers.video.accounts import RENDER_SAMPLES, VideoAccount
+from blastd.providers.video.base import VideoRequest
+from blastd.video import delivery as video_delivery
+from blastd.video import ledger as video_ledger
+from blastd.video import schedule as video_schedule
+from blastd.video.jobs import VideoBlastOptions, fill
 
 if TYPE_CHECKING:
-    from blastd.daemon import Dependencies, Shutdown
+    from blastd.resources import Dependencies
+    from blastd.shutdown import Shutdown
 
 log = structlog.get_logger()
 
@@ -89,13 +94,11 @@ async def run_video_campaign(
             await _submit_pending(run)
             await _deliver_rendered(run)
             if run.stop_reason is not None:
-                await deps.db_call(
-                    ledger.set_campaign_state, deps.pool, campaign.id, "paused", run.stop_reason
-                )
+                await deps.db(ledger.set_campaign_state, campaign.id, "paused", run.stop_reason)
                 log.error("campaign_stopping", state="paused", reason=run.stop_reason)
                 return
-            if await deps.db_call(ledger.finish_campaign_if_done, deps.pool, campaign.id):
-                counts = await deps.db_call(ledger.count_states, deps.pool, campaign.id)
+            if await deps.db(ledger.finish_campaign_if_done, campaign.id):
+                counts = await deps.db(ledger.count_states, campaign.id)
                 log.info("campaign_finished", counts=counts)
                 return
             await shutdown.wait(halted, deps.settings.campaign_poll_interval_s)
@@ -105,16 +108,14 @@ async def _prepare(
     deps: Dependencies, campaign: ledger.Campaign, shutdown: Shutdown, halted: asyncio.Event
 ) -> VideoRun | None:
     render: dict[str, Any] = campaign.message.get("video", {})
-    account = deps.videos.get(render.get("account", ""))
+    account = deps.video_accounts.get(render.get("account", ""))
     if account is None or campaign.account not in deps.senders:
         reason = f"account {render.get('account')!r} or {campaign.account!r} is not configured"
-        await deps.db_call(ledger.set_campaign_state, deps.pool, campaign.id, "stopped", reason)
+        await deps.db(ledger.set_campaign_state, campaign.id, "stopped", reason)
         log.error("campaign_stopped", reason=reason)
         return None
     if not account.render_times:  # a restart: the adaptive schedule starts from the ledger
-        times = await deps.db_call(
-            video_ledger.recent_render_times, deps.pool, account.name, RENDER_SAMPLES
-        )
+        times = await deps.db(video_ledger.recent_render_times, account.name, RENDER_SAMPLES)
         account.render_times.extend(reversed(times))
     options = VideoBlastOptions.model_validate(campaign.options)
     batch = options.progress_batch or deps.settings.video.progress_batch
@@ -142,9 +143,8 @@ async def _submit_pending(run: VideoRun) -> None:
     async with asyncio.TaskGroup() as batches:
         while not run.should_stop():
             await in_flight.acquire()
-            claims = await deps.db_call(
+            claims = await deps.db(
                 video_ledger.claim_renders,
-                deps.pool,
                 run.campaign.id,
                 deps.settings.instance_id,
                 run.progress_batch,
@@ -184,12 +184,12 @@ async def _save_batch(
     ]
     unsent = [claim.id for claim, result in zip(claims, results, strict=True) if result is None]
     if submitted:
-        await deps.db_call(video_ledger.save_submissions, deps.pool, submitted)
+        await deps.db(video_ledger.save_submissions, submitted)
         await _schedule_polls(run, submitted)
     if failures:
-        await deps.db_call(video_ledger.fail_renders, deps.pool, failures)
+        await deps.db(video_ledger.fail_renders, failures)
     if unsent:
-        await deps.db_call(video_ledger.release_renders, deps.pool, unsent)
+        await deps.db(video_ledger.release_renders, unsent)
     for name, count in (("submitted", len(submitted)), ("failed", len(failures))):
         run.counts[name] = run.counts.get(name, 0) + count
     log.info(
@@ -202,16 +202,16 @@ async def _save_batch(
 
 
 async def _schedule_polls(run: VideoRun, submitted: list[video_ledger.Submission]) -> None:
-    started_ms = video_poller.now_ms()
-    first_poll_s = video_poller.first_poll_s(run.deps, run.account)
+    started_ms = video_schedule.now_ms()
+    first_poll_s = video_schedule.first_poll_s(run.deps, run.account)
     for submission in submitted:
-        state = video_poller.JobState(
+        state = video_schedule.PollState(
             job_id=submission.video_job_id,
             account=run.account.name,
             ledger_id=submission.id,
             started_ms=started_ms,
         )
-        await video_poller.schedule(run.deps, state, first_poll_s)
+        await video_schedule.schedule(run.deps, state, first_poll_s)
 
 
 async def _submit_one(run: VideoRun, claim: video_ledger.RenderClaim) -> str | ProviderError | None:
@@ -289,13 +289,13 @@ async def _submit_with_retries(account: VideoAccount, request: VideoRequest) -> 
 async def _recover_orphans(run: VideoRun) -> None:
     """Submissions a crashed instance left unrecorded: found, submitted again, or uncertain."""
     deps, provider = run.deps, run.account.provider
-    orphans = await deps.db_call(video_ledger.orphaned_renders, deps.pool, run.campaign.id)
+    orphans = await deps.db(video_ledger.orphaned_renders, run.campaign.id)
     for recipient_id in orphans:
         if not provider.can_find:
             failure = video_ledger.RenderFailure(
                 recipient_id, "uncertain", "uncertain", UNCERTAIN_SUBMIT
             )
-            await deps.db_call(video_ledger.fail_renders, deps.pool, [failure])
+            await deps.db(video_ledger.fail_renders, [failure])
             continue
         try:
             job_id = await provider.find(str(recipient_id))
@@ -303,10 +303,10 @@ async def _recover_orphans(run: VideoRun) -> None:
             log.warning("video_lookup_failed", recipient=recipient_id, error=str(exc))
             return  # the next pass tries again
         if job_id is None:
-            await deps.db_call(video_ledger.resubmit_render, deps.pool, recipient_id)
+            await deps.db(video_ledger.resubmit_render, recipient_id)
             continue
         submission = video_ledger.Submission(recipient_id, job_id)
-        await deps.db_call(video_ledger.save_submissions, deps.pool, [submission])
+        await deps.db(video_ledger.save_submissions, [submission])
         await _schedule_polls(run, [submission])
         VIDEO_SUBMITS.labels(run.account.name, "found").inc()
     if orphans:
@@ -317,8 +317,8 @@ async def _resync_polls(run: VideoRun) -> None:
     """Renders the ledger follows but Redis lost (wiped, or expired while every daemon was
     down) are polled again from their ledger start time."""
     deps = run.deps
-    keys = video_poller.video_keys(deps)
-    renders = await deps.db_call(video_ledger.renders_in_progress, deps.pool, run.campaign.id)
+    keys = video_schedule.video_keys(deps)
+    renders = await deps.db(video_ledger.renders_in_progress, run.campaign.id)
     if not renders:
         return
     pipe = deps.redis.pipeline(transaction=False)
@@ -327,13 +327,13 @@ async def _resync_polls(run: VideoRun) -> None:
     known = await deps.redis_call(pipe.execute)
     lost = [render for render, exists in zip(renders, known, strict=True) if not exists]
     for render in lost:
-        state = video_poller.JobState(
+        state = video_schedule.PollState(
             job_id=render.video_job_id,
             account=run.account.name,
             ledger_id=render.id,
             started_ms=int(render.started_at.timestamp() * 1000),
         )
-        await video_poller.schedule(deps, state, 0.0)
+        await video_schedule.schedule(deps, state, 0.0)
     if lost:
         log.warning("video_polls_restored", count=len(lost))
 
@@ -342,7 +342,7 @@ async def _deliver_rendered(run: VideoRun) -> None:
     """Videos rendered while the campaign was paused, or whose delivery a crash or a retry
     left to do."""
     deps = run.deps
-    ids = await deps.db_call(video_ledger.rendered_ids, deps.pool, run.campaign.id, DELIVERY_SWEEP)
+    ids = await deps.db(video_ledger.rendered_ids, run.campaign.id, DELIVERY_SWEEP)
     async with asyncio.TaskGroup() as deliveries:
         for recipient_id in ids:
             deliveries.create_task(video_delivery.deliver(deps, recipient_id))

@@ -7,22 +7,12 @@ or into the errors of errors.py; nothing outside `blastd.providers` knows a prov
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
-from urllib.parse import urlencode
-
-import aiohttp
-
-from blastd.config import AccountSettings, DidAccount, VideoAccountSettings, VideoApiAccount
-from blastd.errors import ConfigError
-from blastd.limiter import Pacer
 
 # running: not finished yet; succeeded: `video_url` is set; failed: the render ended in an
 # error (`error_code` is the provider's kind); not_found: the provider does not know the job.
-RENDER_SAMPLES = 200  # recent render times kept per account for the adaptive schedule
 VideoState = Literal["running", "succeeded", "failed", "not_found"]
 
 
@@ -85,52 +75,3 @@ class VideoProvider(Protocol):
         """The job id a completion webhook's JSON body names, or None when it names none.
         The body is not trusted beyond that: the daemon reads the job's state with `status`."""
         ...
-
-
-def build_video_provider(
-    name: str, account: AccountSettings, http: aiohttp.ClientSession
-) -> VideoProvider:
-    """Return the adapter for a video account's kind."""
-    from blastd.providers import did, video_api  # imported here: they import this module
-
-    if isinstance(account, DidAccount):
-        return did.DidProvider(name, account, http)
-    if isinstance(account, VideoApiAccount):
-        return video_api.VideoApiProvider(name, account, http)
-    raise ConfigError(f"BLASTD_ACCOUNTS__{name}__kind: {account.kind!r} is not a video provider")
-
-
-@dataclass(slots=True)
-class VideoAccount:
-    """A configured video account as the pipeline uses it: its adapter, the bound on its
-    requests in flight (seed 000: 10), and its pacer when it has a rate."""
-
-    name: str
-    settings: VideoAccountSettings
-    provider: VideoProvider
-    slots: asyncio.Semaphore
-    pacer: Pacer | None
-    # Seconds from submission to a detected completion, of the latest renders: the adaptive
-    # schedule's first poll waits until the quickest of them would be done.
-    render_times: deque[float] = field(default_factory=lambda: deque(maxlen=RENDER_SAMPLES))
-
-    @property
-    def has_webhook(self) -> bool:
-        return self.settings.webhook_url is not None
-
-    @property
-    def webhook_url(self) -> str | None:
-        """The URL given to the provider with each render: the secret rides in its query."""
-        url, secret = self.settings.webhook_url, self.settings.webhook_secret
-        if url is None or secret is None:
-            return url
-        separator = "&" if "?" in url else "?"
-        return f"{url}{separator}{urlencode({'token': secret.get_secret_value()})}"
-
-
-def open_video_account(
-    name: str, account: VideoAccountSettings, http: aiohttp.ClientSession
-) -> VideoAccount:
-    pacer = Pacer(account.rate_per_s) if account.rate_per_s else None
-    provider = build_video_provider(name, account, http)
-    return VideoAccount(name, account, provider, asyncio.Semaphore(account.concurrency), pacer)

@@ -21,28 +21,30 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
-from blastd import video_delivery, video_ledger
+from blastd import queues
 from blastd.errors import InvalidJobError, PermanentError, ProviderError, ThrottledError
 from blastd.metrics import VIDEO_POLLS, VIDEO_RENDERS
-from blastd.providers.video import VideoAccount, VideoStatus
+from blastd.providers.video.accounts import VideoAccount
+from blastd.providers.video.base import VideoStatus
+from blastd.video import delivery as video_delivery
+from blastd.video import intake as video_intake
+from blastd.video import ledger as video_ledger
+from blastd.video.schedule import PollState, VideoKeys, now_ms, video_keys
 
 if TYPE_CHECKING:
-    from blastd.daemon import Dependencies, Shutdown
+    from blastd.resources import Dependencies
+    from blastd.shutdown import Shutdown
 
 log = structlog.get_logger()
 
 MOVE_BATCH = 500  # due ids moved per script call (Lua's unpack has a stack limit)
 POLL_TASKS = 64  # jobs polled at once by this daemon, over all accounts
-ADAPTIVE_MIN_RENDERS = 20  # renders seen before the schedule adapts
-ADAPTIVE_QUANTILE_PERCENT = 5
 EARLY_MS = 50  # an entry this much before the job's due time is a duplicate, not a turn
 MOVE_DUE_LUA = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
@@ -54,100 +56,10 @@ return #due
 """
 # Out of the schedule and onto BRPOP's end of the queue: polled next, and not taken for a
 # duplicate entry (that needs a schedule).
-NUDGE_LUA = """
-if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[2], ARGV[1])
-return 1
-"""
 RELEASE_LOCK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-@dataclass(frozen=True, slots=True)
-class VideoKeys:
-    prefix: str
-
-    @property
-    def queue(self) -> str:
-        return f"{self.prefix}video:poll:queue"
-
-    @property
-    def delayed(self) -> str:
-        return f"{self.prefix}video:poll:delayed"
-
-    def job(self, job_id: str) -> str:
-        return f"{self.prefix}video:job:{job_id}"
-
-    def lock(self, job_id: str) -> str:
-        return f"{self.prefix}video:lock:{job_id}"
-
-    def attempts(self, job_id: str) -> str:
-        return f"{self.prefix}video:attempts:{job_id}"
-
-    def completed(self, job_id: str) -> str:
-        return f"{self.prefix}video:completed:{job_id}"
-
-
-def video_keys(deps: Dependencies) -> VideoKeys:
-    prefix = deps.settings.video.key_prefix
-    return VideoKeys(deps.settings.redis_prefix if prefix is None else prefix)
-
-
-class JobState(BaseModel):
-    """What `video:job:{id}` holds: enough to poll the job and find its ledger row."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    job_id: str
-    account: str  # the video account that polls it
-    ledger_id: int
-    started_ms: int  # the render's submission, epoch ms: the give-up clock
-    status_url: str | None = None
-    failures: int = 0  # API failures in a row, for the backoff
-    next_due_ms: int = 0
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def first_poll_s(deps: Dependencies, account: VideoAccount) -> float:
-    """Seed 002's first poll, or the webhook's guard interval where one is set. The adaptive
-    schedule waits until the quickest 5 % of the account's recent renders were done (once
-    there are enough of them to tell), less the one interval by which their completion may
-    have been seen late."""
-    video = deps.settings.video
-    if account.has_webhook:  # the webhook ends the wait; a poll only guards against its loss
-        return video.webhook_poll_interval_s
-    times = account.render_times
-    if not video.adaptive_first_poll or len(times) < ADAPTIVE_MIN_RENDERS:
-        return video.first_poll_s
-    # A render time is when its completion was seen: up to one interval after it happened.
-    quickest_s = sorted(times)[len(times) * ADAPTIVE_QUANTILE_PERCENT // 100]
-    return max(video.first_poll_s, quickest_s - video.poll_interval_s)
-
-
-async def schedule(deps: Dependencies, state: JobState, delay_s: float) -> None:
-    """Store a new job's state (unless the job is known already) and its first poll."""
-    keys, video = video_keys(deps), deps.settings.video
-    state = state.model_copy(update={"next_due_ms": now_ms() + int(delay_s * 1000)})
-    pipe = deps.redis.pipeline(transaction=True)
-    pipe.set(keys.job(state.job_id), state.model_dump_json(), nx=True, ex=video.job_ttl_s)
-    pipe.zadd(keys.delayed, {state.job_id: state.next_due_ms}, nx=True)
-    await deps.redis_call(pipe.execute)
-
-
-async def nudge(deps: Dependencies, job_id: str) -> bool:
-    """Poll a known job at once (a completion webhook came); False for an unknown job."""
-    keys = video_keys(deps)
-    script = deps.redis.register_script(NUDGE_LUA)
-    nudged = await deps.redis_call(
-        script, keys=[keys.delayed, keys.queue, keys.job(job_id)], args=[job_id]
-    )
-    return bool(nudged)
 
 
 async def run(deps: Dependencies, shutdown: Shutdown) -> None:
@@ -245,7 +157,7 @@ async def poll_job(deps: Dependencies, keys: VideoKeys, job_id: str) -> None:
         await deps.redis_call(release, keys=[keys.lock(job_id)], args=[token])
 
 
-async def _load_state(deps: Dependencies, keys: VideoKeys, job_id: str) -> JobState | None:
+async def _load_state(deps: Dependencies, keys: VideoKeys, job_id: str) -> PollState | None:
     raw = await deps.redis_call(deps.redis.get, keys.job(job_id))
     if not isinstance(raw, bytes):
         return None  # finished, or expired: the ledger's sweep rebuilds what it still follows
@@ -254,20 +166,16 @@ async def _load_state(deps: Dependencies, keys: VideoKeys, job_id: str) -> JobSt
         if isinstance(data, dict) and "ledger_id" not in data:
             # Written by a producer of seed 002's system, not by blastd: take it as a
             # video_poll job, whose campaign then follows it.
-            from blastd import video_intake  # imported here: it schedules through this module
-
             return await video_intake.adopt_seed_job(deps, job_id, raw)
-        return JobState.model_validate(data)
+        return PollState.model_validate(data)
     except (orjson.JSONDecodeError, ValidationError, InvalidJobError) as exc:
         reason = exc.reason if isinstance(exc, InvalidJobError) else "unreadable video job state"
-        from blastd import intake  # imported here: intake reaches this module through its jobs
-
-        await intake.dead_letter(deps, raw, f"video:job:{job_id}: {reason}", job_id)
+        await queues.dead_letter(deps, raw, f"video:job:{job_id}: {reason}", job_id)
         await deps.redis_call(deps.redis.delete, keys.job(job_id))
         return None
 
 
-async def _is_duplicate(deps: Dependencies, keys: VideoKeys, state: JobState) -> bool:
+async def _is_duplicate(deps: Dependencies, keys: VideoKeys, state: PollState) -> bool:
     """An entry before the job's due time while the job is scheduled: a second entry for one
     turn (the sweep raced the mover). A nudge takes the job out of the schedule first."""
     if state.next_due_ms <= now_ms() + EARLY_MS:
@@ -275,9 +183,9 @@ async def _is_duplicate(deps: Dependencies, keys: VideoKeys, state: JobState) ->
     return await deps.redis_call(deps.redis.zscore, keys.delayed, state.job_id) is not None
 
 
-async def _take_turn(deps: Dependencies, keys: VideoKeys, state: JobState) -> None:
+async def _take_turn(deps: Dependencies, keys: VideoKeys, state: PollState) -> None:
     settings = deps.settings.video
-    account = deps.videos.get(state.account)
+    account = deps.video_accounts.get(state.account)
     if account is None:
         await _fail(deps, keys, state, "config", "no_account", f"{state.account!r} not configured")
         return
@@ -310,7 +218,7 @@ async def _take_turn(deps: Dependencies, keys: VideoKeys, state: JobState) -> No
 
 
 async def _finish(
-    deps: Dependencies, keys: VideoKeys, state: JobState, status: VideoStatus
+    deps: Dependencies, keys: VideoKeys, state: PollState, status: VideoStatus
 ) -> None:
     if status.state == "succeeded":
         await _succeed(deps, keys, state, status)
@@ -328,14 +236,14 @@ async def _count_attempt(deps: Dependencies, keys: VideoKeys, job_id: str) -> in
     return int(attempts)
 
 
-def _is_over(deps: Dependencies, state: JobState, attempts: int) -> bool:
+def _is_over(deps: Dependencies, state: PollState, attempts: int) -> bool:
     video = deps.settings.video
     elapsed_s = (now_ms() - state.started_ms) / 1000
     return elapsed_s >= video.timeout_s or attempts >= video.max_attempts
 
 
 async def _wait_more(
-    deps: Dependencies, keys: VideoKeys, state: JobState, account: VideoAccount
+    deps: Dependencies, keys: VideoKeys, state: PollState, account: VideoAccount
 ) -> None:
     video = deps.settings.video
     interval_s = video.webhook_poll_interval_s if account.has_webhook else video.poll_interval_s
@@ -346,7 +254,7 @@ async def _wait_more(
 
 
 async def _back_off(
-    deps: Dependencies, keys: VideoKeys, state: JobState, exc: BaseException
+    deps: Dependencies, keys: VideoKeys, state: PollState, exc: BaseException
 ) -> None:
     """The status API failed: seed 002's exponential backoff, 5 s x 2^n, at most a minute."""
     video = deps.settings.video
@@ -364,7 +272,7 @@ async def _back_off(
     await _reschedule(deps, keys, state, now_ms() + int(delay_s * 1000))
 
 
-async def _reschedule(deps: Dependencies, keys: VideoKeys, state: JobState, due_ms: int) -> None:
+async def _reschedule(deps: Dependencies, keys: VideoKeys, state: PollState, due_ms: int) -> None:
     state = state.model_copy(update={"next_due_ms": due_ms})
     pipe = deps.redis.pipeline(transaction=True)
     pipe.set(keys.job(state.job_id), state.model_dump_json(), ex=deps.settings.video.job_ttl_s)
@@ -373,25 +281,25 @@ async def _reschedule(deps: Dependencies, keys: VideoKeys, state: JobState, due_
 
 
 async def _succeed(
-    deps: Dependencies, keys: VideoKeys, state: JobState, status: VideoStatus
+    deps: Dependencies, keys: VideoKeys, state: PollState, status: VideoStatus
 ) -> None:
     assert status.video_url is not None  # the adapters fail a success without a link
-    rendered = await deps.db_call(
-        video_ledger.mark_rendered, deps.pool, state.ledger_id, state.job_id, status.video_url
+    rendered = await deps.db(
+        video_ledger.mark_rendered, state.ledger_id, state.job_id, status.video_url
     )
     elapsed_s = (now_ms() - state.started_ms) / 1000
     await _close(deps, keys, state, {"status": "completed", "video_url": status.video_url})
     if not rendered:
         return  # cancelled meanwhile, or handled by another turn
     VIDEO_RENDERS.labels(state.account, "succeeded").inc()
-    if (account := deps.videos.get(state.account)) is not None:
+    if (account := deps.video_accounts.get(state.account)) is not None:
         account.render_times.append(elapsed_s)
     log.info("video_rendered", video_job_id=state.job_id, elapsed_s=round(elapsed_s, 1))
     await video_delivery.deliver(deps, state.ledger_id)
 
 
 async def _render_failed(
-    deps: Dependencies, keys: VideoKeys, state: JobState, status: VideoStatus
+    deps: Dependencies, keys: VideoKeys, state: PollState, status: VideoStatus
 ) -> None:
     code, text = status.error_code or "failed", status.error_text or "the render failed"
     if status.retryable and await _resubmit(deps, state):
@@ -401,18 +309,18 @@ async def _render_failed(
     await _fail(deps, keys, state, "video", code, text)
 
 
-async def _resubmit(deps: Dependencies, state: JobState) -> bool:
+async def _resubmit(deps: Dependencies, state: PollState) -> bool:
     """A provider-side failure (D-ID's UnknownError) of a video_blast render is submitted
     again, up to `rerender_unknown_errors` times (D-ID refunds failed renders)."""
-    info = await deps.db_call(video_ledger.render_info, deps.pool, state.ledger_id)
+    info = await deps.db(video_ledger.render_info, state.ledger_id)
     if info is None or info.campaign_type != "video_blast":
         return False  # a video_poll job was submitted elsewhere: it cannot be submitted here
     if info.renders > deps.settings.video.rerender_unknown_errors:
         return False
-    return await deps.db_call(video_ledger.resubmit_render, deps.pool, state.ledger_id)
+    return await deps.db(video_ledger.resubmit_render, state.ledger_id)
 
 
-async def _time_out(deps: Dependencies, keys: VideoKeys, state: JobState, attempts: int) -> None:
+async def _time_out(deps: Dependencies, keys: VideoKeys, state: PollState, attempts: int) -> None:
     elapsed_s = round((now_ms() - state.started_ms) / 1000)
     text = f"not finished after {elapsed_s} s and {attempts} polls"
     await _fail(deps, keys, state, "video", "timeout", text, notice="timeout")
@@ -421,16 +329,14 @@ async def _time_out(deps: Dependencies, keys: VideoKeys, state: JobState, attemp
 async def _fail(
     deps: Dependencies,
     keys: VideoKeys,
-    state: JobState,
+    state: PollState,
     error_class: str,
     code: str,
     text: str,
     notice: str = "failure",
 ) -> None:
     failure = video_ledger.RenderFailure(state.ledger_id, error_class, code, text)
-    failed = await deps.db_call(
-        video_ledger.fail_render, deps.pool, state.ledger_id, state.job_id, failure
-    )
+    failed = await deps.db(video_ledger.fail_render, state.ledger_id, state.job_id, failure)
     await _close(deps, keys, state, {"status": "failed", "error": code, "text": text})
     if not failed:
         return
@@ -440,7 +346,7 @@ async def _fail(
 
 
 async def _close(
-    deps: Dependencies, keys: VideoKeys, state: JobState, outcome: dict[str, Any]
+    deps: Dependencies, keys: VideoKeys, state: PollState, outcome: dict[str, Any]
 ) -> None:
     """The job is over: keep the audit record, drop its state, schedule and counter."""
     video = deps.settings.video

@@ -1,0 +1,1 @@
+"""Video render adapters: D-ID and a configurable generic video-job API."""

@@ -1,0 +1,196 @@
+"""Dependencies: the Redis client, the ledger pool and the accounts every service shares.
+
+They are opened in dependency order on the daemon's exit stack and closed in reverse. Calls
+through `Dependencies` wait out an outage of Redis or PostgreSQL instead of failing: the
+services keep their place, and carry on once the server answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import aiohttp
+import redis.asyncio as aioredis
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
+
+from blastd import ledger, outages
+from blastd.batches import BatchWriter
+from blastd.config import AccountSettings, Settings, VideoAccountSettings
+from blastd.errors import UnavailableError
+from blastd.pacing import AccountPacer, Pacer
+from blastd.providers.registry import build_provider
+from blastd.providers.video.accounts import VideoAccount, open_video_account
+from blastd.sender import Sender
+from blastd.shared_pacing import SharedPacer
+
+log = structlog.get_logger()
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Db:
+    """The ledger pool behind one outage-aware handle: `await deps.db(ledger.fn, *args)` runs
+    `ledger.fn(pool, *args)`, waiting out a PostgreSQL outage instead of failing."""
+
+    def __init__(self, pool: ledger.Pool, retry_s: float) -> None:
+        self.pool = pool
+        self._retry_s = retry_s
+
+    async def __call__(
+        self,
+        fn: Callable[Concatenate[ledger.Pool, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        return await wait_out_outage(
+            self._retry_s, outages.on_postgres, fn, self.pool, *args, **kwargs
+        )
+
+
+@dataclass
+class Dependencies:
+    """Everything the services share, opened in order and closed in reverse."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    db: Db
+    senders: dict[str, Sender]  # the messaging accounts
+    video_accounts: dict[str, VideoAccount]  # the video-generation accounts
+    outcomes: BatchWriter[ledger.Outcome]
+    receipts: BatchWriter[ledger.Receipt]
+    campaigns_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    is_draining: bool = False
+    unreachable: set[str] = field(default_factory=set)  # what the last health probe missed
+
+    @property
+    def pool(self) -> ledger.Pool:
+        return self.db.pool
+
+    async def redis_call(
+        self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run a Redis command, waiting out an outage instead of failing."""
+        retry_s = self.settings.dependency_retry_s
+        return await wait_out_outage(retry_s, outages.on_redis, fn, *args, **kwargs)
+
+    async def outage_call(
+        self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run work that uses Redis and PostgreSQL both, waiting out an outage of either; the
+        work must leave nothing behind when cut short (a transaction), so it can run again."""
+        retry_s = self.settings.dependency_retry_s
+        return await wait_out_outage(retry_s, outages.on_either, fn, *args, **kwargs)
+
+
+async def wait_out_outage(
+    retry_s: float,
+    translated: Callable[..., Awaitable[T]],
+    fn: Callable[..., Awaitable[T]],
+    *args: Any,
+    **kwargs: Any,
+) -> T:
+    """Call `translated(fn, *args)` until it does not raise UnavailableError, every `retry_s`."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(UnavailableError),
+        wait=wait_fixed(retry_s),
+        before_sleep=_log_outage,
+    ):
+        with attempt:
+            return await translated(fn, *args, **kwargs)
+    raise AssertionError("unreachable: the retry loop never stops on its own")
+
+
+def _log_outage(state: Any) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "dependency_unavailable",
+        dependency=getattr(exc, "dependency", None),
+        attempt=state.attempt_number,
+        error=type(exc.__cause__).__name__ if exc is not None and exc.__cause__ else None,
+    )
+
+
+async def open_dependencies(
+    stack: contextlib.AsyncExitStack, settings: Settings, report: Callable[[str], None]
+) -> Dependencies:
+    """Connect to Redis and PostgreSQL (waiting for them), migrate, build the senders;
+    `report` hears what start-up waits for."""
+    client = aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_socket_timeout_s,
+        health_check_interval=10,
+    )
+    stack.push_async_callback(client.aclose)
+    retry_s = settings.dependency_retry_s
+    report("starting: waiting for redis")
+    await wait_out_outage(retry_s, outages.on_redis, client.ping)
+    report("starting: waiting for postgres")
+    pool = await wait_out_outage(
+        retry_s,
+        outages.on_postgres,
+        ledger.open_pool,
+        settings.database_url,
+        command_timeout_s=settings.db_command_timeout_s,
+    )
+    stack.push_async_callback(pool.close)
+    applied = await ledger.migrate(pool)
+    if applied:
+        log.info("ledger_migrated", files=applied)
+    deps = Dependencies(
+        settings=settings,
+        redis=client,
+        db=Db(pool, retry_s),
+        senders={},
+        video_accounts={},
+        outcomes=_writer("outcomes", ledger.record_outcomes, pool, settings),
+        receipts=_writer("receipts", ledger.apply_receipts, pool, settings),
+    )
+    for name, account in settings.accounts.items():
+        http = await stack.enter_async_context(_http_session(account.concurrency))
+        if isinstance(account, VideoAccountSettings):
+            deps.video_accounts[name] = open_video_account(name, account, http)
+            continue
+        provider = build_provider(name, account, http)
+        deps.senders[name] = Sender(name, account, provider, _account_pacer(deps, name, account))
+    return deps
+
+
+def _account_pacer(deps: Dependencies, name: str, account: AccountSettings) -> AccountPacer:
+    """Shared through Redis by every daemon on this prefix, unless the account opts out; an
+    unlimited account stays local, so the throughput path makes no Redis round trip."""
+    if not account.rate_per_s or not account.shared_rate:
+        return Pacer(account.rate_per_s)
+    return SharedPacer(
+        deps.redis,
+        deps.redis_call,
+        prefix=deps.settings.redis_prefix,
+        account=name,
+        rate_per_s=account.rate_per_s,
+    )
+
+
+def _http_session(concurrency: int) -> aiohttp.ClientSession:
+    # One keep-alive pool per account, sized to its concurrency so connections are reused.
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=30)
+    return aiohttp.ClientSession(connector=connector)
+
+
+def _writer(
+    name: str,
+    write: Callable[[ledger.Pool, Any], Awaitable[object]],
+    pool: ledger.Pool,
+    settings: Settings,
+) -> BatchWriter[Any]:
+    return BatchWriter(
+        name,
+        lambda items: outages.on_postgres(write, pool, items),
+        flush_rows=settings.outcome_flush_rows,
+        flush_interval_s=settings.outcome_flush_interval_s,
+        retry_s=settings.dependency_retry_s,
+    )
