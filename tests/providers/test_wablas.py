@@ -27,8 +27,8 @@ from blastd.providers.base import (
     TemplateBody,
     TextBody,
     VideoBody,
-    build_provider,
 )
+from blastd.providers.registry import build_provider
 from blastd.providers.wablas import (
     TrackingUpdate,
     WablasProvider,
