@@ -3,9 +3,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+TEST_TMP := .tmp/test
 SOURCES := blastd tests bench
 
-.PHONY: all install format lint typecheck test sandbox demo bench clean nspawn-root
+.PHONY: all install format lint typecheck test test-systemd sandbox demo bench clean nspawn-root
 
 all: lint typecheck test
 
@@ -28,8 +29,17 @@ lint: install
 typecheck: install
 	$(BIN)/mypy blastd
 
+# Leaves the host as it found it: no system package, user or file outside the checkout; the
+# servers run from pip wheels in temporary directories that pytest removes at the end.
 test: install
-	$(BIN)/pytest
+	mkdir -p $(TEST_TMP)
+	$(BIN)/pytest --basetemp=$(TEST_TMP)/run; status=$$?; rm -rf $(TEST_TMP); rmdir .tmp 2>/dev/null; exit $$status
+
+# The unit under a real systemd (tests marked `systemd`): as root, installs Debian's systemd,
+# systemd-container and debootstrap packages when missing and builds a Debian root in
+# $(NSPAWN_ROOT) (about 500 MB, kept for later runs). Run it on a machine you may change.
+test-systemd: install
+	$(BIN)/pytest -m systemd
 
 sandbox: install
 	$(BIN)/blastd sandbox
@@ -38,7 +48,7 @@ demo: install
 	$(BIN)/blastd demo
 
 # The Debian root (debootstrap, about 2 minutes, ~500 MB) in which tests/test_systemd_unit.py
-# boots a real systemd with systemd-nspawn; needs root. `make test` builds it when missing.
+# boots a real systemd with systemd-nspawn; needs root. `make test-systemd` builds it when missing.
 # A cache outside git: rm -rf $(NSPAWN_ROOT) to rebuild it from scratch.
 NSPAWN_ROOT := .tmp/nspawn-root
 
