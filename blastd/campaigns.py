@@ -1,4 +1,5 @@
-"""Runs blast campaigns from the ledger: claim recipients in pages, mark intent, send, record."""
+"""Runs the campaigns from the ledger: one task per running campaign, each run by its product's
+runner; a blast claims recipients in pages, marks intent, sends and records."""
 
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 import structlog
-from structlog.contextvars import bound_contextvars
 
-from blastd import events, ledger, metrics
+from blastd import events, ledger, metrics, runner
 from blastd.job_fields import BlastOptions
 from blastd.jobs import MessageSpec, render
 from blastd.ledger import ClaimedRecipient, Outcome
 from blastd.pacing import Pacer
 from blastd.providers.base import OutboundMessage
-from blastd.sender import STOP_STATES, Delivery, Sender
+from blastd.runner import CampaignRun, NotConfigured
+from blastd.sender import Delivery, Sender
 from blastd.status import broadcast as status_broadcast
 from blastd.video import runner as video_runner
 
@@ -73,23 +74,35 @@ def _halt_departed(active: dict[str, _Active], running: list[str]) -> None:
 
 
 @dataclass
-class CampaignRun:
-    """One campaign being sent by this instance."""
+class BlastRun(CampaignRun):
+    """One blast campaign being sent by this instance."""
 
-    deps: Dependencies
-    campaign: ledger.Campaign
     spec: MessageSpec
     sender: Sender
     pacer: Pacer | None
-    shutdown: Shutdown
     options: BlastOptions
-    halted: asyncio.Event  # set by the scheduler when the campaign leaves 'running'
     time_zones: list[str] = field(default_factory=list)  # of pending recipients, with a window
-    stop_state: str | None = None
-    stop_reason: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def not_before(self) -> datetime | None:
+        return self.options.not_before
+
+    async def wait_until_due(self) -> bool:
+        return await _wait_for_window(self)
+
+    async def send(self) -> None:
+        started = time.monotonic()
+        if not self.should_stop():
+            await _send_due(self)
+        await self.deps.outcomes.synced()
+        await _sweep(self)
+        if self.counts and self.stop_state is None:
+            duration_ms = round((time.monotonic() - started) * 1000)
+            log.info("campaign_batch_sent", counts=self.counts, duration_ms=duration_ms)
+
     def should_stop(self) -> bool:
+        # Written out rather than through super(): it is asked once per request.
         return (
             self.stop_state is not None
             or self.shutdown.is_requested
@@ -110,18 +123,6 @@ class CampaignRun:
         now = datetime.now(UTC)
         return [zone for zone in self.time_zones if window.contains(_local_time(now, zone))]
 
-    def stop(self, outcome: Outcome) -> None:
-        if self.stop_state is None and outcome.error_class in STOP_STATES:
-            self.stop_state = STOP_STATES[outcome.error_class]
-            self.stop_reason = f"{outcome.error_code}: {outcome.error_text}"
-            log.error(
-                "campaign_stopping",
-                state=self.stop_state,
-                error_class=outcome.error_class,
-                code=outcome.error_code,
-                reason=outcome.error_text,
-            )
-
     @property
     def claim_size(self) -> int:
         """Recipients per claim: CLAIM_AHEAD_S of sending, whole requests, within the page."""
@@ -141,31 +142,17 @@ def _local_time(now: datetime, zone: str) -> dt_time:
 async def run_campaign(
     deps: Dependencies, campaign_id: str, shutdown: Shutdown, halted: asyncio.Event
 ) -> None:
-    """Send every due pending recipient of one campaign, then finish or stop it; `halted` set
-    (the campaign left 'running') stops the launching and releases what was claimed."""
+    """Run one campaign with its type's runner until it is done or stops; `halted` set (the
+    campaign left 'running') stops the launching and releases what was claimed."""
     campaign = await deps.db(ledger.load_campaign, campaign_id)
     if campaign is None or campaign.state != "running":
         return
     campaign_type = await deps.db(ledger.campaign_type, campaign_id)
-    if campaign_type == "status":
-        await status_broadcast.run_broadcast(deps, campaign, shutdown, halted)
-        return
-    if campaign_type in ("video_blast", "video_poll"):
-        await video_runner.run_video_campaign(deps, campaign, shutdown, halted)
-        return
-    with bound_contextvars(campaign_id=campaign_id, account=campaign.account):
-        run = await _prepare(deps, campaign, shutdown, halted)
-        if run is None or not await _wait_for_start(run) or not await _wait_for_window(run):
-            return
-        started = time.monotonic()
-        if not run.should_stop():
-            await _send_due(run)
-        await deps.outcomes.synced()
-        await _sweep(run)
-        await _settle(run, time.monotonic() - started)
+    prepare = PREPARERS.get(campaign_type, _prepare)
+    await runner.run_campaign(prepare, deps, campaign, shutdown, halted)
 
 
-async def _send_due(run: CampaignRun) -> None:
+async def _send_due(run: BlastRun) -> None:
     async with asyncio.TaskGroup() as sends:
         claimed = await _claim(run)
         while claimed and not run.should_stop():
@@ -178,34 +165,28 @@ async def _send_due(run: CampaignRun) -> None:
 
 async def _prepare(
     deps: Dependencies, campaign: ledger.Campaign, shutdown: Shutdown, halted: asyncio.Event
-) -> CampaignRun | None:
+) -> BlastRun | NotConfigured:
     sender = deps.senders.get(campaign.account)
     if sender is None:
-        reason = f"account {campaign.account!r} is not configured"
-        await deps.db(ledger.set_campaign_state, campaign.id, "stopped", reason)
-        log.error("campaign_stopped", reason=reason)
-        return None
+        return NotConfigured(f"account {campaign.account!r} is not configured")
     options = BlastOptions.model_validate(campaign.options)
     account_rate_per_s = sender.account.rate_per_s
     pacer = None
     if options.rate_per_s and (not account_rate_per_s or options.rate_per_s < account_rate_per_s):
         pacer = Pacer(options.rate_per_s)  # a campaign may go slower than its account, never faster
     spec = MessageSpec.model_validate(campaign.message)
-    return CampaignRun(deps, campaign, spec, sender, pacer, shutdown, options, halted)
+    return BlastRun(deps, campaign, shutdown, halted, spec, sender, pacer, options)
 
 
-async def _wait_for_start(run: CampaignRun) -> bool:
-    """Hold the campaign until its not_before; False when shutdown or a halt came first."""
-    not_before = run.options.not_before
-    if not_before is not None:
-        delay_s = (not_before - datetime.now(UTC)).total_seconds()
-        if delay_s > 0:
-            log.info("campaign_waiting", not_before=not_before.isoformat())
-            await run.shutdown.wait(run.halted, delay_s)
-    return not (run.shutdown.is_requested or run.halted.is_set())
+# How each type of campaign is prepared; any other type is a blast.
+PREPARERS: dict[str | None, runner.Prepare] = {
+    "status": status_broadcast.prepare,
+    "video_blast": video_runner.prepare,
+    "video_poll": video_runner.prepare,
+}
 
 
-async def _wait_for_window(run: CampaignRun) -> bool:
+async def _wait_for_window(run: BlastRun) -> bool:
     """Hold the campaign while every pending recipient is outside its sending window (the
     campaign is not done meanwhile); False when shutdown or a halt came first."""
     window, deps = run.options.window, run.deps
@@ -230,7 +211,7 @@ async def _wait_for_window(run: CampaignRun) -> bool:
 
 
 async def _send_claimed(
-    run: CampaignRun, claimed: Sequence[ClaimedRecipient], sends: asyncio.TaskGroup
+    run: BlastRun, claimed: Sequence[ClaimedRecipient], sends: asyncio.TaskGroup
 ) -> None:
     """Launch one request per batch, each when the rate allows; release the rest on a stop."""
     size = run.sender.account.batch_limit
@@ -245,7 +226,7 @@ async def _send_claimed(
         sends.create_task(_send_batch(run, batch))
 
 
-async def _claim(run: CampaignRun) -> list[ClaimedRecipient]:
+async def _claim(run: BlastRun) -> list[ClaimedRecipient]:
     deps = run.deps
     time_zones = run.open_time_zones()
     if time_zones is not None and not time_zones:
@@ -259,13 +240,13 @@ async def _claim(run: CampaignRun) -> list[ClaimedRecipient]:
     )
 
 
-def _release(run: CampaignRun, recipients: Sequence[ClaimedRecipient]) -> None:
+def _release(run: BlastRun, recipients: Sequence[ClaimedRecipient]) -> None:
     """Recipients claimed but never sent go back to pending."""
     for recipient in recipients:
         run.deps.outcomes.add(Outcome(recipient.id, "pending"))
 
 
-async def _send_batch(run: CampaignRun, recipients: Sequence[ClaimedRecipient]) -> None:
+async def _send_batch(run: BlastRun, recipients: Sequence[ClaimedRecipient]) -> None:
     try:
         messages = [
             OutboundMessage(r.id, r.phone, render(run.spec, r.vars or {})) for r in recipients
@@ -278,10 +259,10 @@ async def _send_batch(run: CampaignRun, recipients: Sequence[ClaimedRecipient]) 
     for outcome in outcomes:
         run.deps.outcomes.add(outcome)
         run.counts[outcome.state] = run.counts.get(outcome.state, 0) + 1
-        run.stop(outcome)
+        run.stop_on(outcome.error_class, outcome.error_code, outcome.error_text)
 
 
-async def _sweep(run: CampaignRun) -> None:
+async def _sweep(run: BlastRun) -> None:
     """After the sends: expire what missed not_after, and cancel what came back pending
     (released or deferred) while an operator's cancel committed."""
     deps, campaign_id, not_after = run.deps, run.campaign.id, run.options.not_after
@@ -291,16 +272,3 @@ async def _sweep(run: CampaignRun) -> None:
         if expired:
             log.info("recipients_expired", count=expired, not_after=not_after.isoformat())
     await deps.db(ledger.cancel_pending, campaign_id)
-
-
-async def _settle(run: CampaignRun, duration_s: float) -> None:
-    deps, campaign_id = run.deps, run.campaign.id
-    if run.stop_state is not None:
-        await deps.db(ledger.set_campaign_state, campaign_id, run.stop_state, run.stop_reason)
-        log.error("campaign_stopped", state=run.stop_state, reason=run.stop_reason)
-        return
-    if run.counts:
-        log.info("campaign_batch_sent", counts=run.counts, duration_ms=round(duration_s * 1000))
-    if await deps.db(ledger.finish_campaign_if_done, campaign_id):
-        counts = await deps.db(ledger.count_states, campaign_id)
-        log.info("campaign_finished", counts=counts)

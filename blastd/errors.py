@@ -6,6 +6,7 @@
     ├── InvalidNumberError      a number that is not a valid phone number: recorded as skipped
     ├── SourceError             a recipients file for `blastd enqueue` cannot be read
     ├── DrainTimeoutError       the drain deadline cut in-flight work short: exit code 1
+    ├── NotSentError            internal: a stop came before a request left; nothing was sent
     ├── UnavailableError        Redis or PostgreSQL does not answer: wait, then try again
     │   ├── RedisUnavailableError
     │   └── PostgresUnavailableError
@@ -61,6 +62,11 @@ class SourceError(BlastdError):
 
 class DrainTimeoutError(BlastdError):
     """The drain deadline passed with work still running; that work was cancelled."""
+
+
+class NotSentError(BlastdError):
+    """Internal: the campaign or the daemon stopped before this request left; nothing was sent.
+    Raised and caught inside one run, never seen outside it."""
 
 
 class UnavailableError(BlastdError):

@@ -197,14 +197,14 @@ class ControlJob(BaseModel):
         return self
 
 
-StatusType = Literal["text", "image", "video"]
+StatusKind = Literal["text", "image", "video"]
 HexColor = Annotated[str, Field(pattern=r"^#[0-9A-Fa-f]{6}$")]
 
 
 class StatusSpec(Spec):
     """The status (story) to post: a text on a background, or an image or video by URL."""
 
-    type: StatusType
+    type: StatusKind
     text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), MESSAGE_TEXT] | None = None
     url: HttpUrl | None = None
     caption: Annotated[str, Field(max_length=MAX_CAPTION_CHARS), MESSAGE_TEXT] | None = None

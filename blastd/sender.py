@@ -22,9 +22,11 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from blastd.backoff import backoff_s
 from blastd.config import AccountSettings
 from blastd.errors import (
     CampaignFatalError,
+    NotSentError,
     PairLimitError,
     PermanentError,
     ProviderError,
@@ -43,12 +45,6 @@ log = structlog.get_logger()
 DEFAULT_THROTTLE_HOLD_S = 1.0  # when a throttling answer names no Retry-After
 MAX_PAIR_DELAY_S = 3600.0
 RECOVERY_STEPS = 100  # after a cut, the rate climbs back to the ceiling over this many successes
-# What a campaign becomes when a send meets these classes (DESIGN §4).
-STOP_STATES = {"quality": "paused", "campaign_fatal": "stopped"}
-
-
-class NotSentError(Exception):
-    """Internal: the campaign or the daemon stopped before this request left; nothing was sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +183,7 @@ def outcome_of(ledger_id: int, result: SendResult, attempts: int, requests: int)
     state, later = "failed", None
     if isinstance(result, PairLimitError):
         # Meta's advice for 131056: wait 4^n seconds before writing to this user again.
-        delay_s = min(4.0**attempts, MAX_PAIR_DELAY_S)
+        delay_s = backoff_s(attempts, 4.0, MAX_PAIR_DELAY_S, factor=4.0)
         state, later = "pending", datetime.now(UTC) + timedelta(seconds=delay_s)
     elif isinstance(result, QualityError | CampaignFatalError):
         state = "pending"  # not sent; the campaign stops around it

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from blastd import ledger
@@ -116,3 +118,44 @@ async def _queue_drained(redis: aioredis.Redis) -> bool:
 
 async def _all_read(pool: ledger.Pool, campaign_id: str) -> bool:
     return await ledger.count_states(pool, campaign_id) == {"read": 10}
+
+
+async def _pages(numbers: list[str]) -> AsyncIterator[list[ledger.StagedRecipient]]:
+    yield [ledger.StagedRecipient(seq, phone, None, None) for seq, phone in enumerate(numbers)]
+
+
+@pytest.mark.parametrize(
+    ("campaign_type", "message", "reason"),
+    [
+        ("blast", {"text": "Halo"}, "account 'gone' is not configured"),
+        (
+            "video_blast",
+            {"video": {"account": "no-renders"}},
+            "account 'no-renders' or 'gone' is not configured",
+        ),
+        ("status", {"type": "text", "text": "Halo"}, "not a configured status_gateway account"),
+    ],
+)
+async def test_a_campaign_whose_account_is_gone_is_stopped_with_the_reason(
+    servers: Servers,
+    pool: ledger.Pool,
+    sandbox: SandboxHandle,
+    campaign_type: str,
+    message: dict[str, Any],
+    reason: str,
+) -> None:
+    """Taken by a daemon that has the account, left running for one that no longer has it."""
+    campaign = ledger.NewCampaign("gone-1", campaign_type, "gone", message, {})
+    async with ledger.transaction(pool) as conn:
+        await ledger.insert_campaign(conn, campaign, _pages(NUMBERS[:2]))
+    async with running_daemon(make_settings(servers, sandbox.url)):
+        await wait_until(lambda: is_in_state(pool, "gone-1", "stopped"))
+    stopped = await ledger.load_campaign(pool, "gone-1")
+    assert stopped is not None
+    assert reason in (stopped.state_reason or "")
+    assert await ledger.count_states(pool, "gone-1") == {"pending": 2}
+    assert await sandbox.recipients() == {}
+
+
+async def is_in_state(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
+    return await campaign_state(pool, campaign_id) == state

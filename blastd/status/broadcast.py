@@ -25,15 +25,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
-from structlog.contextvars import bound_contextvars
 
 from blastd import ledger
+from blastd.backoff import backoff_s
 from blastd.config import StatusBatchSizes, StatusGatewayAccount
 from blastd.errors import (
     BatchTooLargeError,
-    CampaignFatalError,
+    NotSentError,
     ProviderError,
-    QualityError,
     ThrottledError,
     TransientError,
     UncertainOutcomeError,
@@ -45,6 +44,7 @@ from blastd.providers.status_gateway import (
     StatusGatewayProvider,
     jid_of,
 )
+from blastd.runner import CampaignRun, NotConfigured, stop_state_of
 from blastd.sender import Sender
 
 if TYPE_CHECKING:
@@ -57,12 +57,7 @@ log = structlog.get_logger()
 SIZE_LIMITS = (500, 2_000, 5_000, 10_000, 20_000)
 THROTTLE_FIRST_S = 1.0  # seed 001: the first hold after a rate-limit answer...
 THROTTLE_MAX_S = 10.0  # ...doubling up to this
-STOP_STATES = {QualityError: "paused", CampaignFatalError: "stopped"}
 SENT_STATES = ("sent", "delivered", "read")
-
-
-class NotSentError(Exception):
-    """Internal: the broadcast stopped before this request left; nothing was sent."""
 
 
 def batch_size_for(contacts: int, sizes: StatusBatchSizes) -> int:
@@ -139,28 +134,22 @@ async def load_result(pool: ledger.Pool, campaign_id: str) -> BroadcastResult | 
 
 
 @dataclass
-class BroadcastRun:
+class BroadcastRun(CampaignRun):
     """One status broadcast being sent by this instance."""
 
-    deps: Dependencies
-    campaign_id: str
     sender: Sender
     provider: StatusGatewayProvider
     content: StatusContent
     options: StatusOptions
     broadcast: ledger.Broadcast
-    shutdown: Shutdown
-    halted: asyncio.Event
     reached: int  # contacts that have the status, anchor included
     message_id: str | None = None
     batch_size: int = 1
     batches_accepted: int = 0
-    throttle_s: float = 0.0
+    throttles: int = 0  # rate-limit answers in a row
     next_request_at: float = 0.0
     in_flight: int = 0
     batch_done: asyncio.Event = field(default_factory=asyncio.Event)
-    stop_state: str | None = None
-    stop_reason: str | None = None
     is_id_warned: bool = False
 
     @property
@@ -176,43 +165,45 @@ class BroadcastRun:
     def concurrency(self) -> int:
         return self.options.max_concurrent_batches or self.account.max_concurrent_batches
 
-    def should_stop(self) -> bool:
-        return self.stop_state is not None or self.shutdown.is_requested or self.halted.is_set()
+    @property
+    def not_before(self) -> datetime | None:
+        return None  # a status job has no start time: it goes out when taken
 
-    def stop(self, state: str, reason: str) -> None:
-        if self.stop_state is None:
-            self.stop_state, self.stop_reason = state, reason
-            log.error("campaign_stopping", state=state, reason=reason)
+    async def send(self) -> None:
+        """The anchor, then the batches; what came back pending while an operator's cancel
+        committed is cancelled."""
+        if self.message_id is None:
+            await _send_anchor(self)
+        if self.message_id is not None:
+            await _send_batches(self)
+        await self.deps.outcomes.synced()
+        await self.deps.db(ledger.cancel_pending, self.campaign_id)
+
+    async def report_finished(self, duration_s: float) -> None:
+        result = await self.deps.db(load_result, self.campaign_id)
+        assert result is not None
+        log.info(
+            "broadcast_finished",
+            message_id=result.message_id,
+            contacts=result.total_contacts,
+            sent=len(result.sent),
+            failed=len(result.failed),
+            batches_accepted=result.batches_accepted,
+            batches_failed=result.batches_failed,
+            duration_ms=round(duration_s * 1000),
+        )
 
 
-async def run_broadcast(
+async def prepare(
     deps: Dependencies, campaign: ledger.Campaign, shutdown: Shutdown, halted: asyncio.Event
-) -> None:
-    """Send a status campaign to every pending contact, then finish or stop it."""
-    with bound_contextvars(campaign_id=campaign.id, account=campaign.account):
-        run = await _prepare(deps, campaign, shutdown, halted)
-        if run is None:
-            return
-        started = time.monotonic()
-        if run.message_id is None:
-            await _send_anchor(run)
-        if run.message_id is not None:
-            await _send_batches(run)
-        await deps.outcomes.synced()
-        await deps.db(ledger.cancel_pending, campaign.id)
-        await _settle(run, time.monotonic() - started)
-
-
-async def _prepare(
-    deps: Dependencies, campaign: ledger.Campaign, shutdown: Shutdown, halted: asyncio.Event
-) -> BroadcastRun | None:
+) -> BroadcastRun | NotConfigured:
+    """The run of a status campaign, going on from what the ledger holds of its broadcast."""
     sender = deps.senders.get(campaign.account)
     broadcast = await deps.db(ledger.load_broadcast, campaign.id)
     if sender is None or not isinstance(sender.provider, StatusGatewayProvider):
-        reason = f"account {campaign.account!r} is not a configured status_gateway account"
-        await deps.db(ledger.set_campaign_state, campaign.id, "stopped", reason)
-        log.error("campaign_stopped", reason=reason)
-        return None
+        return NotConfigured(
+            f"account {campaign.account!r} is not a configured status_gateway account"
+        )
     assert broadcast is not None  # inserted with the campaign
     spec = StatusSpec.model_validate(campaign.message)
     content = StatusContent(
@@ -221,14 +212,14 @@ async def _prepare(
     counts = await deps.db(ledger.count_states, campaign.id)
     return BroadcastRun(
         deps,
-        campaign.id,
+        campaign,
+        shutdown,
+        halted,
         sender,
         sender.provider,
         content,
         StatusOptions.model_validate(campaign.options),
         broadcast,
-        shutdown,
-        halted,
         reached=sum(counts.get(state, 0) for state in SENT_STATES),
         message_id=broadcast.message_id,
         batch_size=broadcast.batch_size,
@@ -298,7 +289,8 @@ async def _anchor_refused(run: BroadcastRun, anchor: ClaimedRecipient, exc: Prov
     state = "uncertain" if isinstance(exc, UncertainOutcomeError) else "pending"
     outcome = Outcome(anchor.id, state, None, exc.error_class, exc.code, exc.text, requests=1)
     await _write(run, [outcome])
-    run.stop(_stop_state(exc) or "stopped", f"anchor refused: {exc.code}: {exc.text}")
+    state = stop_state_of(exc.error_class) or "stopped"
+    run.stop(state, f"anchor refused: {exc.code}: {exc.text}", error_class=exc.error_class)
 
 
 async def _anchor_accepted(
@@ -462,8 +454,7 @@ async def _batch_failed(
         code=exc.code,
         reason=exc.text,
     )
-    if state := _stop_state(exc):
-        run.stop(state, f"{exc.code}: {exc.text}")
+    run.stop_on(exc.error_class, exc.code, exc.text)
 
 
 def _failure_outcome(run: BroadcastRun, recipient: ClaimedRecipient, exc: ProviderError) -> Outcome:
@@ -475,7 +466,7 @@ def _failure_outcome(run: BroadcastRun, recipient: ClaimedRecipient, exc: Provid
         return Outcome(
             recipient.id, "pending", None, exc.error_class, exc.code, exc.text, retry_at, 1
         )
-    if _stop_state(exc):
+    if stop_state_of(exc.error_class):
         return Outcome(recipient.id, "pending", None, exc.error_class, exc.code, exc.text, None, 1)
     if isinstance(exc, UncertainOutcomeError):
         return Outcome(
@@ -488,18 +479,10 @@ def _failed(ledger_id: int, exc: ProviderError, requests: int) -> Outcome:
     return Outcome(ledger_id, "failed", None, exc.error_class, exc.code, exc.text, None, requests)
 
 
-def _stop_state(exc: ProviderError) -> str | None:
-    for error_type, state in STOP_STATES.items():
-        if isinstance(exc, error_type):
-            return state
-    return None
-
-
 def _backoff_s(run: BroadcastRun, attempts: int) -> float:
     """Exponential from the account's retry settings, with jitter: initial, 2x, 4x... to max."""
     retry = run.account.retry
-    delay_s: float = min(retry.initial_s * 2.0 ** (attempts - 1), retry.max_s)
-    return delay_s + random.uniform(0, retry.jitter_s)
+    return backoff_s(attempts, retry.initial_s, retry.max_s) + random.uniform(0, retry.jitter_s)
 
 
 # --- requests and records --------------------------------------------------------------------
@@ -517,13 +500,14 @@ async def _post(run: BroadcastRun, jids: list[str], message_id: str | None) -> s
                 run.provider.post_status(run.content, jids, message_id)
             )
         except ThrottledError as exc:
-            run.throttle_s = min(run.throttle_s * 2 or THROTTLE_FIRST_S, THROTTLE_MAX_S)
-            hold_s = exc.retry_after_s if exc.retry_after_s is not None else run.throttle_s
+            run.throttles += 1
+            throttle_s = backoff_s(run.throttles, THROTTLE_FIRST_S, THROTTLE_MAX_S)
+            hold_s = exc.retry_after_s if exc.retry_after_s is not None else throttle_s
             log.warning("broadcast_throttled", code=exc.code, hold_s=hold_s)
             run.sender.metrics.throttles.inc()
             await run.shutdown.wait(run.halted, hold_s)
             continue
-        run.throttle_s = 0.0
+        run.throttles = 0
         return returned_id
 
 
@@ -548,24 +532,3 @@ async def _write(run: BroadcastRun, outcomes: list[Outcome]) -> None:
 async def _count_request(run: BroadcastRun, *, accepted: bool) -> None:
     deps = run.deps
     await deps.db(ledger.count_broadcast_request, run.campaign_id, accepted=accepted)
-
-
-async def _settle(run: BroadcastRun, duration_s: float) -> None:
-    deps, campaign_id = run.deps, run.campaign_id
-    if run.stop_state is not None:
-        await deps.db(ledger.set_campaign_state, campaign_id, run.stop_state, run.stop_reason)
-        log.error("campaign_stopped", state=run.stop_state, reason=run.stop_reason)
-        return
-    if await deps.db(ledger.finish_campaign_if_done, campaign_id):
-        result = await deps.db(load_result, campaign_id)
-        assert result is not None
-        log.info(
-            "broadcast_finished",
-            message_id=result.message_id,
-            contacts=result.total_contacts,
-            sent=len(result.sent),
-            failed=len(result.failed),
-            batches_accepted=result.batches_accepted,
-            batches_failed=result.batches_failed,
-            duration_ms=round(duration_s * 1000),
-        )

@@ -16,7 +16,8 @@ import structlog
 from blastd import ledger
 from blastd.ledger import Outcome
 from blastd.providers.base import OutboundMessage, TextBody, VideoBody
-from blastd.sender import STOP_STATES, Delivery, Sender
+from blastd.runner import stop_state_of
+from blastd.sender import Delivery, Sender
 from blastd.video import ledger as video_ledger
 from blastd.video.jobs import DEFAULT_FALLBACK, fill
 
@@ -100,9 +101,8 @@ async def _settle(deps: Dependencies, campaign_id: str, outcome: Outcome) -> Non
     """Write the outcome. One not sent (released by a drain, deferred by a pair limit, held
     by a quality or credentials stop) keeps its video: back to 'rendered', never re-rendered."""
     if outcome.state == "pending":
-        if outcome.error_class in STOP_STATES:
+        if (state := stop_state_of(outcome.error_class)) is not None:
             reason = f"{outcome.error_code}: {outcome.error_text}"
-            state = STOP_STATES[outcome.error_class]
             await deps.db(ledger.set_campaign_state, campaign_id, state, reason)
             log.error("campaign_stopped", campaign_id=campaign_id, state=state, reason=reason)
         outcome = dataclasses.replace(outcome, state="rendered")

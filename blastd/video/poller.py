@@ -28,6 +28,7 @@ import structlog
 from pydantic import ValidationError
 
 from blastd import queues
+from blastd.backoff import backoff_s
 from blastd.errors import InvalidJobError, PermanentError, ProviderError, ThrottledError
 from blastd.metrics import VIDEO_POLLS, VIDEO_RENDERS
 from blastd.providers.video.accounts import VideoAccount
@@ -259,7 +260,7 @@ async def _back_off(
     """The status API failed: seed 002's exponential backoff, 5 s x 2^n, at most a minute."""
     video = deps.settings.video
     failures = state.failures + 1
-    delay_s = min(video.backoff_initial_s * 2 ** (failures - 1), video.backoff_max_s)
+    delay_s = backoff_s(failures, video.backoff_initial_s, video.backoff_max_s)
     if isinstance(exc, ThrottledError) and exc.retry_after_s is not None:
         delay_s = max(delay_s, exc.retry_after_s)
     log.warning(

@@ -16,11 +16,10 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
-from structlog.contextvars import bound_contextvars
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -40,6 +39,7 @@ from blastd.errors import (
 from blastd.metrics import VIDEO_SUBMITS
 from blastd.providers.video.accounts import RENDER_SAMPLES, VideoAccount
 from blastd.providers.video.base import VideoRequest
+from blastd.runner import CampaignRun, NotConfigured
 from blastd.video import delivery as video_delivery
 from blastd.video import ledger as video_ledger
 from blastd.video import schedule as video_schedule
@@ -60,77 +60,51 @@ UNCERTAIN_SUBMIT = (
 
 
 @dataclass
-class VideoRun:
-    deps: Dependencies
-    campaign: ledger.Campaign
+class VideoRun(CampaignRun):
+    """One video_blast or video_poll campaign worked on by this instance: each pass of the
+    polling run recovers, submits and delivers."""
+
     account: VideoAccount
-    shutdown: Shutdown
-    halted: asyncio.Event
+    options: VideoBlastOptions
     script: str
     render_options: dict[str, str]
     progress_batch: int
-    stop_reason: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    synced_at: float = 0.0  # monotonic time of the last resync of the polls
+    keeps_polling: ClassVar[bool] = True
 
-    def should_stop(self) -> bool:
-        return self.stop_reason is not None or self.shutdown.is_requested or self.halted.is_set()
+    @property
+    def not_before(self) -> datetime | None:
+        return self.options.not_before
+
+    async def send(self) -> None:
+        await _recover_orphans(self)
+        if time.monotonic() - self.synced_at >= self.deps.settings.video.recovery_interval_s:
+            await _resync_polls(self)
+            self.synced_at = time.monotonic()
+        await _submit_pending(self)
+        await _deliver_rendered(self)
 
 
-async def run_video_campaign(
+async def prepare(
     deps: Dependencies, campaign: ledger.Campaign, shutdown: Shutdown, halted: asyncio.Event
-) -> None:
-    """Work on a running video_blast or video_poll campaign until it is done, leaves
-    'running', or the daemon stops."""
-    with bound_contextvars(campaign_id=campaign.id, account=campaign.account):
-        run = await _prepare(deps, campaign, shutdown, halted)
-        if run is None or not await _wait_for_start(run):
-            return
-        synced_at = 0.0
-        while not run.should_stop():
-            await _recover_orphans(run)
-            if time.monotonic() - synced_at >= deps.settings.video.recovery_interval_s:
-                await _resync_polls(run)
-                synced_at = time.monotonic()
-            await _submit_pending(run)
-            await _deliver_rendered(run)
-            if run.stop_reason is not None:
-                await deps.db(ledger.set_campaign_state, campaign.id, "paused", run.stop_reason)
-                log.error("campaign_stopping", state="paused", reason=run.stop_reason)
-                return
-            if await deps.db(ledger.finish_campaign_if_done, campaign.id):
-                counts = await deps.db(ledger.count_states, campaign.id)
-                log.info("campaign_finished", counts=counts)
-                return
-            await shutdown.wait(halted, deps.settings.campaign_poll_interval_s)
-
-
-async def _prepare(
-    deps: Dependencies, campaign: ledger.Campaign, shutdown: Shutdown, halted: asyncio.Event
-) -> VideoRun | None:
+) -> VideoRun | NotConfigured:
+    """The run of a video_blast or video_poll campaign."""
     render: dict[str, Any] = campaign.message.get("video", {})
     account = deps.video_accounts.get(render.get("account", ""))
     if account is None or campaign.account not in deps.senders:
-        reason = f"account {render.get('account')!r} or {campaign.account!r} is not configured"
-        await deps.db(ledger.set_campaign_state, campaign.id, "stopped", reason)
-        log.error("campaign_stopped", reason=reason)
-        return None
+        return NotConfigured(
+            f"account {render.get('account')!r} or {campaign.account!r} is not configured"
+        )
     if not account.render_times:  # a restart: the adaptive schedule starts from the ledger
         times = await deps.db(video_ledger.recent_render_times, account.name, RENDER_SAMPLES)
         account.render_times.extend(reversed(times))
     options = VideoBlastOptions.model_validate(campaign.options)
     batch = options.progress_batch or deps.settings.video.progress_batch
     script, render_options = render.get("script", ""), render.get("options", {})
-    return VideoRun(deps, campaign, account, shutdown, halted, script, render_options, batch)
-
-
-async def _wait_for_start(run: VideoRun) -> bool:
-    options = VideoBlastOptions.model_validate(run.campaign.options)
-    if options.not_before is not None:
-        delay_s = (options.not_before - datetime.now(UTC)).total_seconds()
-        if delay_s > 0:
-            log.info("campaign_waiting", not_before=options.not_before.isoformat())
-            await run.shutdown.wait(run.halted, delay_s)
-    return not run.should_stop()
+    return VideoRun(
+        deps, campaign, shutdown, halted, account, options, script, render_options, batch
+    )
 
 
 # --- submission ------------------------------------------------------------------------------
@@ -229,7 +203,10 @@ async def _submit_one(run: VideoRun, claim: video_ledger.RenderClaim) -> str | P
         try:
             job_id = await _submit_with_retries(account, request)
         except CampaignFatalError as exc:
-            run.stop_reason = run.stop_reason or f"{exc.code}: {exc.text}"
+            # Unlike a send's, this pauses: out of credits, a resume after a top-up goes on.
+            run.stop(
+                "paused", f"{exc.code}: {exc.text}", error_class=exc.error_class, code=exc.code
+            )
             VIDEO_SUBMITS.labels(account.name, exc.error_class).inc()
             return None  # not this recipient's fault: it is submitted after a resume
         except ProviderError as exc:
