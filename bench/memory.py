@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/memory.py [--recipients 100000 [1000000 ...]] [--concurrency 64]
 
-DESIGN §8: a 100,000-recipient campaign runs in bounded memory (recipients streamed, not
+The promise: a 100,000-recipient campaign runs in bounded memory (recipients streamed, not
 held). The recipients list and the job are pushed to a daemon with its account at rate 0
 (unlimited), and the daemon's RSS is sampled every 50 ms from its start until the ledger shows
 the campaign 'done'. Printed: RSS once ready (the baseline), the peak, their difference, and

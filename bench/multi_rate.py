@@ -3,10 +3,10 @@
     .venv/bin/python bench/multi_rate.py [--rates 80 1000] [--daemons 1 3] [--seconds 15]
                                          [--concurrency 100]
 
-DESIGN §8: with several daemons sharing an account at rate R, achieved rate >= 0.98 R and no
+The promise: with several daemons sharing an account at rate R, achieved rate >= 0.98 R and no
 one-second window above R, for their sum. For each R and each daemon count, fresh `blastd run`
 processes (their own instance ids) share Redis, PostgreSQL and the account (rate_per_s = R,
-paced by the shared limiter in Redis) and split one campaign of R * seconds recipients. The
+paced by the shared pacer in Redis) and split one campaign of R * seconds recipients. The
 sandbox process (its own rate limit off, latency 0) stamps each accepted request on arrival,
 whichever daemon sent it. From those arrivals, as in bench/rate.py:
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/rate.py [--rates 80 1000] [--seconds 15] [--concurrency 100]
 
-DESIGN §8: at a configured account rate R, achieved rate >= 0.98 R and no one-second window
+The promise: at a configured account rate R, achieved rate >= 0.98 R and no one-second window
 above R. For each R a fresh `blastd run` process sends R * seconds recipients with the
 account's rate_per_s = R to the sandbox process (its own rate limit off, latency 0). The
 sandbox stamps each accepted request with its monotonic clock on arrival, so loopback jitter

@@ -3,7 +3,7 @@
     .venv/bin/python bench/throughput.py [--recipients 20000] [--concurrency 64] [--rounds 3]
                                          [--latency-ms 0 50]
 
-DESIGN §8: with the sandbox on loopback and no rate limit, blastd's messages per second
+The promise: with the sandbox on loopback and no rate limit, blastd's messages per second
 (intake to ledger) reach at least 0.9 of a bare aiohttp loop sending the same requests.
 
 - baseline: one uvloop process (this one), one ClientSession with a keep-alive

@@ -4,17 +4,17 @@
                                     [--polled 200] [--compression 10]
 
 1. Submission: a video_blast of --renders rows, D-ID answering each create after
-   --create-latency-ms, 10 renders in flight (seed 000). The time from the job's push to the
-   last clip created, against the ideal renders / concurrency x latency. Polls are held off
-   (first poll after 10 minutes) so the figure is the submission's alone.
-2. Polling: a video_blast of --polled rows whose renders take seed 002's 1-2 minutes (a
-   log-normal around 60 s), time compressed by --compression, and the seed's schedule (first
-   poll 5 s, every 10 s, give up after 5 min) compressed alike. Printed: polls per render
-   (median, p95) and the detection delay, from the render's completion at D-ID to the
-   video's delivery in the ledger (median, p95), in uncompressed seconds. Three campaigns,
-   each by a fresh daemon: with no render history (the seed's schedule), then with the
-   adaptive first poll (learnt from the ledger's render times of the first), then with the
-   D-ID webhook configured.
+   --create-latency-ms, 10 renders in flight (the default concurrency). The time from the
+   job's push to the last clip created, against the ideal renders / concurrency x latency.
+   Polls are held off (first poll after 10 minutes) so the figure is the submission's alone.
+2. Polling: a video_blast of --polled rows whose renders take 1-2 minutes, as the system
+   blastd replaces saw (a log-normal around 60 s), time compressed by --compression, and the
+   default schedule (first poll 5 s, every 10 s, give up after 5 min) compressed alike.
+   Printed: polls per render (median, p95) and the detection delay, from the render's
+   completion at D-ID to the video's delivery in the ledger (median, p95), in uncompressed
+   seconds. Three campaigns, each by a fresh daemon: with no render history (the default
+   schedule), then with the adaptive first poll (learnt from the ledger's render times of the
+   first), then with the D-ID webhook configured.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from stack import (
 from blastd.embedded import free_port
 
 DID = "did-bench"
-CONCURRENCY = 10  # seed 000: VIDEO_GENERATION_PARALLELISM
+CONCURRENCY = 10  # the video account's default
 SUBMIT_TIMEOUT_S = 600
-SEED_SCHEDULE_S = {"FIRST_POLL_S": 5, "POLL_INTERVAL_S": 10, "TIMEOUT_S": 300}
+DEFAULT_SCHEDULE_S = {"FIRST_POLL_S": 5, "POLL_INTERVAL_S": 10, "TIMEOUT_S": 300}
 
 
 async def did(stack: Stack, method: str, path: str, document: object = None) -> Any:
@@ -113,7 +113,7 @@ async def polling(
     campaign_id = f"bench-video-{campaign}"
     await did(stack, "POST", "config", {"latency_ms": 0, "time_compression": compression})
     await did(stack, "POST", "reset")
-    env = {f"BLASTD_VIDEO__{k}": str(v / compression) for k, v in SEED_SCHEDULE_S.items()}
+    env = {f"BLASTD_VIDEO__{k}": str(v / compression) for k, v in DEFAULT_SCHEDULE_S.items()}
     env["BLASTD_VIDEO__WEBHOOK_POLL_INTERVAL_S"] = str(60 / compression)
     admin_port = free_port()
     fields = {}
@@ -192,19 +192,19 @@ def report(
     table.add_row(
         f"render time at D-ID, {polled} renders (s, uncompressed)",
         f"median {statistics.median(render_s):.0f}, p95 {quantile(render_s, 0.95):.0f}",
-        "seed 002: 60-120",
+        "replaced system: 60-120",
     )
     for name, figures in runs.items():
         polls, delays = figures["polls"], figures["delays"]
         table.add_row(
             f"{name}: polls per render",
             f"median {statistics.median(polls):g}, p95 {quantile(polls, 0.95):g}",
-            "seed 002: 6-12",
+            "replaced system: 6-12",
         )
         table.add_row(
             f"{name}: completion to delivery (s, uncompressed)",
             f"median {statistics.median(delays):.2f}, p95 {quantile(delays, 0.95):.2f}",
-            "seed 002: up to 10",
+            "replaced system: up to 10",
         )
         table.add_row(f"{name}: delivered", f"{figures['sent']}/{polled}", f"{polled}")
     Console().print(table)

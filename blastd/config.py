@@ -19,7 +19,8 @@ _UNDECODABLE_FIELD = re.compile(r'field "(\w+)"')
 
 
 class RetrySettings(BaseModel):
-    """Retries of transient provider answers; seed 003's defaults: two retries, 5 s then 10 s."""
+    """Retries of transient provider answers; by default two retries, 5 s then 10 s, as in the
+    systems blastd replaces (docs/errors.md)."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key must not fall back silently
 
@@ -33,7 +34,8 @@ class AccountSettings(BaseModel):
     """A named provider login with its own rate, concurrency and connection pool.
 
     `rate_per_s` counts requests: one message each for most providers, one batch of up to
-    `batch_size` messages for a bulk API such as Wablas v2."""
+    `batch_size` messages for a bulk API such as Wablas v2. The defaults of concurrency and
+    timeouts are those of the systems blastd replaces (docs/providers.md)."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key must not fall back silently
 
@@ -41,12 +43,12 @@ class AccountSettings(BaseModel):
     base_url: str
     token: SecretStr | None = None
     rate_per_s: float = Field(80.0, ge=0)  # 0 means no limit
-    # The rate holds for every daemon on this Redis prefix together (shared_limiter). False
+    # The rate holds for every daemon on this Redis prefix together (shared_pacing). False
     # paces this daemon alone, with no Redis round trip: only where one daemon sends for it.
     shared_rate: bool = True
-    concurrency: int = Field(10, ge=1, le=2000)  # seed 003: 10 requests in flight
-    connect_timeout_s: float = Field(10.0, gt=0)  # seed 000: 10 s connect
-    request_timeout_s: float = Field(30.0, gt=0)  # seed 000: 30 s read
+    concurrency: int = Field(10, ge=1, le=2000)  # requests in flight at once
+    connect_timeout_s: float = Field(10.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)  # the whole request, answer read
     retry: RetrySettings = RetrySettings()
 
     @property
@@ -73,11 +75,11 @@ class WablasAccount(AccountSettings):
     kind: Literal["wablas"]
     base_url: str  # the account's region server, e.g. https://solo.wablas.com
     secret_key: SecretStr | None = None  # newer accounts send "token.secret_key"
-    batch_size: int = Field(100, ge=1, le=1000)  # seed 000: 100 messages per v2 request
-    rate_per_s: float = Field(2.0, ge=0)  # seed 000: 500 ms between batches
+    batch_size: int = Field(100, ge=1, le=1000)  # messages per v2 request (not confirmed)
+    rate_per_s: float = Field(2.0, ge=0)  # requests: 500 ms between batches
     webhook_secret: SecretStr | None = None  # must appear in the tracking URL's query
     # Wablas refuses with HTTP 200 and {"status": false, "message": ...} and documents none of
-    # its texts (shared/providers/wablas.md §3): the adapter classifies a refusal by the first
+    # its texts (docs/errors.md, Wablas): the adapter classifies a refusal by the first
     # list holding a lower-case fragment of it, in this order; an unmatched one pauses.
     credential_keywords: tuple[str, ...] = ("token", "unauthori", "secret", "forbidden")
     billing_keywords: tuple[str, ...] = ("quota", "expired", "package", "balance", "subscri")
@@ -86,7 +88,7 @@ class WablasAccount(AccountSettings):
     batch_limit_keywords: tuple[str, ...] = ("maximum", "too many", "exceed", "batch")
     number_keywords: tuple[str, ...] = ("number", "phone", "not registered", "not on whatsapp")
     # Extra fields for every v2 item, e.g. {"retry": false, "priority": true}. What Wablas does
-    # with them is undocumented, and our design note puts them next to "data" instead.
+    # with them is undocumented, and some integrations put them next to "data" instead.
     request_flags: dict[str, bool] = {}
     flags_at_top_level: bool = False
     # Tracking-webhook status -> ledger receipt; others (pending, process) are in progress.
@@ -109,12 +111,12 @@ class UltraMsgAccount(AccountSettings):
     """One UltraMsg instance.
 
     UltraMsg's answers carry no error codes, only texts; the keyword lists say which texts
-    mean what (shared/providers/ultramsg.md §3 and §6 list the texts seen so far)."""
+    mean what (docs/errors.md, UltraMsg, lists the texts seen so far)."""
 
     kind: Literal["ultramsg"]
     base_url: str = "https://api.ultramsg.com"
     instance_id: str
-    rate_per_s: float = Field(10.0, ge=0)  # seed 004: 10 messages a second
+    rate_per_s: float = Field(10.0, ge=0)  # messages a second; UltraMsg names no limit
     webhook_secret: SecretStr | None = None  # must appear in the webhook URL's query
     # The wrong-token error asks for a GET parameter: the query string is the safest place.
     token_placement: Literal["query", "body"] = "query"
@@ -141,7 +143,7 @@ class UltraMsgAccount(AccountSettings):
 
 
 class StatusBatchSizes(BaseModel):
-    """Seed 001's adaptive batch sizes, by the number of contacts a status goes to."""
+    """The adaptive batch sizes, by the number of contacts a status goes to (docs/status.md)."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key must not fall back silently
 
@@ -157,10 +159,10 @@ class StatusGatewayAccount(AccountSettings):
     """One WhatsApp session of a Baileys-based gateway that posts statuses (stories).
 
     `flavour` picks the request shape: 'evolution' is Evolution API's
-    POST /message/sendStatus/{instance}; 'story' is seed 001's POST /story/{text|image|video}
-    with the session in the body. Whether a gateway honours a message id passed back for a
-    resend is not confirmed for every gateway (shared/providers/status-broadcast.md §2): the
-    field's name is a setting, and a resend answered with another id is logged."""
+    POST /message/sendStatus/{instance}; 'story' is a producer's own gateway's
+    POST /story/{text|image|video}, with the session in the body. Whether a gateway honours a
+    message id passed back for a resend is not confirmed for every gateway (docs/status.md):
+    the field's name is a setting, and a resend answered with another id is logged."""
 
     kind: Literal["status_gateway"]
     base_url: str
@@ -173,8 +175,8 @@ class StatusGatewayAccount(AccountSettings):
     rate_per_s: float = Field(0.0, ge=0)  # requests a second; 0: only batch_delay_ms spaces them
     batch_sizes: StatusBatchSizes = StatusBatchSizes()
     max_batch_size: int | None = Field(None, ge=1)  # a gateway's known limit, if any
-    batch_delay_ms: float = Field(0.0, ge=0)  # seed 001: 0 between batches
-    max_concurrent_batches: int = Field(1, ge=1, le=100)  # seed 001: 1, sequential
+    batch_delay_ms: float = Field(0.0, ge=0)  # pause between batches
+    max_concurrent_batches: int = Field(1, ge=1, le=100)  # 1: one batch after the other
     # Texts of a refusal that mean "this list is too long" (WAHA users see "Frame Too Large").
     too_large_keywords: tuple[str, ...] = ("too large", "too long", "too many", "payload")
     # Texts that mean the session is gone: nothing can be posted until an operator acts.
@@ -183,12 +185,13 @@ class StatusGatewayAccount(AccountSettings):
 
 class VideoAccountSettings(AccountSettings):
     """A video-generation login: `concurrency` bounds the renders being submitted at once
-    (seed 000: 10) and the status polls in flight; `rate_per_s` paces its requests."""
+    and the status polls in flight; `rate_per_s` paces its requests. The defaults are those of
+    the systems blastd replaces (docs/video.md)."""
 
-    concurrency: int = Field(10, ge=1, le=2000)  # seed 000: 10 concurrent D-ID calls
+    concurrency: int = Field(10, ge=1, le=2000)  # renders submitted or polled at once
     rate_per_s: float = Field(0.0, ge=0)  # D-ID publishes no rate; 0 means no limit
-    request_timeout_s: float = Field(60.0, gt=0)  # seed 000: 60 s read for D-ID
-    retry: RetrySettings = RetrySettings(initial_s=2.0, max_s=6.0)  # seed 000: 2 s, 4 s, 6 s
+    request_timeout_s: float = Field(60.0, gt=0)
+    retry: RetrySettings = RetrySettings(initial_s=2.0, max_s=6.0)  # 2 s, then up to 6 s
     # The public URL (https, reachable by the provider) of this daemon's webhook for the
     # account, e.g. https://hooks.example.com/webhooks/video/did-main. None: polling only.
     webhook_url: str | None = None
@@ -196,7 +199,7 @@ class VideoAccountSettings(AccountSettings):
 
 
 class DidAccount(VideoAccountSettings):
-    """One D-ID API key (shared/providers/d-id.md): clips from a presenter, or talks from a
+    """One D-ID API key (docs/providers.md): clips from a presenter, or talks from a
     photo. The key is `token`, in its issued form `username:password`."""
 
     kind: Literal["did"]
@@ -216,7 +219,7 @@ class DidAccount(VideoAccountSettings):
 
 
 class VideoApiAccount(VideoAccountSettings):
-    """A generic async video-job API (shared/providers/generic-video-job.md): every path and
+    """A generic async video-job API (docs/providers.md): every path and
     field name is a setting, because none of them is documented."""
 
     kind: Literal["video_api"]
@@ -266,30 +269,31 @@ VIDEO_KINDS = ("did", "video_api")
 
 
 class VideoSettings(BaseModel):
-    """The video pipeline: submission progress and seed 002's polling schedule and Redis TTLs."""
+    """The video pipeline: submission progress, the polling schedule and the Redis TTLs, with
+    the defaults of the systems blastd replaces (docs/video.md)."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key must not fall back silently
 
-    # Redis key prefix of the video:* keys; None: the daemon's redis_prefix. "" gives seed
-    # 002's exact keys, so an existing producer of that system works unchanged.
+    # Redis key prefix of the video:* keys; None: the daemon's redis_prefix. "" gives the bare
+    # names, so a producer written for the earlier polling worker works unchanged.
     key_prefix: str | None = None
-    progress_batch: int = Field(50, ge=1, le=10_000)  # seed 000: progress saved every 50 items
-    first_poll_s: float = Field(5.0, gt=0)  # seed 002: initialDelay
+    progress_batch: int = Field(50, ge=1, le=10_000)  # renders submitted per progress save
+    first_poll_s: float = Field(5.0, gt=0)  # from submission to the first poll
     # Wait longer before the first poll once the account's recent renders show none finish
     # that soon (their 5th percentile): fewer polls, the same delay for 95 % of renders.
     adaptive_first_poll: bool = True
-    poll_interval_s: float = Field(10.0, gt=0)  # seed 002: interval
+    poll_interval_s: float = Field(10.0, gt=0)  # between polls of a running render
     # With a webhook configured the webhook ends the wait; polls only guard against a lost one.
     webhook_poll_interval_s: float = Field(60.0, gt=0)
-    timeout_s: float = Field(300.0, gt=0)  # seed 002: give up after 5 minutes
-    max_attempts: int = Field(30, ge=1)  # seed 002: maxAttempts
-    backoff_initial_s: float = Field(5.0, gt=0)  # seed 002: 5 s x 2^failures
-    backoff_max_s: float = Field(60.0, gt=0)  # seed 002: at most 1 minute
-    poll_timeout_s: float = Field(15.0, gt=0)  # seed 002: 15 s HTTP timeout per poll
-    job_ttl_s: int = Field(600, ge=1)  # seed 002: video:job:{id}
-    lock_ttl_s: int = Field(60, ge=1)  # seed 002: video:lock:{id}
-    attempts_ttl_s: int = Field(600, ge=1)  # seed 002: video:attempts:{id}
-    completed_ttl_s: int = Field(7200, ge=1)  # seed 002: video:completed:{id}
+    timeout_s: float = Field(300.0, gt=0)  # give up this long after submission...
+    max_attempts: int = Field(30, ge=1)  # ...or after this many polls
+    backoff_initial_s: float = Field(5.0, gt=0)  # after failed polls: 5 s x 2^(failures - 1)
+    backoff_max_s: float = Field(60.0, gt=0)  # at most 1 minute
+    poll_timeout_s: float = Field(15.0, gt=0)  # one poll's HTTP timeout
+    job_ttl_s: int = Field(600, ge=1)  # video:job:{id}
+    lock_ttl_s: int = Field(60, ge=1)  # video:lock:{id}
+    attempts_ttl_s: int = Field(600, ge=1)  # video:attempts:{id}
+    completed_ttl_s: int = Field(7200, ge=1)  # video:completed:{id}
     recovery_interval_s: float = Field(15.0, gt=0)  # how often orphaned jobs are looked for
     rerender_unknown_errors: int = Field(1, ge=0, le=5)  # D-ID: re-create an UnknownError job
 

@@ -72,7 +72,7 @@ def build_job(settings: Settings, path: Path, options: dict[str, Any]) -> dict[s
 
 
 def build_video_blast(settings: Settings, path: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """Seed 000's job: one clip per row from the script, each delivered through `account`."""
+    """A video_blast job: one clip per row from the script, each delivered through `account`."""
     return {
         "type": "video_blast",
         "id": options.get("job_id") or _default_job_id(path),

@@ -208,7 +208,7 @@ class StatusSpec(Spec):
     text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), MESSAGE_TEXT] | None = None
     url: HttpUrl | None = None
     caption: Annotated[str, Field(max_length=MAX_CAPTION_CHARS), MESSAGE_TEXT] | None = None
-    background_color: HexColor = "#000000"  # text only; Evolution requires one (§3.1)
+    background_color: HexColor = "#000000"  # text only; Evolution requires one
     font: Annotated[int, Field(ge=0, le=5)] = 1  # text only; Evolution's range
 
     @model_validator(mode="after")
@@ -240,7 +240,7 @@ class StatusOptions(Spec):
 
 
 class StatusJob(BaseModel):
-    """A status to many contacts through a status gateway account (seed 001's smart send)."""
+    """A status to many contacts through a status gateway account (docs/status.md)."""
 
     model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
 

@@ -1,9 +1,9 @@
 """Paces one account's sends: one Pacer per account, built inside the running loop.
 
-aiolimiter's token buckets miss our promise (DESIGN §8: at rate R, at least 0.98 R and no
-one-second window above R) from both sides. `AsyncLimiter(R, 1)` starts full and refills
-while it drains, so one second can hold nearly 2R sends. `AsyncLimiter(1, 1/R)` sleeps once
-per send; every wake-up is late, the lateness adds up, and the rate falls short of R.
+aiolimiter's token buckets miss our promise (at rate R, at least 0.98 R and no one-second
+window above R; bench/rate.py measures it) from both sides. `AsyncLimiter(R, 1)` starts full
+and refills while it drains, so one second can hold nearly 2R sends. `AsyncLimiter(1, 1/R)`
+sleeps once per send; every wake-up is late, the lateness adds up, and the rate falls short.
 
 The Pacer keeps two independent guarantees:
 

@@ -1,8 +1,9 @@
 """Paces one account across every daemon that sends through it, with its state in Redis.
 
-Several `blastd run` processes may share an account (DESIGN §8: the rate promise holds for
-their sum). Each process's SharedPacer asks one Lua script, run atomically by Redis, for the
-account's next release times. The script keeps what the local Pacer keeps, once for everyone:
+Several `blastd run` processes may share an account, and the rate promise (at rate R, at least
+0.98 R and no one-second window above R) holds for their sum (bench/multi_rate.py). Each
+process's SharedPacer asks one Lua script, run atomically by Redis, for the account's next
+release times. The script keeps what the local Pacer keeps, once for everyone:
 
 - the schedule (`next`): each slot is at least 1/R after the previous one; a schedule more
   than MAX_RETURN_LAG_S behind now restarts at now, so an idle spell saves up no burst;

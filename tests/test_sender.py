@@ -1,4 +1,4 @@
-"""The error policy of DESIGN §4, class by class, through the daemon and the sandbox.
+"""The error policy of docs/errors.md, class by class, through the daemon and the sandbox.
 
 Faults come from the sandbox's knobs: `fail_numbers` answers a Graph code for one recipient
 every time, the `*_p` probabilities draw a fault per request. Request counts are the sandbox's.

@@ -1,4 +1,4 @@
-"""Status broadcasts through the daemon (seed 001's smart send): the batch-size table, the send
+"""Status broadcasts through the daemon (docs/status.md): the batch-size table, the send
 order, the anchor, retries of failed batches with the same id, the split on "too large", rate
 limits, stops, and the resume after a SIGKILL. Faults come from the status sandbox's knobs;
 deliveries per contact are the sandbox's counts."""

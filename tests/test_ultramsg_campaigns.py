@@ -1,5 +1,5 @@
-"""UltraMsg end to end: campaigns through the daemon and the UltraMsg sandbox, DESIGN §4 class by
-class, and the message_ack webhooks through the admin endpoint.
+"""UltraMsg end to end: campaigns through the daemon and the UltraMsg sandbox, docs/errors.md class
+by class, and the message_ack webhooks through the admin endpoint.
 
 Faults come from the sandbox's knobs: `fail_numbers` gives one recipient the same fault every
 time, the `*_p` probabilities draw one per request. Request counts are the sandbox's.

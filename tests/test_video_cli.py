@@ -1,4 +1,4 @@
-"""`blastd enqueue --video-script` and `blastd retry --scope` as real processes (seed 000: a
+"""`blastd enqueue --video-script` and `blastd retry --scope` as real processes (a
 1,000-row report becomes a video_blast; failed renders and failed deliveries retried apart)."""
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def video_cli_env(servers: Servers, sandbox: SandboxHandle) -> dict[str, str]:
 
 
 def write_report(path: Path, count: int = ROWS) -> list[str]:
-    """Seed 000's report: a phone column (numbers as Excel stores them), a name and a code."""
+    """A report as producers write it: a phone column (numbers as Excel stores them), a name
+    and a code."""
     numbers = numbers_from(40_000_000, count)
     workbook = openpyxl.Workbook()
     sheet = workbook.active

@@ -1,6 +1,6 @@
 """The video pipeline through the daemon: D-ID renders on the sandbox (time compressed),
 polled through Redis, delivered over the Cloud API emulator; failures, timeouts, webhooks,
-retries by scope, video_poll jobs and seed 002's own key layout."""
+retries by scope, video_poll jobs and the key layout of an external producer (docs/video.md)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from tests.video_harness import (
     VIDEO_API_ACCOUNT,
     VideoSandbox,
     campaign_state,
+    default_schedule,
     make_video_settings,
-    seed_schedule,
     states,
     video_blast_job,
     video_sandbox,
@@ -65,7 +65,7 @@ async def test_a_video_blast_renders_once_per_recipient_and_delivers_each_video(
 async def test_a_1000_row_video_blast_runs_end_to_end_in_compressed_time(
     servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
 ) -> None:
-    """Seed 000's job: 1,000 rows, 10 renders in flight, progress saved every 50."""
+    """A video_blast of 1,000 rows, 10 renders in flight, progress saved every 50."""
     numbers = numbers_from(10_000, 1_000)
     async with video_sandbox(seed=11) as sandbox:
         settings = make_video_settings(servers, sandbox)
@@ -280,10 +280,10 @@ async def test_a_video_poll_job_delivers_the_video_with_the_elapsed_time(
     assert delivered == {number.removeprefix("+"): 1}
 
 
-async def test_seed_002_delivery_through_ultramsg_is_a_video_message_with_its_caption(
+async def test_a_video_poll_through_ultramsg_is_a_video_message_with_its_caption(
     servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
 ) -> None:
-    """Seed 002's UltraMsg path: POST /messages/video with the link and the caption."""
+    """The UltraMsg path: POST /messages/video with the link and the caption."""
     (number,) = numbers_from(850, 1)
     async with video_sandbox() as sandbox:
         settings = make_video_settings(servers, sandbox)
@@ -309,16 +309,17 @@ async def test_seed_002_delivery_through_ultramsg_is_a_video_message_with_its_ca
     assert message["caption"].startswith("Listo en ")
 
 
-async def test_seed_002_keys_with_an_empty_prefix_work_for_an_existing_producer(
+async def test_bare_keys_with_an_empty_prefix_work_for_an_existing_producer(
     servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
 ) -> None:
     (number,) = numbers_from(900, 1)
     async with video_sandbox() as sandbox:
         settings = make_video_settings(servers, sandbox, video={"key_prefix": ""})
-        clip_id = await _create_clip(sandbox, "seed-producer")
+        clip_id = await _create_clip(sandbox, "external-producer")
         state = {"account": DID_ACCOUNT, "notify": {"account": ACCOUNT, "to": number}}
         async with running_daemon(settings):
-            # What seed 002's enqueueVideoJob does: the state, then the id on the queue.
+            # What a producer written for the earlier polling worker does: the record, then the
+            # id on the queue (docs/video.md).
             await redis.set(f"video:job:{clip_id}", orjson.dumps(state), ex=600)
             await redis.lpush("video:poll:queue", clip_id)
             await wait_until(lambda: _finished(pool, clip_id), timeout_s=60)
@@ -327,7 +328,7 @@ async def test_seed_002_keys_with_an_empty_prefix_work_for_an_existing_producer(
     assert delivered == {number.removeprefix("+"): 1}
 
 
-async def test_a_seed_job_that_is_not_a_video_poll_is_dead_lettered_with_its_reason(
+async def test_an_external_record_that_is_not_a_video_poll_is_dead_lettered_with_its_reason(
     servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
 ) -> None:
     async with video_sandbox() as sandbox:
@@ -376,7 +377,7 @@ async def test_renders_survive_a_redis_wipe_and_are_polled_again_from_the_ledger
     numbers = numbers_from(1_200, 20)
     # Renders of about 3 s: the wipe lands while every one of them is being polled.
     async with video_sandbox(time_compression=20.0) as sandbox:
-        video = {**seed_schedule(20.0), "key_prefix": "wipe:"}
+        video = {**default_schedule(20.0), "key_prefix": "wipe:"}
         settings = make_video_settings(servers, sandbox, video=video)
         async with running_daemon(settings):
             await redis.lpush(JOBS, video_blast_job("vb-wipe", numbers))

@@ -1,5 +1,5 @@
-"""Wablas campaigns through the daemon: bulk batching, the error policy of DESIGN §4 class by
-class, and the tracking webhook. Faults come from the Wablas sandbox's knobs; request and
+"""Wablas campaigns through the daemon: bulk batching, the error policy of docs/errors.md class
+by class, and the tracking webhook. Faults come from the Wablas sandbox's knobs; request and
 per-recipient counts are the sandbox's."""
 
 from __future__ import annotations

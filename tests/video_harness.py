@@ -33,8 +33,8 @@ PRESENTER = "v2_public_Amber@0zSz8kflCN"
 COMPRESSION = 200.0  # a 60 s render takes 0.3 s
 
 
-def seed_schedule(compression: float = COMPRESSION) -> dict[str, float]:
-    """Seed 002's schedule (5 s, 10 s, 5 min) under the same compression as the renders."""
+def default_schedule(compression: float = COMPRESSION) -> dict[str, float]:
+    """The default schedule (5 s, 10 s, 5 min) under the same compression as the renders."""
     return {
         "first_poll_s": 5 / compression,
         "poll_interval_s": 10 / compression,
@@ -85,7 +85,7 @@ def make_video_settings(
     **overrides: Any,
 ) -> Settings:
     """A Cloud API account to deliver with and a D-ID account to render with, on the sandbox,
-    with seed 002's polling schedule compressed like the sandbox's renders."""
+    with the default polling schedule compressed like the sandbox's renders."""
     settings = make_settings(servers, sandbox.url, **overrides)
     account = {
         "kind": "did",
@@ -114,7 +114,7 @@ def make_video_settings(
             "retry": account["retry"],
         }
     )
-    settings.video = VideoSettings.model_validate({**seed_schedule(), **(video or {})})
+    settings.video = VideoSettings.model_validate({**default_schedule(), **(video or {})})
     return settings
 
 

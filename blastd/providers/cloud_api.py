@@ -1,7 +1,7 @@
 """WhatsApp Cloud API: one message per request, answers classified by Graph error code.
 
 Also parses the status webhooks Meta sends back and answers its verification handshake.
-Codes and shapes: shared/providers/cloud-api.md (sections 4, 5 and 7).
+Codes and shapes: docs/providers.md (Cloud API) and docs/errors.md (its codes).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ SIGNATURE_PREFIX = "sha256="
 WEBHOOK_STATUSES = frozenset({"sent", "delivered", "read", "failed"})
 
 # 131053 (media upload) is retried: tenacity's bounded attempts give the "once, then fail"
-# the research asks for without a class of its own.
+# it calls for without a class of its own.
 TRANSIENT_CODES = (1, 2, 131000, 131016, 131053)
 THROTTLED_CODES = (4, 80007, 130429)
 PAIR_LIMIT_CODES = (131056,)

@@ -4,13 +4,13 @@ Two request shapes, picked by the account's `flavour`:
 
 - 'evolution': Evolution API's `POST /message/sendStatus/{instance}` with `type`, `content`,
   `statusJidList` (and `backgroundColor`, `font` for text), answered by HTTP 201 with a
-  WAMessage whose `key.id` is the status id (shared/providers/status-broadcast.md §3.1).
-- 'story': seed 001's `POST /story/{text|image|video}` with `sessionId` and `statusJidList`,
-  answered with `{"success": true, "messageId": ...}`.
+  WAMessage whose `key.id` is the status id (docs/providers.md, status gateways).
+- 'story': a producer's own gateway, `POST /story/{text|image|video}` with `sessionId` and
+  `statusJidList`, answered with `{"success": true, "messageId": ...}`.
 
 A resend carries the anchor's id in the account's `message_id_field` ('messageId', as Baileys
 names the option). Baileys honours it end to end; whether a given HTTP gateway passes it on is
-not confirmed (§2), which is why the runner compares the id a resend is answered with.
+not confirmed (docs/status.md), which is why the runner compares the id a resend is answered with.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class StatusGatewayProvider:
             return CampaignFatalError("session", text)  # a QR scan or a relink is needed
         if status >= 500:
             return TransientError(code, text)
-        return PermanentError(code, text)  # 400: the request itself is wrong (§4)
+        return PermanentError(code, text)  # 400: the request itself is wrong
 
     def _read_id(
         self, status: int, document: Mapping[str, object] | None, message_id: str | None

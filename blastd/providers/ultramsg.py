@@ -3,7 +3,7 @@
 UltraMsg has no error codes: a refusal is `{"error": "<text>"}` or a list of field errors,
 behind HTTP 200 or a 4xx (both are seen), so the account's keyword lists decide the class.
 Also parses the `message_ack` webhooks, matched to the ledger by our `referenceId`.
-Shapes: shared/providers/ultramsg.md (sections 1, 3, 5 and 6).
+Shapes: docs/providers.md (UltraMsg) and docs/errors.md (its refusals).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def _code_of(keyword: str) -> str:
 
 
 def is_valid_secret(given: str | None, expected: str) -> bool:
-    """True when the webhook URL's `secret` is ours; UltraMsg signs nothing (§5)."""
+    """True when the webhook URL's `secret` is ours; UltraMsg signs nothing."""
     if given is None:
         return False
     return hmac.compare_digest(given.encode(), expected.encode())
@@ -242,7 +242,7 @@ def parse_ack_webhook(raw_body: bytes) -> list[StatusUpdate]:
         return []
     data = document.get("data")
     data = data if isinstance(data, dict) else {}
-    # referenceId sits at the top level, or inside `data` in some payloads (§5, S7)
+    # referenceId sits at the top level, or inside `data` in some payloads
     ledger_id = ledger_id_of(document.get("referenceId"))
     if ledger_id is None:
         ledger_id = ledger_id_of(data.get("referenceId"))

@@ -2,7 +2,7 @@
 
 Wablas drives a linked WhatsApp device, not Meta's API: no templates, and most refusals come
 back as HTTP 200 with {"status": false, "message": "..."} whose texts are not documented.
-Also parses the device's tracking webhook. Shapes: shared/providers/wablas.md (sections 2-5).
+Also parses the device's tracking webhook. Shapes: docs/providers.md (Wablas).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class WablasProvider:
         self._account = account
         self._base_url = account.base_url.rstrip("/")
         # Newer accounts join token and secret key with a dot; the raw token otherwise, no
-        # "Bearer" (wablas.md §1).
+        # "Bearer" (docs/providers.md).
         self._headers = {
             "Authorization": token if secret is None else f"{token}.{secret}",
             "Content-Type": "application/json",
@@ -333,6 +333,6 @@ def _tracking_entries(raw_body: bytes) -> list[dict[str, object]]:
 def is_valid_tracking_secret(given: str | None, secret: str) -> bool:
     """True when the tracking URL's `secret` query value is ours (constant-time compare).
 
-    Wablas signs nothing (wablas.md §5): the secret in the URL we configure is the only proof.
+    Wablas signs nothing: the secret in the URL we configure is the only proof.
     """
     return given is not None and hmac.compare_digest(given.encode(), secret.encode())

@@ -2,7 +2,7 @@
 
 The other providers' emulators are mounted on the same port: UltraMsg under /ultramsg,
 Wablas under /wablas,
-status gateways (Evolution API, seed 001's story API) under /status,
+status gateways (Evolution API, the /story API) under /status,
 D-ID under /did, the generic video-job API under /video.
 
 Prints "sandbox listening on http://HOST:PORT" once bound, so a parent can wait for the line.

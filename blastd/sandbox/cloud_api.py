@@ -1,6 +1,6 @@
 """Emulates the WhatsApp Cloud API messages endpoint on loopback, with knobs for its failures.
 
-Faithful to shared/providers/cloud-api.md (error envelope, codes, limits, webhooks) and to
+Faithful to docs/providers.md and docs/errors.md (error envelope, codes, limits, webhooks) and to
 Meta's OpenAPI spec for POST /{Version}/{Phone-Number-ID}/messages. Control endpoints under
 /_sandbox/ expose what arrived so tests and benchmarks can check it.
 """

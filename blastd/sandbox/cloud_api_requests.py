@@ -1,7 +1,7 @@
 """What the Cloud API answers to a send request it cannot accept: validation and error codes.
 
 Checks follow Meta's OpenAPI spec (Message, TemplateObject, MediaObject schemas) and the error
-codes of shared/providers/cloud-api.md section 5.
+codes of docs/errors.md (Cloud API).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ SUPPORTED_TYPES = ("text", "template", "video")
 MAX_CALLBACK_DATA_CHARS = 512  # OpenAPI spec: biz_opaque_callback_data maxLength
 
 # code -> (HTTP status, title). Meta says not to parse titles; these are our own wording.
-# HTTP statuses marked UNCERTAIN in cloud-api.md (4, 368, 131048, 80007) follow its best guess.
+# The HTTP statuses of 4, 368, 131048 and 80007 are not confirmed: these are the likeliest.
 GRAPH_ERRORS: dict[int, tuple[int, str]] = {
     1: (400, "API Unknown"),
     2: (503, "API Service"),

@@ -1,6 +1,6 @@
 """Status webhooks of the Cloud API emulator: their entries, and batches signed like Meta's.
 
-Shapes: shared/providers/cloud-api.md section 7.
+Shapes: docs/providers.md, Cloud API webhooks.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def sign(raw_body: bytes, app_secret: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SignedStatuses:
-    """Meta's way: due statuses in one envelope, grouped by phone number, signed (§7)."""
+    """Meta's way: due statuses in one envelope, grouped by phone number, signed."""
 
     url: str
     app_secret: str

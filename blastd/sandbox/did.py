@@ -1,4 +1,4 @@
-"""Emulates D-ID's clips and talks API on loopback (shared/providers/d-id.md §7), mounted at
+"""Emulates D-ID's clips and talks API on loopback (docs/providers.md, D-ID), mounted at
 /did by `python -m blastd.sandbox`: an account's base_url is `{sandbox}/did`.
 
 Endpoints (all need `Authorization: Basic <key>`, the key one of the `tokens` knob, as issued
@@ -23,16 +23,16 @@ Account faults, in the order a create meets them: 401; 5xx before creating (`tra
 500, 502, 503 in turn, an HTML page) or 429 (`throttled_p`, {"kind":"TooManyRequestsError"},
 Retry-After when `retry_after_s` is set), both on reads too; 403 {"kind":
 "PermissionDeniedError"} (`forbidden`); 400; 402 {"kind":"InsufficientCreditsError"} once
-`credits` are used up (each create takes one; a job ending in `error` gives it back, §4;
+`credits` are used up (each create takes one; a job ending in `error` gives it back;
 POST /_sandbox/reset gives all back);
 then the job is created, and `create_5xx_after_create_p` answers 5xx anyway,
-`malformed_body_p` a cut-off 201 body. The 402, 403 and 429 kinds are UNCERTAIN (§6).
+`malformed_body_p` a cut-off 201 body. The 402, 403 and 429 kinds are not confirmed.
 
 Per-job faults (`render_fault_p`, `fail_by_reference` by user_data): the five error kinds,
 `rejected`, `never_finish`, `expired_link`. Render times, webhooks, file links and the
 /_sandbox/jobs view: see renders.py and render_sandbox.py. A webhook is the job object as GET
 shows it, POSTed as JSON to the job's `webhook` on done, error and rejected (whether D-ID
-calls on `rejected` is UNCERTAIN); `webhook_user_data` false leaves user_data out.
+calls on `rejected` is not confirmed); `webhook_user_data` false leaves user_data out.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class DidSandbox(RenderSandbox[DidSandboxConfig]):
 
     def _on_end(self, job: RenderJob) -> None:
         if render_status(self._config, job, "ended") == "error":
-            self._credits_used -= 1  # errors are not billed (§4, S13)
+            self._credits_used -= 1  # D-ID does not bill failed renders
 
     def _created(self, job: RenderJob) -> web.Response:
         return json_response(created_document(job), status=201)

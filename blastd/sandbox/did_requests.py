@@ -1,5 +1,5 @@
-"""The D-ID emulator's reading of create bodies and its job objects (shared/providers/d-id.md
-§2 to §4): what a valid POST /clips or /talks carries, and the JSON a job shows."""
+"""The D-ID emulator's reading of create bodies and its job objects (docs/providers.md,
+D-ID): what a valid POST /clips or /talks carries, and the JSON a job shows."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from blastd.sandbox.renders import STARTED_AFTER, RenderJob, RenderStatus
 CREATED_BY = "sandbox-user"
 OBJECT_OF_PREFIX = {"clp_": "clip", "tlk_": "talk"}
 PREFIX_OF_KIND = {"clips": "clp_", "talks": "tlk_"}
-SCRIPT_MAX_CHARS = 40_000  # §2, S5: UNCERTAIN
-USER_DATA_MAX_CHARS = 1_000  # §2, S5: UNCERTAIN
+SCRIPT_MAX_CHARS = 40_000  # from a third-party description: not confirmed
+USER_DATA_MAX_CHARS = 1_000  # from a third-party description: not confirmed
 SPOKEN_CHARS_PER_S = 15  # how long a video reading the script lasts, roughly
 AUDIO_SCRIPT_S = 10  # an audio script's length is not known here
 FRAMES_PER_S = 25
-# The descriptions are ours: D-ID documents only the kinds (§4, S13).
+# The descriptions are ours: D-ID documents only the kinds.
 ERROR_DESCRIPTIONS = {
     "FaceError": "Failed to detect a usable face in the source image",
     "SourceError": "Failed to load the source image",
@@ -104,7 +104,7 @@ def iso_time(wall_s: float) -> str:
 
 
 def created_document(job: RenderJob) -> dict[str, object]:
-    """The 201 body of a create (§2)."""
+    """The 201 body of a create."""
     return {
         "id": job.job_id,
         "object": OBJECT_OF_PREFIX[job.new.id_prefix],
@@ -117,7 +117,7 @@ def created_document(job: RenderJob) -> dict[str, object]:
 def job_document(
     job: RenderJob, status: RenderStatus, link: str, *, with_user_data: bool
 ) -> dict[str, object]:
-    """The job as GET /clips/{id} (or /talks/{id}) shows it in `status` (§4)."""
+    """The job as GET /clips/{id} (or /talks/{id}) shows it in `status`."""
     document = {**created_document(job), "status": status, **job.new.fields}
     if with_user_data and job.new.reference is not None:
         document["user_data"] = job.new.reference

@@ -28,7 +28,7 @@ from blastd.sandbox.emulator import EmulatorConfig, Probability
 
 NEVER_FINISH = "never_finish"
 EXPIRED_LINK = "expired_link"
-STARTED_AFTER = 0.1  # of the render time: the queue before `started` is short (d-id.md §4)
+STARTED_AFTER = 0.1  # of the render time: the queue before `started` is short at D-ID
 
 RequestFault = Literal["transient", "throttled", "after_create", "malformed"]
 Phase = Literal["created", "started", "ended"]

@@ -1,4 +1,4 @@
-"""Emulates a status gateway on loopback: Evolution API's sendStatus and seed 001's /story API.
+"""Emulates a status gateway on loopback: Evolution API's sendStatus and the /story API.
 
 Both routes feed one recorder that counts, per status id, the deliveries of every contact, so a
 test or a benchmark can check that a broadcast reached everyone exactly once under one id.
@@ -28,7 +28,7 @@ STATUS_TYPES = ("text", "image", "video")
 JID_SUFFIX = "@s.whatsapp.net"
 REQUEST_LOG_MAX = 10_000
 TRANSIENT_STATUS = 503
-MAX_FONT = 5  # Evolution's schema: font 0-5 (§3.1)
+MAX_FONT = 5  # Evolution's schema: font 0-5
 
 
 class StatusSandboxConfig(BaseModel):
@@ -254,7 +254,7 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
 
 
 def _bearer_or_key(request: web.Request) -> str | None:
-    """Seed 001 names no auth for its story API: accept any of the three usual headers."""
+    """The story API names no auth: accept any of the three usual headers."""
     authorization = request.headers.get("Authorization", "")
     if authorization.startswith("Bearer "):
         return authorization.removeprefix("Bearer ")
@@ -262,7 +262,7 @@ def _bearer_or_key(request: web.Request) -> str | None:
 
 
 def _evolution_post(instance: str, document: dict[str, Any], id_field: str) -> _Post:
-    """Evolution's statusMessageSchema (§3.1): type enum, content, background and font for
+    """Evolution's statusMessageSchema: type enum, content, background and font for
     text, statusJidList of digit-led JIDs."""
     status_type = document.get("type")
     if status_type not in STATUS_TYPES:
@@ -312,7 +312,7 @@ def _bad_request(text: str) -> Refusal:
 
 
 def _wa_message(post: _Post, status_id: str) -> dict[str, object]:
-    """Evolution answers with the Baileys WAMessage of the status (§3.1)."""
+    """Evolution answers with the Baileys WAMessage of the status."""
     return {
         "key": {"remoteJid": "status@broadcast", "fromMe": True, "id": status_id},
         "message": {post.type: {}},

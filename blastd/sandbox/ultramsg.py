@@ -1,6 +1,6 @@
 """Emulates UltraMsg's send endpoints on loopback, quirks included, with knobs for its failures.
 
-Faithful to shared/providers/ultramsg.md: refusals as `{"error": ...}` behind HTTP 200 (the
+Faithful to docs/providers.md (UltraMsg): refusals as `{"error": ...}` behind HTTP 200 (the
 status is a knob: the docs are unsure), `sent` as the string "true", the token in the query
 or the body, form or JSON bodies, `message_ack` webhooks echoing our referenceId. Mounted at
 /ultramsg beside the Cloud API emulator; control endpoints under /_sandbox/ there.
@@ -49,7 +49,7 @@ FaultKind = Literal[
     "field_error",
     "malformed",
 ]
-# The texts UltraMsg answers (§3, §6); the payment and QR ones are paraphrased: UNCERTAIN.
+# The texts UltraMsg answers; the payment and QR ones are paraphrased, not confirmed.
 ERROR_TEXTS: dict[str, str] = {
     "wrong_token": "Wrong token. Please provide token as a GET parameter.",
     "instance_not_found": "Instance not found",
@@ -63,7 +63,7 @@ MALFORMED_BODIES = (  # rotated: a cut-off body, then valid JSON without an id
     b'{"sent":"true","message":"ok"}',
 )
 REQUIRED_FIELDS = {"chat": ("to", "body"), "video": ("to", "video")}
-VIDEO_EXTENSIONS = (".mp4", ".3gp", ".mov")  # §2.2
+VIDEO_EXTENSIONS = (".mp4", ".3gp", ".mov")  # what /messages/video takes
 MIN_NUMBER_DIGITS = 8
 Ack = Literal["server", "device", "read", "played"]
 

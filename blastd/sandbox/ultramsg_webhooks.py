@@ -1,6 +1,6 @@
 """Webhooks of the UltraMsg emulator: its events, one JSON event per POST.
 
-Shapes: shared/providers/ultramsg.md section 5 (envelope, `message_ack`, ack values).
+Shapes: docs/providers.md, UltraMsg (envelope, `message_ack`, ack values).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import orjson
 
 from blastd.sandbox.webhooks import WebhookPost
 
-# WhatsApp Web's numbers for the ack names, which some payloads carry instead (§5, S7).
+# WhatsApp Web's numbers for the ack names, which some payloads carry instead.
 NUMERIC_ACKS = {"pending": 0, "server": 1, "device": 2, "read": 3, "played": 4}
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -22,7 +22,7 @@ Event = dict[str, object]
 
 @dataclass(frozen=True, slots=True)
 class EventPerPost:
-    """UltraMsg's way: every event in a JSON POST of its own, signed by nothing (§5)."""
+    """UltraMsg's way: every event in a JSON POST of its own, signed by nothing."""
 
     url: str
 

@@ -1,6 +1,7 @@
-"""Emulates the generic async video-job API (shared/providers/generic-video-job.md §4) on
+"""Emulates the generic async video-job API (docs/providers.md, generic video-job API) on
 loopback, every path and field name a knob, mounted at /video by `python -m blastd.sandbox`:
-an account's base_url is `{sandbox}/video`. Defaults follow the design note (seed 002).
+an account's base_url is `{sandbox}/video`. Defaults follow the API as the systems blastd
+replaces used it.
 
 Endpoints (both need the header `auth_header` with the value `auth_template`, "{api_key}"
 replaced by one of the `tokens`; otherwise 401 {error_field: "unauthorized"}). Paths and
@@ -58,7 +59,7 @@ from blastd.sandbox.renders import (
 
 NOT_FOUND = "not_found"
 NOT_FOUND_AT_FIRST = "not_found_at_first"
-FAILED_TEXT = "render crashed"  # the design note's example (§2)
+FAILED_TEXT = "render crashed"  # the example error of that API
 JOB_ID_PREFIX = "job_"
 
 

@@ -1,6 +1,6 @@
 """Emulates a Wablas device's HTTP API on loopback, with knobs for its failures and quirks.
 
-Faithful to shared/providers/wablas.md: v2 bulk and single sends, refusals as HTTP 200 with
+Faithful to docs/providers.md (Wablas): v2 bulk and single sends, refusals as HTTP 200 with
 {"status": false}, "pending" item statuses, per-item failures inside a bulk answer, a batch
 limit, both Authorization forms, and the tracking webhook. Mounted at /wablas by
 `python -m blastd.sandbox`; control endpoints under /_sandbox/ expose what arrived.
@@ -35,7 +35,7 @@ from blastd.sandbox.wablas_tracking import Event, TrackingPosts, tracking_event
 TRANSIENT_STATUSES = (500, 502, 503)  # rotated
 MALFORMED_BODIES = (b'{"status":true,"data":{"messages":[', b'{"status":true,"message":"ok"}')
 DEVICE_ID = "SANDBOX-DEVICE"
-MEDIA_MAX_BYTES = 2 * 1024 * 1024  # wablas.md §2: 2 MB for video, audio, image, document
+MEDIA_MAX_BYTES = 2 * 1024 * 1024  # 2 MB for video, audio, image, document
 
 
 @dataclass(slots=True)

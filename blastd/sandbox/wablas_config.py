@@ -17,7 +17,7 @@ class WablasSandboxConfig(EmulatorConfig):
     secret_key: str = "sandbox-secret"
     auth: Literal["token", "token_secret", "either"] = "either"  # Authorization forms accepted
     auth_failure: Literal["status_false", "http_401"] = "status_false"
-    max_batch: int = Field(100, ge=1)  # items per v2 request; more are refused (UNCERTAIN)
+    max_batch: int = Field(100, ge=1)  # items per v2 request; more are refused (not confirmed)
     quota: int = Field(1_000_000_000, ge=0)  # messages left; each accepted item takes one
     device_connected: bool = True
     item_array: Literal["messages", "message"] = "messages"  # community DTOs disagree

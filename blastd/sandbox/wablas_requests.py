@@ -1,6 +1,6 @@
 """What the Wablas emulator reads from a send request, and how it refuses one.
 
-Shapes: shared/providers/wablas.md sections 1-3. Wablas refuses with HTTP 200 and
+Shapes: docs/providers.md, Wablas. Wablas refuses with HTTP 200 and
 {"status": false, "message": ...} for most reasons; the texts here are our own wording,
 chosen to look like the reasons integrations report.
 """

@@ -1,7 +1,7 @@
 """The tracking webhook of the Wablas emulator: its status events, and how they are POSTed to
 the device's tracking URL with our shared secret in its query.
 
-Shapes: shared/providers/wablas.md section 5 (JSON object, JSON array or form post; `date`
+Shapes: docs/providers.md, Wablas (JSON object, JSON array or form post; `date`
 in Asia/Jakarta time). Wablas signs nothing, so neither does this.
 """
 

@@ -1,4 +1,4 @@
--- Status broadcasts (seed 001's smart send): one row per campaign of type 'status'. The
+-- Status broadcasts (docs/status.md): one row per campaign of type 'status'. The
 -- recipients rows are the contacts, in send order (seq: the anchor first); this row holds what
 -- a restart needs to carry on with the same status: the anchor's message id and the batch size
 -- the gateway still accepts.

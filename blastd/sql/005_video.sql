@@ -1,4 +1,4 @@
--- The video pipeline (seeds 000 and 002). A video recipient goes pending -> rendering (its
+-- The video pipeline (docs/video.md). A video recipient goes pending -> rendering (its
 -- render submitted, or being submitted while owner is set and video_job_id still NULL) ->
 -- rendered (video_url known) -> sending -> sent ..., or ends video_failed. A video_poll
 -- campaign has one recipient, the chat, inserted straight into rendering.

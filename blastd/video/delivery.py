@@ -2,7 +2,7 @@
 
 The video goes as a native video message with its caption; should the provider refuse it
 (media it cannot fetch, a chat that takes no video), the same recipient gets the text with
-the link instead (seed 002's fallback). Either way the recipient is 'sending' before the
+the link instead (the fallback text). Either way the recipient is 'sending' before the
 request leaves and written with the answer, as any message of a blast.
 """
 

@@ -80,7 +80,7 @@ async def accept_video_poll(deps: Dependencies, job: VideoPollJob) -> int | None
 
 
 async def adopt_seed_job(deps: Dependencies, job_id: str, raw: bytes) -> video_schedule.PollState:
-    """A `video:job:{id}` written by a producer of seed 002's own system: its JSON is a
+    """A `video:job:{id}` written by an external producer (docs/video.md): its JSON is a
     video_poll job (type and id may be left out; job_id defaults to the key's id). It becomes
     a campaign like a video_poll taken from the jobs list; raises InvalidJobError if it is not
     one. Returns the state to poll it with now."""

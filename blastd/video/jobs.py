@@ -1,4 +1,4 @@
-"""The video job types: `video_blast` (seed 000) and `video_poll` (seed 002).
+"""The video job types: `video_blast` and `video_poll` (docs/jobs.md, docs/video.md).
 
 A video_blast renders one clip per recipient from a script with the recipient's variables,
 then delivers each clip over WhatsApp. A video_poll follows one render somebody else submitted
@@ -36,13 +36,13 @@ from blastd.job_fields import (
 )
 from blastd.recipients import RecipientIn, normalize_number, preview
 
-MAX_SCRIPT_CHARS = 40_000  # D-ID's bound on script.input (shared/providers/d-id.md §2)
+MAX_SCRIPT_CHARS = 40_000  # D-ID's bound on script.input (docs/providers.md)
 # Filled by the pipeline at delivery: the clip's link, seconds from submit to completion,
 # the reason a render failed, and the give-up time in minutes.
 VIDEO_NAMES = frozenset({"video_url", "elapsed_s", "reason", "timeout_min"})
-# Seed 002's texts, in English: "Your video is ready! It was generated in 45 seconds."
+# The texts of the systems blastd replaces, in English.
 DEFAULT_CAPTION = "🎥 Your video is ready! It was generated in {elapsed_s} seconds."
-DEFAULT_FALLBACK = "{caption}\n\n🔗 Video: {video_url}"  # seed 002's text-with-link format
+DEFAULT_FALLBACK = "{caption}\n\n🔗 Video: {video_url}"  # the text-with-link format
 DEFAULT_FAILURE = "Sorry, your video could not be generated: {reason}"
 DEFAULT_TIMEOUT = "Video generation timeout: Process exceeded {timeout_min} minutes"
 
@@ -85,7 +85,7 @@ class VideoMessage(Spec):
 
 class VideoBlastOptions(Spec):
     not_before: AwareDatetime | None = None
-    progress_batch: Annotated[int, Field(ge=1, le=10_000)] | None = None  # seed 000: 50
+    progress_batch: Annotated[int, Field(ge=1, le=10_000)] | None = None  # None: the setting
 
 
 class VideoBlastJob(BaseModel):

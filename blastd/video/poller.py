@@ -1,10 +1,10 @@
-"""Seed 002's polling loop: follow every render until it is done, failed or given up on.
+"""The polling loop: follow every render until it is done, failed or given up on (docs/video.md).
 
-Keys, under `video.key_prefix` (default: the redis prefix; "" gives the seed's exact keys):
+Keys, under `video.key_prefix` (default: the redis prefix; "" gives the bare names):
 
     video:poll:queue          list of job ids due for a poll now (BRPOP takes from the right)
     video:poll:delayed        sorted set: job id -> when its next poll is due (ms); moved onto
-                              the queue when due. The seed's setTimeout lived in one process
+                              the queue when due. The earlier worker's timers lived in one process
                               and died with it; this survives a crash and serves every daemon.
     video:job:{id}            the job's state (JSON, TTL job_ttl_s, refreshed on each write)
     video:lock:{id}           held while one daemon polls the job (TTL lock_ttl_s)
@@ -165,7 +165,7 @@ async def _load_state(deps: Dependencies, keys: VideoKeys, job_id: str) -> PollS
     try:
         data = orjson.loads(raw)
         if isinstance(data, dict) and "ledger_id" not in data:
-            # Written by a producer of seed 002's system, not by blastd: take it as a
+            # Written by an external producer, not by blastd: take it as a
             # video_poll job, whose campaign then follows it.
             return await video_intake.adopt_seed_job(deps, job_id, raw)
         return PollState.model_validate(data)
@@ -257,7 +257,7 @@ async def _wait_more(
 async def _back_off(
     deps: Dependencies, keys: VideoKeys, state: PollState, exc: BaseException
 ) -> None:
-    """The status API failed: seed 002's exponential backoff, 5 s x 2^n, at most a minute."""
+    """The status API failed: exponential backoff, 5 s x 2^n, at most a minute (by default)."""
     video = deps.settings.video
     failures = state.failures + 1
     delay_s = backoff_s(failures, video.backoff_initial_s, video.backoff_max_s)

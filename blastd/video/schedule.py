@@ -76,7 +76,7 @@ def now_ms() -> int:
 
 
 def first_poll_s(deps: Dependencies, account: VideoAccount) -> float:
-    """Seed 002's first poll, or the webhook's guard interval where one is set. The adaptive
+    """The configured first poll, or the webhook's guard interval where one is set. The adaptive
     schedule waits until the quickest 5 % of the account's recent renders were done (once
     there are enough of them to tell), less the one interval by which their completion may
     have been seen late."""

@@ -44,8 +44,8 @@ REFERENCE = "cmp42-r9001"
 RENDER_S = 60.0  # median render time; with sigma 0 every job takes exactly this long
 GRACE_S = 30.0
 
-# The design note's names (the defaults of both sides), and a dialect changing every one.
-DESIGN_NOTE: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+# The default names (the same on both sides), and a dialect changing every one.
+DEFAULT_DIALECT: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
 NESTED: tuple[dict[str, Any], dict[str, Any]] = (
     {
         "auth_header": "Authorization",
@@ -77,7 +77,7 @@ NESTED: tuple[dict[str, Any], dict[str, Any]] = (
         "status_map": {" Running": "running", "DONE": "succeeded", "error": "failed"},
     },
 )
-DIALECTS = pytest.mark.parametrize("dialect", [DESIGN_NOTE, NESTED], ids=["design-note", "nested"])
+DIALECTS = pytest.mark.parametrize("dialect", [DEFAULT_DIALECT, NESTED], ids=["default", "nested"])
 
 
 class Clock:

@@ -1,5 +1,5 @@
 """The generic video-job emulator over real loopback HTTP, mounted at /video as
-`python -m blastd.sandbox` serves it: the design note's default dialect, the dialect knobs,
+`python -m blastd.sandbox` serves it: the default dialect, the dialect knobs,
 per-job scripts, faults, expiring links and callbacks.
 
 Tests that look at one state pass a hand-moved clock; tests of what happens when a job ends

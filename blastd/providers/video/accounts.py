@@ -32,7 +32,7 @@ def build_video_provider(
 @dataclass(slots=True)
 class VideoAccount:
     """A configured video account as the pipeline uses it: its adapter, the bound on its
-    requests in flight (seed 000: 10), and its pacer when it has a rate."""
+    requests in flight (`concurrency`, 10), and its pacer when it has a rate."""
 
     name: str
     settings: VideoAccountSettings

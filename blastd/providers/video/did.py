@@ -3,7 +3,7 @@
 `submit` POSTs the job with our reference as both `user_data` and `name`, so `find` can list
 the account's jobs and match it again after a crash or a 5xx; `status` reads
 GET /{endpoint}/{id}. Refusals are classified by HTTP status, with D-ID's `kind` as the code.
-Shapes: shared/providers/d-id.md (sections 1 to 6).
+Shapes: docs/providers.md (D-ID).
 
 A request's options override the account's defaults under these names: `presenter_id` and
 `driver_id` (clips), `source_url` (talks), `voice_id` and `voice_provider`. An empty value
@@ -44,7 +44,7 @@ from blastd.providers.video.base import VideoRequest, VideoStatus
 
 RUNNING_STATUSES = frozenset({"created", "started"})
 KNOWN_STATUSES = RUNNING_STATUSES | {"done", "error", "rejected"}
-# D-ID's own failure (§4, S13): credits are refunded and the same input may render next time.
+# D-ID's own failure: credits are refunded and the same input may render next time.
 RETRYABLE_ERROR_KIND = "UnknownError"
 REJECTED_TEXT = "D-ID rejected the job (moderation, §6)"
 
@@ -116,7 +116,7 @@ class DidProvider:
         return None
 
     def webhook_job_id(self, payload: Mapping[str, Any]) -> str | None:
-        """The `id` of the job object D-ID posts (§5)."""
+        """The `id` of the job object D-ID posts."""
         job_id = payload.get("id")
         return job_id if isinstance(job_id, str) and job_id else None
 
@@ -132,7 +132,7 @@ class DidProvider:
     def _read_job(self, job_id: str, job: Mapping[str, object]) -> VideoStatus:
         status = job.get("status")
         if isinstance(status, str) and status not in KNOWN_STATUSES:
-            # A status D-ID added since §4 was written: running, so the pipeline's timeout
+            # A status D-ID added since this was written: running, so the pipeline's timeout
             # ends the job if it never changes.
             log_unknown_status_once(self._unknown_statuses, self._name, status)
         return read_job(job_id, job, self._secrets)
@@ -148,7 +148,7 @@ class DidProvider:
 
 
 def read_job(job_id: str, job: Mapping[str, object], secrets: Sequence[str]) -> VideoStatus:
-    """What a job object (§4) says; a status other than done, error or rejected is running."""
+    """What a job object says; a status other than done, error or rejected is running."""
     status = job.get("status")
     if not isinstance(status, str):
         raise TransientError("no_status", "job object without a status")
@@ -165,7 +165,7 @@ def read_job(job_id: str, job: Mapping[str, object], secrets: Sequence[str]) -> 
 
 
 def _failed(job_id: str, status: str, error: object, secrets: Sequence[str]) -> VideoStatus:
-    """`error` {kind, description} (§4, S13); `rejected` is moderation (§6)."""
+    """`error` {kind, description}; `rejected` is moderation."""
     details = error if isinstance(error, dict) else {}
     kind, description = details.get("kind"), details.get("description")
     text = clean_secrets(description, secrets) if isinstance(description, str) else ""
@@ -184,7 +184,7 @@ def _failed(job_id: str, status: str, error: object, secrets: Sequence[str]) -> 
 
 
 def refusal_error(answer: Answer, secrets: Sequence[str]) -> ProviderError:
-    """The error a non-2xx answer means: `{"kind", "description"}` (§6), or the `{"message"}`
+    """The error a non-2xx answer means: `{"kind", "description"}`, or the `{"message"}`
     of the gateway in front; the class by HTTP status, the code D-ID's kind."""
     document = json_object(answer.raw_body) or {}
     kind = document.get("kind")

@@ -1,6 +1,6 @@
 """A generic async video-job API, every path, field name and status string from the account.
 
-No public documentation exists (shared/providers/generic-video-job.md), so the account says
+No public documentation exists (docs/providers.md), so the account says
 where things are: the submit body's templates, the dotted paths of the job id, status, video
 URL and error text (a leading "$." is accepted), and how status strings map to our states.
 
@@ -10,7 +10,7 @@ under their own names (an option cannot replace those three). A name without a v
 
 The API cannot list jobs: `can_find` is False and `find` answers None (the pipeline asks
 `can_find` before it calls `find`). A job this adapter submitted that the API reports missing
-within `not_found_grace_s` is read as running: some job stores learn of a job late (§1). The
+within `not_found_grace_s` is read as running: some job stores learn of a job late. The
 submit times live in memory, so after a restart a missing job is `not_found` at once.
 """
 
