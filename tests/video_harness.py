@@ -11,7 +11,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-from blastd import ledger
 from blastd.config import (
     DidAccount,
     Settings,
@@ -129,12 +128,3 @@ def video_blast_job(job_id: str, numbers: list[str], **fields: Any) -> bytes:
         **fields,
     }
     return orjson.dumps(job)
-
-
-async def states(pool: ledger.Pool, campaign_id: str) -> dict[str, int]:
-    return await ledger.count_states(pool, campaign_id)
-
-
-async def campaign_state(pool: ledger.Pool, campaign_id: str) -> str | None:
-    campaign = await ledger.load_campaign(pool, campaign_id)
-    return campaign.state if campaign else None
