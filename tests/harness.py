@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import signal
@@ -510,3 +511,11 @@ async def moment_before_first_request(sandbox: SandboxHandle, start: float) -> f
 
     await wait_until(has_a_request, interval_s=0.005)
     return before
+
+
+def max_in_any_window(times: list[float], width_s: float) -> int:
+    """Most releases in any window [t, t + width_s); the busiest one starts at a release."""
+    return max(
+        (bisect.bisect_left(times, start + width_s) - i for i, start in enumerate(times)),
+        default=0,
+    )

@@ -12,13 +12,12 @@ import base64
 import contextlib
 import statistics
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from blastd.sandbox.did import DidSandboxConfig, build_did_app
 from tests.harness import (
@@ -31,14 +30,12 @@ from tests.harness import (
     set_knobs,
     wait_until,
 )
+from tests.video_harness import FAST, FIXED, fetch, running_receiver
 
 TOKEN = "sandbox-token"
 BASIC = f"Basic {TOKEN}"
 PRESENTER = "v2_public_Amber@0zSz8kflCN"
 PHOTO = "https://create-images-results.d-id.com/DefaultPresenters/Noelle_f/image.png"
-FAST = {"render_median_s": 3.0, "render_min_s": 1.0, "time_compression": 100.0}
-# With sigma 0 every render takes exactly median / compression: 60 s on the hand-moved clock.
-FIXED = {"render_sigma": 0.0}
 
 
 def did_emulator(
@@ -85,11 +82,6 @@ async def get_job(http: aiohttp.ClientSession, base_url: str, job_id: str) -> di
     status, body, _ = await request(http, "GET", f"{base_url}/{kind}/{job_id}")
     assert status == 200, body
     return dict(body)
-
-
-async def fetch(http: aiohttp.ClientSession, url: str) -> tuple[int, bytes, str]:
-    async with http.get(url) as response:
-        return response.status, await response.read(), response.content_type
 
 
 async def ended_jobs(http: aiohttp.ClientSession, base_url: str, count: int) -> list[Any]:
@@ -499,31 +491,6 @@ async def test_jobs_view_counts_polls_and_reset_forgets_jobs(http: aiohttp.Clien
     assert after[0] == 404
     assert (after_stats["created"], after_jobs) == (0, [])
     assert credits[1]["remaining"] == 1
-
-
-class Receiver:
-    """A webhook endpoint that records every POSTed JSON body and answers 200."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.bodies.append(orjson.loads(await request.read()))
-        return web.Response()
-
-    async def wait_for(self, count: int) -> list[dict[str, Any]]:
-        await wait_until(lambda: len(self.bodies) >= count, timeout_s=10, interval_s=0.01)
-        return self.bodies
-
-
-@contextlib.asynccontextmanager
-async def running_receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    """A receiver on a free loopback port; yields it and its URL (with a secret query)."""
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", receiver.handle)
-    async with serving(app) as base_url:
-        yield receiver, base_url + "/hook?token=s3cret"
 
 
 async def test_webhook_posts_the_ended_job_without_any_poll(http: aiohttp.ClientSession) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from blastd.sandbox.video_api import VideoApiSandboxConfig, build_video_api_app
 from tests.harness import Clock, json_request, sandbox_json, sandbox_process, serving, set_knobs
-from tests.sandbox.test_did_sandbox import FAST, FIXED, fetch, running_receiver
+from tests.video_harness import FAST, FIXED, fetch, running_receiver
 
 TOKEN = "sandbox-token"
 KEY_HEADERS = {"X-API-Key": TOKEN}
