@@ -63,9 +63,9 @@ class SandboxHandle:
         return recipients
 
 
-def make_settings(servers: Servers, sandbox_url: str, **overrides: Any) -> Settings:
-    """Settings for a daemon under test: tiny intervals, one Cloud API account on the sandbox."""
-    account = {
+def cloud_api_account(sandbox_url: str, **fields: Any) -> dict[str, Any]:
+    """The test Cloud API account on the sandbox: unpaced, 20 sends wide, unless `fields` say."""
+    return {
         "kind": "cloud_api",
         "base_url": sandbox_url,
         "phone_number_id": PHONE_NUMBER_ID,
@@ -73,9 +73,19 @@ def make_settings(servers: Servers, sandbox_url: str, **overrides: Any) -> Setti
         "app_secret": APP_SECRET,
         "rate_per_s": 0,
         "concurrency": 20,
-        "retry": {"attempts": 3, "initial_s": 0.01, "max_s": 0.05, "jitter_s": 0.01},
-        **overrides.pop("account", {}),
+        **fields,
     }
+
+
+def accounts_env(sandbox_url: str, **fields: Any) -> str:
+    """BLASTD_ACCOUNTS holding the test Cloud API account alone."""
+    return orjson.dumps({ACCOUNT: cloud_api_account(sandbox_url, **fields)}).decode()
+
+
+def make_settings(servers: Servers, sandbox_url: str, **overrides: Any) -> Settings:
+    """Settings for a daemon under test: tiny intervals, one Cloud API account on the sandbox."""
+    retries = {"attempts": 3, "initial_s": 0.01, "max_s": 0.05, "jitter_s": 0.01}
+    account = cloud_api_account(sandbox_url, **{"retry": retries, **overrides.pop("account", {})})
     values: dict[str, Any] = {
         "redis_url": servers.redis_url,
         "database_url": servers.database_url,
@@ -152,21 +162,12 @@ def webhook_url(admin_port: int) -> str:
 
 def daemon_env(servers: Servers, sandbox_url: str, admin_port: int, **extra: str) -> dict[str, str]:
     """Environment for a real `blastd run` process against the test servers and the sandbox."""
-    account = {
-        "kind": "cloud_api",
-        "base_url": sandbox_url,
-        "phone_number_id": PHONE_NUMBER_ID,
-        "token": TOKEN,
-        "app_secret": APP_SECRET,
-        "rate_per_s": 0,
-        "concurrency": 20,
-    }
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLASTD_")}
     env.update(
         {
             "BLASTD_REDIS_URL": servers.redis_url,
             "BLASTD_DATABASE_URL": servers.database_url,
-            "BLASTD_ACCOUNTS": orjson.dumps({ACCOUNT: account}).decode(),
+            "BLASTD_ACCOUNTS": accounts_env(sandbox_url),
             "BLASTD_ADMIN__PORT": str(admin_port),
             "BLASTD_INSTANCE_ID": "test-process",
             "BLASTD_INSTANCE_TTL_S": "1",

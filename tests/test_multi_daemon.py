@@ -25,11 +25,9 @@ from blastd.embedded import free_port
 from blastd.shared_pacing import rate_state_key
 from tests.harness import (
     ACCOUNT,
-    APP_SECRET,
-    PHONE_NUMBER_ID,
-    TOKEN,
     SandboxHandle,
     Servers,
+    accounts_env,
     blast_job,
     daemon_env,
     is_done,
@@ -43,19 +41,6 @@ from tests.harness import (
 
 JOBS = "blastd:jobs"
 DAEMONS = 3
-
-
-def account_json(sandbox_url: str, rate_per_s: float, concurrency: int) -> str:
-    account = {
-        "kind": "cloud_api",
-        "base_url": sandbox_url,
-        "phone_number_id": PHONE_NUMBER_ID,
-        "token": TOKEN,
-        "app_secret": APP_SECRET,
-        "rate_per_s": rate_per_s,
-        "concurrency": concurrency,
-    }
-    return orjson.dumps({ACCOUNT: account}).decode()
 
 
 @contextlib.asynccontextmanager
@@ -104,7 +89,7 @@ async def test_three_daemons_split_one_campaign_and_message_nobody_twice(
 ) -> None:
     recipients = 3_000
     numbers = numbers_from(30_000_000, recipients)
-    accounts = account_json(sandbox.url, rate_per_s=600, concurrency=20)
+    accounts = accounts_env(sandbox.url, rate_per_s=600, concurrency=20)
     async with running_daemons(servers, sandbox, tmp_path, accounts) as logs:
         await redis.lpush(JOBS, blast_job("split", numbers))
         await wait_until(lambda: is_done(pool, "split"), timeout_s=120)
@@ -134,7 +119,7 @@ async def test_a_throttling_episode_seen_by_several_daemons_cuts_the_rate_once(
     and the shared limiter must count one episode, not one per daemon."""
     numbers = numbers_from(31_000_000, 60)
     await sandbox.configure(throttled_p=1.0, retry_after_s=2.0, latency_ms=300)
-    accounts = account_json(sandbox.url, rate_per_s=40, concurrency=5)
+    accounts = accounts_env(sandbox.url, rate_per_s=40, concurrency=5)
     async with running_daemons(servers, sandbox, tmp_path, accounts) as logs:
         await redis.lpush(JOBS, blast_job("throttled", numbers))
         await wait_until(lambda: _rejected_at_least(sandbox, 6), interval_s=0.01)

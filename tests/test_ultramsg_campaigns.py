@@ -30,6 +30,7 @@ from tests.harness import (
     events_named,
     has_state,
     make_settings,
+    moment_before_first_request,
     numbers_from,
     recipient_rows,
     retry,
@@ -184,22 +185,6 @@ async def test_throttling_holds_the_account_until_retry_after_and_is_not_a_failu
     assert await ultramsg.recipients() == {digits(n): 1 for n in numbers}
     throttled = events_named(logs, "account_throttled")
     assert (throttled[0]["code"], throttled[0]["hold_s"]) == ("http_429", retry_after_s)
-
-
-async def moment_before_first_request(sandbox: SandboxHandle, start: float) -> float:
-    """The start of the last poll that found no request: the first one arrived after it."""
-    before = start
-
-    async def has_a_request() -> bool:
-        nonlocal before
-        polled_at = time.monotonic()
-        if (await sandbox.stats())["requests"]:
-            return True
-        before = polled_at
-        return False
-
-    await wait_until(has_a_request, interval_s=0.005)
-    return before
 
 
 async def rejected_at_least(sandbox: SandboxHandle, code: str, minimum: int) -> bool:
