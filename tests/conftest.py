@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from blastd import ledger
 from blastd.embedded import EmbeddedPostgres, EmbeddedRedis
 from blastd.sandbox.cloud_api import SandboxConfig, build_app, listening
-from tests.harness import SandboxHandle, Servers
+from tests.harness import SandboxHandle, Servers, daemon_env, wablas_sandbox
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +68,21 @@ async def sandbox() -> AsyncIterator[SandboxHandle]:
     app = build_app(SandboxConfig(seed=7))
     async with listening(app, "127.0.0.1", 0) as url, aiohttp.ClientSession() as http:
         yield SandboxHandle(url, http)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def cli_env(servers: Servers, sandbox: SandboxHandle) -> dict[str, str]:
+    """Environment for `blastd` CLI commands against the test servers and the sandbox."""
+    return daemon_env(servers, sandbox.url, 0)
+
+
+@pytest.fixture
+async def wablas() -> AsyncIterator[SandboxHandle]:
+    async with wablas_sandbox() as handle:
+        yield handle

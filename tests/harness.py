@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from blastd import daemon, ledger
-from blastd.config import AdminSettings, CloudApiAccount, Settings
+from blastd.config import AdminSettings, CloudApiAccount, Settings, WablasAccount
 from blastd.embedded import EmbeddedPostgres, EmbeddedRedis
 from blastd.sandbox.cloud_api import SandboxConfig, build_app, listening
+from blastd.sandbox.status_gateway import StatusSandboxConfig, build_status_app
 from blastd.sandbox.ultramsg import UltraMsgSandboxConfig, build_ultramsg_app
+from blastd.sandbox.wablas import build_wablas_app
+from blastd.sandbox.wablas_config import WablasSandboxConfig
 from blastd.shutdown import Shutdown
 
 ACCOUNT = "cloud-main"
@@ -47,23 +52,20 @@ class SandboxHandle:
         self.http = http
 
     async def configure(self, **knobs: Any) -> None:
-        async with self.http.post(f"{self.url}/_sandbox/config", json=knobs) as response:
-            assert response.status == 200, await response.text()
+        await set_knobs(self.http, self.url, **knobs)
 
     async def stats(self) -> dict[str, Any]:
-        async with self.http.get(f"{self.url}/_sandbox/stats") as response:
-            result: dict[str, Any] = await response.json()
-            return result
+        stats: dict[str, Any] = await sandbox_json(self.http, self.url, "stats")
+        return stats
 
     async def recipients(self) -> dict[str, int]:
-        async with self.http.get(f"{self.url}/_sandbox/recipients") as response:
-            result: dict[str, int] = await response.json()
-            return result
+        recipients: dict[str, int] = await sandbox_json(self.http, self.url, "recipients")
+        return recipients
 
 
-def make_settings(servers: Servers, sandbox_url: str, **overrides: Any) -> Settings:
-    """Settings for a daemon under test: tiny intervals, one Cloud API account on the sandbox."""
-    account = {
+def cloud_api_account(sandbox_url: str, **fields: Any) -> dict[str, Any]:
+    """The test Cloud API account on the sandbox: unpaced, 20 sends wide, unless `fields` say."""
+    return {
         "kind": "cloud_api",
         "base_url": sandbox_url,
         "phone_number_id": PHONE_NUMBER_ID,
@@ -71,9 +73,19 @@ def make_settings(servers: Servers, sandbox_url: str, **overrides: Any) -> Setti
         "app_secret": APP_SECRET,
         "rate_per_s": 0,
         "concurrency": 20,
-        "retry": {"attempts": 3, "initial_s": 0.01, "max_s": 0.05, "jitter_s": 0.01},
-        **overrides.pop("account", {}),
+        **fields,
     }
+
+
+def accounts_env(sandbox_url: str, **fields: Any) -> str:
+    """BLASTD_ACCOUNTS holding the test Cloud API account alone."""
+    return orjson.dumps({ACCOUNT: cloud_api_account(sandbox_url, **fields)}).decode()
+
+
+def make_settings(servers: Servers, sandbox_url: str, **overrides: Any) -> Settings:
+    """Settings for a daemon under test: tiny intervals, one Cloud API account on the sandbox."""
+    retries = {"attempts": 3, "initial_s": 0.01, "max_s": 0.05, "jitter_s": 0.01}
+    account = cloud_api_account(sandbox_url, **{"retry": retries, **overrides.pop("account", {})})
     values: dict[str, Any] = {
         "redis_url": servers.redis_url,
         "database_url": servers.database_url,
@@ -120,6 +132,19 @@ async def wait_until(
         await asyncio.sleep(interval_s)
 
 
+async def has_state(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
+    return await campaign_state(pool, campaign_id) == state
+
+
+async def is_done(pool: ledger.Pool, campaign_id: str) -> bool:
+    return await has_state(pool, campaign_id, "done")
+
+
+async def dead_count_is(redis: aioredis.Redis, count: int) -> bool:
+    """Whether the dead-letter list holds exactly `count` jobs."""
+    return await redis.llen("blastd:dead") == count
+
+
 async def campaign_counts(pool: ledger.Pool, campaign_id: str) -> dict[str, int]:
     return await ledger.count_states(pool, campaign_id)
 
@@ -137,21 +162,12 @@ def webhook_url(admin_port: int) -> str:
 
 def daemon_env(servers: Servers, sandbox_url: str, admin_port: int, **extra: str) -> dict[str, str]:
     """Environment for a real `blastd run` process against the test servers and the sandbox."""
-    account = {
-        "kind": "cloud_api",
-        "base_url": sandbox_url,
-        "phone_number_id": PHONE_NUMBER_ID,
-        "token": TOKEN,
-        "app_secret": APP_SECRET,
-        "rate_per_s": 0,
-        "concurrency": 20,
-    }
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLASTD_")}
     env.update(
         {
             "BLASTD_REDIS_URL": servers.redis_url,
             "BLASTD_DATABASE_URL": servers.database_url,
-            "BLASTD_ACCOUNTS": orjson.dumps({ACCOUNT: account}).decode(),
+            "BLASTD_ACCOUNTS": accounts_env(sandbox_url),
             "BLASTD_ADMIN__PORT": str(admin_port),
             "BLASTD_INSTANCE_ID": "test-process",
             "BLASTD_INSTANCE_TTL_S": "1",
@@ -220,6 +236,27 @@ def blast_job(job_id: str, numbers: list[str], **fields: Any) -> bytes:
 def numbers_from(first: int, count: int) -> list[str]:
     """`count` distinct valid Indonesian mobile numbers in E.164, starting at +62812<first>."""
     return [f"+62812{n:08d}" for n in range(first, first + count)]
+
+
+def digits(number: str) -> str:
+    """An E.164 number as the providers write it: without the plus."""
+    return number.lstrip("+")
+
+
+def retry(attempts: int, initial_s: float = 0.001, max_s: float = 0.005) -> dict[str, Any]:
+    """Account override: transient retries with tiny delays and no jitter."""
+    return {"retry": {"attempts": attempts, "initial_s": initial_s, "max_s": max_s, "jitter_s": 0}}
+
+
+LogEntry = TypeVar("LogEntry", bound=Mapping[str, Any])
+
+
+def events_named(logs: Iterable[LogEntry], event: str) -> list[LogEntry]:
+    return [entry for entry in logs if entry["event"] == event]
+
+
+async def rows_by_phone(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]:
+    return {row["phone"]: row for row in await recipient_rows(pool, campaign_id)}
 
 
 async def recipient_rows(pool: ledger.Pool, campaign_id: str) -> list[Any]:
@@ -292,12 +329,6 @@ WABLAS_WEBHOOK_SECRET = "sandbox-webhook-secret"
 async def wablas_sandbox(**knobs: Any) -> AsyncIterator[SandboxHandle]:
     """The Wablas emulator mounted at /wablas, as `python -m blastd.sandbox` serves it, on a
     free loopback port (seed 7 unless given); the handle's url ends in /wablas."""
-    from aiohttp import web
-
-    from blastd.sandbox.cloud_api import listening
-    from blastd.sandbox.wablas import build_wablas_app
-    from blastd.sandbox.wablas_config import WablasSandboxConfig
-
     root = web.Application()
     config = WablasSandboxConfig.model_validate({"seed": 7, **knobs})
     root.add_subapp("/wablas", build_wablas_app(config))
@@ -307,8 +338,6 @@ async def wablas_sandbox(**knobs: Any) -> AsyncIterator[SandboxHandle]:
 
 def make_wablas_settings(servers: Servers, sandbox_url: str, **overrides: Any) -> Settings:
     """Settings for a daemon under test whose one account is a Wablas device on the sandbox."""
-    from blastd.config import WablasAccount
-
     account = {
         "kind": "wablas",
         "base_url": sandbox_url,
@@ -386,14 +415,18 @@ def ultramsg_emulator(
     return serving(build_ultramsg_app(config or UltraMsgSandboxConfig()), "/ultramsg")
 
 
+def status_emulator(**knobs: Any) -> contextlib.AbstractAsyncContextManager[str]:
+    """The status gateway emulator mounted at /status; yields the URL ending in /status."""
+    return serving(build_status_app(StatusSandboxConfig.model_validate(knobs)), "/status")
+
+
 async def poll_stats(
     http: aiohttp.ClientSession, base_url: str, condition: Callable[[Any], bool]
 ) -> Any:
     """/_sandbox/stats once `condition` holds: an emulator counts a webhook just after its POST."""
 
     async def matching_stats() -> Any:
-        async with http.get(base_url + "/_sandbox/stats") as response:
-            stats = orjson.loads(await response.read())
+        stats = await sandbox_json(http, base_url, "stats")
         return stats if condition(stats) else None
 
     return await wait_until(matching_stats, timeout_s=10, interval_s=0.01)
@@ -412,3 +445,78 @@ def sandbox_process(*flags: str) -> Iterator[str]:
             yield line.removeprefix("sandbox listening on ").strip()
         finally:
             process.terminate()
+
+
+# --- HTTP to the emulators -------------------------------------------------------------------
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+async def get_json(
+    http: aiohttp.ClientSession, url: str, headers: Mapping[str, str] | None = None
+) -> Any:
+    """The JSON body of a GET that must answer 200."""
+    async with http.get(url, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        return orjson.loads(await response.read())
+
+
+async def sandbox_json(http: aiohttp.ClientSession, base_url: str, name: str) -> Any:
+    """One of an emulator's own views (stats, recipients, jobs...) under /_sandbox/."""
+    return await get_json(http, f"{base_url}/_sandbox/{name}")
+
+
+async def set_knobs(http: aiohttp.ClientSession, base_url: str, **knobs: Any) -> None:
+    """Reconfigure a running emulator through its /_sandbox/config."""
+    async with http.post(f"{base_url}/_sandbox/config", json=knobs) as response:
+        assert response.status == 200, await response.text()
+
+
+async def json_request(
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    document: object = None,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, Any, dict[str, str]]:
+    """One request; the JSON answer when it is JSON, else the raw bytes."""
+    data = None if document is None else orjson.dumps(document)
+    async with http.request(method, url, data=data, headers=headers) as response:
+        raw = await response.read()
+        try:
+            body: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = raw
+        return response.status, body, dict(response.headers)
+
+
+async def moment_before_first_request(sandbox: SandboxHandle, start: float) -> float:
+    """The start of the last poll that found no request: the first one arrived after it."""
+    before = start
+
+    async def has_a_request() -> bool:
+        nonlocal before
+        polled_at = time.monotonic()
+        if (await sandbox.stats())["requests"]:
+            return True
+        before = polled_at
+        return False
+
+    await wait_until(has_a_request, interval_s=0.005)
+    return before
+
+
+def max_in_any_window(times: list[float], width_s: float) -> int:
+    """Most releases in any window [t, t + width_s); the busiest one starts at a release."""
+    return max(
+        (bisect.bisect_left(times, start + width_s) - i for i, start in enumerate(times)),
+        default=0,
+    )

@@ -26,8 +26,8 @@ from tests.harness import (
     SandboxHandle,
     Servers,
     blast_job,
-    campaign_state,
     daemon_env,
+    has_state,
     is_ready,
     make_settings,
     numbers_from,
@@ -84,10 +84,6 @@ async def channel_until_final(pubsub: aioredis.client.PubSub) -> list[Status]:
         if message is not None:
             events.append(orjson.loads(message["data"]))
     return events
-
-
-async def has_state(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
-    return await campaign_state(pool, campaign_id) == state
 
 
 async def test_event_stream_and_redis_channel_carry_the_same_progress_until_done(

@@ -15,7 +15,8 @@ from tests.harness import (
     ACCOUNT,
     SandboxHandle,
     Servers,
-    campaign_state,
+    has_state,
+    is_done,
     make_settings,
     running_daemon,
     wait_until,
@@ -39,17 +40,13 @@ def blast(job_id: str, numbers: list[str], **message: Any) -> bytes:
     )
 
 
-async def done(pool: ledger.Pool, campaign_id: str) -> bool:
-    return await campaign_state(pool, campaign_id) == "done"
-
-
 async def test_blast_sends_every_recipient_once_and_records_it(
     servers: Servers, redis: aioredis.Redis, pool: ledger.Pool, sandbox: SandboxHandle
 ) -> None:
     settings = make_settings(servers, sandbox.url)
     async with running_daemon(settings):
         await redis.lpush("blastd:jobs", blast("promo-1", NUMBERS))
-        await wait_until(lambda: done(pool, "promo-1"))
+        await wait_until(lambda: is_done(pool, "promo-1"))
     counts = await ledger.count_states(pool, "promo-1")
     assert counts == {"sent": len(NUMBERS)}
     received = await sandbox.recipients()
@@ -64,7 +61,7 @@ async def test_template_parameters_are_personalised_per_recipient(
     template = {"name": "promo_nov", "language": "id", "params": ["{name}", "{code}"]}
     async with running_daemon(settings):
         await redis.lpush("blastd:jobs", blast("promo-2", NUMBERS[:3], template=template))
-        await wait_until(lambda: done(pool, "promo-2"))
+        await wait_until(lambda: is_done(pool, "promo-2"))
     assert await ledger.count_states(pool, "promo-2") == {"sent": 3}
 
 
@@ -75,7 +72,7 @@ async def test_same_job_pushed_twice_creates_one_campaign(
     job = blast("promo-3", NUMBERS[:5])
     async with running_daemon(settings):
         await redis.lpush("blastd:jobs", job, job)
-        await wait_until(lambda: done(pool, "promo-3"))
+        await wait_until(lambda: is_done(pool, "promo-3"))
         await wait_until(lambda: _queue_drained(redis))
     assert await pool.fetchval("SELECT count(*) FROM campaigns") == 1
     assert (await sandbox.stats())["accepted"] == 5
@@ -88,7 +85,7 @@ async def test_invalid_and_duplicate_numbers_are_skipped_with_a_reason(
     numbers = ["+6281210000000", "0812-1000-0000", "6281210000000", "12345", "+6281210000001"]
     async with running_daemon(settings):
         await redis.lpush("blastd:jobs", blast("promo-4", numbers))
-        await wait_until(lambda: done(pool, "promo-4"))
+        await wait_until(lambda: is_done(pool, "promo-4"))
     rows = await pool.fetch("SELECT seq, state, error_text FROM recipients ORDER BY seq")
     assert [r["state"] for r in rows] == ["sent", "skipped", "skipped", "skipped", "sent"]
     assert rows[1]["error_text"] == "duplicate"
@@ -104,7 +101,7 @@ async def test_status_webhooks_move_recipients_to_read(
     await sandbox.configure(webhook_url=webhook_url(admin_port))
     async with running_daemon(settings):
         await redis.lpush("blastd:jobs", blast("promo-5", NUMBERS[:10]))
-        await wait_until(lambda: done(pool, "promo-5"))
+        await wait_until(lambda: is_done(pool, "promo-5"))
         await wait_until(lambda: _all_read(pool, "promo-5"))
     ids = await pool.fetch("SELECT provider_message_id FROM recipients")
     assert all(r["provider_message_id"].startswith("wamid.") for r in ids)
@@ -149,13 +146,9 @@ async def test_a_campaign_whose_account_is_gone_is_stopped_with_the_reason(
     async with ledger.transaction(pool) as conn:
         await ledger.insert_campaign(conn, campaign, _pages(NUMBERS[:2]))
     async with running_daemon(make_settings(servers, sandbox.url)):
-        await wait_until(lambda: is_in_state(pool, "gone-1", "stopped"))
+        await wait_until(lambda: has_state(pool, "gone-1", "stopped"))
     stopped = await ledger.load_campaign(pool, "gone-1")
     assert stopped is not None
     assert reason in (stopped.state_reason or "")
     assert await ledger.count_states(pool, "gone-1") == {"pending": 2}
     assert await sandbox.recipients() == {}
-
-
-async def is_in_state(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
-    return await campaign_state(pool, campaign_id) == state

@@ -27,8 +27,7 @@ from tests.harness import (
     ACCOUNT,
     SandboxHandle,
     Servers,
-    campaign_state,
-    daemon_env,
+    is_done,
     make_settings,
     run_cli,
     running_daemon,
@@ -38,15 +37,6 @@ from tests.harness import (
 SUBCOMMANDS = ("run", "enqueue", "status", "migrate", "check", "sandbox", "demo")
 NUMBERS = [f"+62812{n:08d}" for n in range(30_000_000, 30_000_000 + 3)]
 NAMES = ["Budi", "Sari", "Tono"]
-
-
-@pytest.fixture
-def cli_env(servers: Servers, sandbox: SandboxHandle) -> dict[str, str]:
-    return daemon_env(servers, sandbox.url, 0)
-
-
-async def is_done(pool: ledger.Pool, campaign_id: str) -> bool:
-    return await campaign_state(pool, campaign_id) == "done"
 
 
 async def test_help_lists_every_subcommand(cli_env: dict[str, str]) -> None:

@@ -7,7 +7,6 @@ second campaign on the same daemon runs to completion, and the first got no requ
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -22,7 +21,9 @@ from tests.harness import (
     blast_job,
     campaign_counts,
     campaign_state,
-    daemon_env,
+    digits,
+    events_named,
+    has_state,
     make_settings,
     numbers_from,
     recipient_rows,
@@ -37,18 +38,10 @@ SLOW = {"rate_per_s": 100}  # 300 recipients take 3 s: time to pause, cancel or 
 TINY_RETRIES = {"retry": {"attempts": 2, "initial_s": 0.001, "max_s": 0.005, "jitter_s": 0}}
 
 
-def digits(number: str) -> str:
-    return number.lstrip("+")
-
-
 def control_job(job_id: str, action: str, campaign_id: str, **fields: Any) -> bytes:
     return orjson.dumps(
         {"type": "control", "id": job_id, "action": action, "campaign_id": campaign_id, **fields}
     )
-
-
-async def has_state(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
-    return await campaign_state(pool, campaign_id) == state
 
 
 async def has_sent(pool: ledger.Pool, campaign_id: str, minimum: int) -> bool:
@@ -72,12 +65,6 @@ async def run_barrier_campaign(
     """A small campaign through the same daemon and account, run to completion."""
     await redis.lpush(JOBS, blast_job(campaign_id, numbers_from(first, 10)))
     await wait_until(lambda: has_state(pool, campaign_id, "done"))
-
-
-def events_named(
-    logs: list[MutableMapping[str, Any]], event: str
-) -> list[MutableMapping[str, Any]]:
-    return [entry for entry in logs if entry["event"] == event]
 
 
 async def test_pause_stops_sending_and_resume_completes_without_duplicates(
@@ -320,11 +307,6 @@ async def test_a_control_job_that_cannot_be_applied_is_dead_lettered_with_its_re
 
 
 # --- the CLI -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def cli_env(servers: Servers, sandbox: SandboxHandle) -> dict[str, str]:
-    return daemon_env(servers, sandbox.url, 0)
 
 
 async def test_cli_pause_then_cancel_a_running_campaign(

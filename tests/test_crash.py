@@ -23,8 +23,8 @@ from tests.harness import (
     ACCOUNT,
     SandboxHandle,
     Servers,
-    campaign_state,
     daemon_env,
+    is_done,
     is_ready,
     spawn_daemon,
     wait_until,
@@ -75,7 +75,7 @@ async def test_sigkill_at_random_moments_loses_nobody_and_sends_nobody_twice(
     final = spawn_daemon(env, tmp_path / "daemon-final.log")
     try:
         await wait_until(lambda: is_ready(admin_port), timeout_s=30)
-        await wait_until(lambda: _is_done(pool), timeout_s=120)
+        await wait_until(lambda: is_done(pool, "crash"), timeout_s=120)
         await wait_until(lambda: _uncertain_received(pool, sandbox), timeout_s=60, interval_s=0.5)
     finally:
         final.send_signal(signal.SIGTERM)
@@ -101,10 +101,6 @@ async def test_sigkill_at_random_moments_loses_nobody_and_sends_nobody_twice(
         f"resolved by webhook {resolved}; duplicates {len(duplicates)}"
     )
     assert await redis.llen("blastd:processing:test-process") == 0
-
-
-async def _is_done(pool: ledger.Pool) -> bool:
-    return await campaign_state(pool, "crash") == "done"
 
 
 async def _uncertain_received(pool: ledger.Pool, sandbox: SandboxHandle) -> bool:

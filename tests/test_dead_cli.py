@@ -13,8 +13,7 @@ from tests.harness import (
     SandboxHandle,
     Servers,
     campaign_counts,
-    campaign_state,
-    daemon_env,
+    is_done,
     make_settings,
     numbers_from,
     run_cli,
@@ -26,17 +25,8 @@ JOBS = "blastd:jobs"
 DEAD = "blastd:dead"
 
 
-@pytest.fixture
-def cli_env(servers: Servers, sandbox: SandboxHandle) -> dict[str, str]:
-    return daemon_env(servers, sandbox.url, 0)
-
-
 async def has_dead(redis: aioredis.Redis, count: int) -> bool:
     return bool(await redis.llen(DEAD) == count)
-
-
-async def is_done(pool: ledger.Pool, campaign_id: str) -> bool:
-    return await campaign_state(pool, campaign_id) == "done"
 
 
 async def test_a_dead_job_is_listed_shown_and_once_fixed_requeued_to_completion(

@@ -23,6 +23,7 @@ from tests.harness import (
     campaign_state,
     daemon_env,
     daemon_process,
+    is_done,
     is_ready,
     log_events,
     numbers_from,
@@ -73,7 +74,7 @@ async def test_sigterm_drains_in_flight_sends_and_exits_0(
     # The next start sends what the drain left pending, and nobody twice.
     await sandbox.configure(latency_ms=0)
     async with daemon_process(env, tmp_path / "again.log", tmp_path / "again.err"):
-        await wait_until(lambda: _is_done(pool, "drain"), timeout_s=60)
+        await wait_until(lambda: is_done(pool, "drain"), timeout_s=60)
     received = await sandbox.recipients()
     assert set(await _states_and_receipts(pool, "drain", received)) == {("sent", 1)}
 
@@ -107,7 +108,7 @@ async def test_second_signal_cuts_the_drain_short_and_exits_1(
 
     await sandbox.configure(latency_ms=0)
     async with daemon_process(env, tmp_path / "again.log", tmp_path / "again.err"):
-        await wait_until(lambda: _is_done(pool, "cut"), timeout_s=60)
+        await wait_until(lambda: is_done(pool, "cut"), timeout_s=60)
     rows = await recipient_rows(pool, "cut")
     assert {r["id"] for r in rows if r["state"] == "uncertain"} == cut_short
     received = await sandbox.recipients()
@@ -128,10 +129,6 @@ async def _accepted_at_least(sandbox: SandboxHandle, count: int) -> bool:
 async def _is_draining(admin_port: int) -> dict[str, Any] | None:
     status, body = await readiness(admin_port)
     return body if status == 503 else None
-
-
-async def _is_done(pool: ledger.Pool, campaign_id: str) -> bool:
-    return await campaign_state(pool, campaign_id) == "done"
 
 
 async def _states_and_receipts(

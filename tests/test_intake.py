@@ -22,7 +22,8 @@ from tests.harness import (
     SandboxHandle,
     Servers,
     blast_job,
-    campaign_state,
+    dead_count_is,
+    is_done,
     make_settings,
     numbers_from,
     running_daemon,
@@ -49,10 +50,6 @@ def original_payload(entry: dict[str, Any]) -> bytes:
     return base64.b64decode(entry["payload_base64"])
 
 
-async def is_done(pool: ledger.Pool, campaign_id: str) -> bool:
-    return await campaign_state(pool, campaign_id) == "done"
-
-
 async def answers_healthz(admin_port: int) -> bool:
     async with (
         aiohttp.ClientSession() as http,
@@ -76,7 +73,7 @@ async def test_every_malformed_job_is_dead_lettered_and_the_daemon_keeps_serving
         async with running_daemon_task(settings) as running:
             for _name, raw in MALFORMED_JOBS:
                 await redis.lpush(JOBS, raw)
-            await wait_until(lambda: _dead_count_is(redis, len(MALFORMED_JOBS)))
+            await wait_until(lambda: dead_count_is(redis, len(MALFORMED_JOBS)))
             assert not running.task.done()
             assert await answers_healthz(admin_port)
             await redis.lpush(JOBS, blast_job("after-poison", good_numbers))
@@ -105,17 +102,13 @@ async def test_every_malformed_job_is_dead_lettered_and_the_daemon_keeps_serving
     assert {entry["log_level"] for entry in dead_logs} == {"error"}
 
 
-async def _dead_count_is(redis: aioredis.Redis, count: int) -> bool:
-    return await redis.llen(DEAD) == count
-
-
 async def test_a_dead_letter_entry_names_the_job_id_when_the_job_had_one(
     servers: Servers, redis: aioredis.Redis, pool: ledger.Pool, sandbox: SandboxHandle
 ) -> None:
     raw = blast_job("no-valid-number", ["12", "call me"])
     async with running_daemon(make_settings(servers, sandbox.url)):
         await redis.lpush(JOBS, raw)
-        await wait_until(lambda: _dead_count_is(redis, 1))
+        await wait_until(lambda: dead_count_is(redis, 1))
     [entry] = await dead_entries(redis)
     assert entry["job_id"] == "no-valid-number"
     assert entry["reason"].startswith("no valid recipient")
@@ -192,7 +185,7 @@ async def test_a_job_taken_too_often_is_dead_lettered_as_poison(
     await redis.set(deliveries_key, settings.max_job_deliveries)
     async with running_daemon(settings):
         await redis.lpush(JOBS, raw)
-        await wait_until(lambda: _dead_count_is(redis, 1))
+        await wait_until(lambda: dead_count_is(redis, 1))
         await wait_until(lambda: intake_is_idle(redis))
     [entry] = await dead_entries(redis)
     assert f"taken {settings.max_job_deliveries} times" in entry["reason"]
@@ -221,7 +214,7 @@ async def test_recipients_key_naming_one_of_blastds_own_keys_is_dead_lettered(
     )
     async with running_daemon(make_settings(servers, sandbox.url)):
         await redis.lpush(JOBS, job)
-        await wait_until(lambda: _dead_count_is(redis, 1))
+        await wait_until(lambda: dead_count_is(redis, 1))
         await redis.lpush(JOBS, blast_job("still-works", numbers_from(10_000_400, 1)))
         await wait_until(lambda: is_done(pool, "still-works"))
     [entry] = await dead_entries(redis)
@@ -236,7 +229,7 @@ async def test_recipients_key_that_is_missing_is_dead_lettered(
     job = _recipients_key_job("nobody-home", "blastd:recipients:never-filled")
     async with running_daemon(make_settings(servers, sandbox.url)):
         await redis.lpush(JOBS, job)
-        await wait_until(lambda: _dead_count_is(redis, 1))
+        await wait_until(lambda: dead_count_is(redis, 1))
     [entry] = await dead_entries(redis)
     assert "empty or missing" in entry["reason"]
     assert entry["job_id"] == "nobody-home"
@@ -252,7 +245,7 @@ async def test_recipients_key_that_is_not_a_list_is_dead_lettered_with_a_reason(
     with capture_logs() as logs:
         async with running_daemon(make_settings(servers, sandbox.url)):
             await redis.lpush(JOBS, job)
-            await wait_until(lambda: _dead_count_is(redis, 1))
+            await wait_until(lambda: dead_count_is(redis, 1))
     [entry] = await dead_entries(redis)
     assert "recipients_key" in entry["reason"]
     assert "job_crashed" not in [log["event"] for log in logs]

@@ -19,9 +19,9 @@ from tests.harness import (
     ACCOUNT,
     SandboxHandle,
     Servers,
-    campaign_state,
     daemon_env,
     daemon_process,
+    is_done,
     is_ready,
     wait_until,
 )
@@ -73,14 +73,10 @@ async def run_daemon_on_jobs(
     stdout_path, stderr_path = tmp_path / "daemon.out", tmp_path / "daemon.err"
     async with daemon_process(env, stdout_path, stderr_path) as process:
         await wait_until(lambda: is_ready(admin_port))
-        await wait_until(lambda: _is_done(pool, "logs-1"))
+        await wait_until(lambda: is_done(pool, "logs-1"))
         await wait_until(lambda: redis.llen("blastd:dead"))
     assert process.returncode == 0, stderr_path.read_text()
     return stdout_path.read_text().splitlines(), stderr_path.read_text()
-
-
-async def _is_done(pool: ledger.Pool, campaign_id: str) -> bool:
-    return await campaign_state(pool, campaign_id) == "done"
 
 
 async def test_logs_are_json_lines_with_event_level_and_timestamp_off_a_terminal(

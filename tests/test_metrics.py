@@ -26,6 +26,7 @@ from tests.harness import (
     Servers,
     blast_job,
     campaign_state,
+    has_state,
     make_settings,
     numbers_from,
     running_daemon,
@@ -64,10 +65,6 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
 
 def series_of(samples: Samples, name: str) -> list[Mapping[str, str]]:
     return [dict(labels) for sample_name, labels in samples if sample_name == name]
-
-
-async def has_state(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
-    return await campaign_state(pool, campaign_id) == state
 
 
 async def test_counters_after_a_campaign_match_the_ledger_and_the_sandbox(

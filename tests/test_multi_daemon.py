@@ -25,14 +25,12 @@ from blastd.embedded import free_port
 from blastd.shared_pacing import rate_state_key
 from tests.harness import (
     ACCOUNT,
-    APP_SECRET,
-    PHONE_NUMBER_ID,
-    TOKEN,
     SandboxHandle,
     Servers,
+    accounts_env,
     blast_job,
-    campaign_state,
     daemon_env,
+    is_done,
     is_ready,
     make_settings,
     numbers_from,
@@ -43,19 +41,6 @@ from tests.harness import (
 
 JOBS = "blastd:jobs"
 DAEMONS = 3
-
-
-def account_json(sandbox_url: str, rate_per_s: float, concurrency: int) -> str:
-    account = {
-        "kind": "cloud_api",
-        "base_url": sandbox_url,
-        "phone_number_id": PHONE_NUMBER_ID,
-        "token": TOKEN,
-        "app_secret": APP_SECRET,
-        "rate_per_s": rate_per_s,
-        "concurrency": concurrency,
-    }
-    return orjson.dumps({ACCOUNT: account}).decode()
 
 
 @contextlib.asynccontextmanager
@@ -94,10 +79,6 @@ def events_in(log_path: Path, event: str) -> list[dict[str, Any]]:
     return [entry for entry in parsed if entry.get("event") == event]
 
 
-async def _is_done(pool: ledger.Pool, campaign_id: str) -> bool:
-    return await campaign_state(pool, campaign_id) == "done"
-
-
 @pytest.mark.slow
 async def test_three_daemons_split_one_campaign_and_message_nobody_twice(
     servers: Servers,
@@ -108,10 +89,10 @@ async def test_three_daemons_split_one_campaign_and_message_nobody_twice(
 ) -> None:
     recipients = 3_000
     numbers = numbers_from(30_000_000, recipients)
-    accounts = account_json(sandbox.url, rate_per_s=600, concurrency=20)
+    accounts = accounts_env(sandbox.url, rate_per_s=600, concurrency=20)
     async with running_daemons(servers, sandbox, tmp_path, accounts) as logs:
         await redis.lpush(JOBS, blast_job("split", numbers))
-        await wait_until(lambda: _is_done(pool, "split"), timeout_s=120)
+        await wait_until(lambda: is_done(pool, "split"), timeout_s=120)
         assert await redis.exists(rate_state_key("blastd:", ACCOUNT)), "not paced in Redis"
 
     shares = [
@@ -138,12 +119,12 @@ async def test_a_throttling_episode_seen_by_several_daemons_cuts_the_rate_once(
     and the shared limiter must count one episode, not one per daemon."""
     numbers = numbers_from(31_000_000, 60)
     await sandbox.configure(throttled_p=1.0, retry_after_s=2.0, latency_ms=300)
-    accounts = account_json(sandbox.url, rate_per_s=40, concurrency=5)
+    accounts = accounts_env(sandbox.url, rate_per_s=40, concurrency=5)
     async with running_daemons(servers, sandbox, tmp_path, accounts) as logs:
         await redis.lpush(JOBS, blast_job("throttled", numbers))
         await wait_until(lambda: _rejected_at_least(sandbox, 6), interval_s=0.01)
         await sandbox.configure(throttled_p=0.0, latency_ms=0)
-        await wait_until(lambda: _is_done(pool, "throttled"), timeout_s=60)
+        await wait_until(lambda: is_done(pool, "throttled"), timeout_s=60)
 
     throttled = [event for log in logs for event in events_in(log, "account_throttled")]
     assert len(throttled) == 1, throttled
@@ -164,6 +145,6 @@ async def test_an_unlimited_account_keeps_its_pacing_out_of_redis(
     settings = make_settings(servers, sandbox.url)
     async with running_daemon(settings):
         await redis.lpush(JOBS, blast_job("unlimited", numbers_from(32_000_000, 50)))
-        await wait_until(lambda: _is_done(pool, "unlimited"))
+        await wait_until(lambda: is_done(pool, "unlimited"))
 
     assert await redis.keys("blastd:rate:*") == []

@@ -22,18 +22,14 @@ from functools import partial
 from pathlib import Path
 
 import asyncpg
-import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from blastd.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from tests.harness import (
-    ACCOUNT,
-    APP_SECRET,
-    PHONE_NUMBER_ID,
-    TOKEN,
     SandboxHandle,
     Servers,
+    accounts_env,
     blast_job,
     daemon_env,
     daemon_process,
@@ -138,21 +134,12 @@ async def _start_daemon(
     notify = NotifySocket(tmp_path / f"{name}.sock")
     stack.callback(notify.close)
     admin_port = free_port()
-    account = {
-        "kind": "cloud_api",
-        "base_url": sandbox_url,
-        "phone_number_id": PHONE_NUMBER_ID,
-        "token": TOKEN,
-        "app_secret": APP_SECRET,
-        "rate_per_s": RATE_PER_S,
-        "concurrency": 5,
-    }
     env = daemon_env(
         servers,
         sandbox_url,
         admin_port,
         BLASTD_INSTANCE_ID=name,
-        BLASTD_ACCOUNTS=orjson.dumps({ACCOUNT: account}).decode(),
+        BLASTD_ACCOUNTS=accounts_env(sandbox_url, rate_per_s=RATE_PER_S, concurrency=5),
         BLASTD_DEPENDENCY_RETRY_S="0.2",
         BLASTD_HEALTH_CHECK_INTERVAL_S="0.2",
         BLASTD_REDIS_SOCKET_TIMEOUT_S="2",

@@ -36,9 +36,10 @@ from tests.harness import (
     CliResult,
     SandboxHandle,
     Servers,
-    campaign_state,
     daemon_env,
     daemon_process,
+    dead_count_is,
+    has_state,
     is_ready,
     run_cli,
     wait_until,
@@ -128,10 +129,6 @@ INVALID_JOBS = [
 ]
 
 
-async def has_state(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
-    return await campaign_state(pool, campaign_id) == state
-
-
 async def all_delivered(pool: ledger.Pool, campaign_id: str) -> bool:
     return await ledger.count_states(pool, campaign_id) == {"delivered": len(NUMBERS)}
 
@@ -174,7 +171,7 @@ async def test_configured_secrets_appear_in_no_output(
         await wait_until(lambda: is_ready(admin_port))
         await wait_until(lambda: all_delivered(pool, "secret-ok"))
         await wait_until(lambda: has_state(pool, "secret-echo", "stopped"))
-        await wait_until(lambda: _dead_count_is(redis, len(INVALID_JOBS)))
+        await wait_until(lambda: dead_count_is(redis, len(INVALID_JOBS)))
 
         await sandbox.configure(tokens=["somebody-elses-token"])  # revoked while running
         await redis.lpush("blastd:jobs", blast("secret-revoked", ACCOUNT, NUMBERS))
@@ -213,10 +210,6 @@ async def test_configured_secrets_appear_in_no_output(
 def command_line(pid: int) -> str:
     """What `ps` shows of a process: its argv, as anyone on the host may read it."""
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-
-
-async def _dead_count_is(redis: aioredis.Redis, count: int) -> bool:
-    return await redis.llen("blastd:dead") == count
 
 
 async def exercise_admin_surface(admin_port: int, canaries: dict[str, Canary]) -> list[str]:

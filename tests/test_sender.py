@@ -20,9 +20,15 @@ from tests.harness import (
     Servers,
     blast_job,
     campaign_state,
+    digits,
+    events_named,
+    has_state,
     make_settings,
+    moment_before_first_request,
     numbers_from,
     recipient_rows,
+    retry,
+    rows_by_phone,
     running_daemon,
     wait_until,
     webhook_url,
@@ -31,30 +37,9 @@ from tests.harness import (
 JOBS = "blastd:jobs"
 
 
-def digits(number: str) -> str:
-    return number.lstrip("+")
-
-
-def retry(attempts: int, initial_s: float = 0.001, max_s: float = 0.005) -> dict[str, Any]:
-    """Account override: transient retries with tiny delays and no jitter."""
-    return {"retry": {"attempts": attempts, "initial_s": initial_s, "max_s": max_s, "jitter_s": 0}}
-
-
-async def has_state(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
-    return await campaign_state(pool, campaign_id) == state
-
-
-async def rows_by_phone(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]:
-    return {row["phone"]: row for row in await recipient_rows(pool, campaign_id)}
-
-
 async def rejected(sandbox: SandboxHandle, code: str) -> int:
     count: int = (await sandbox.stats())["rejected_by_code"].get(code, 0)
     return count
-
-
-def events_named(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
-    return [entry for entry in logs if entry["event"] == event]
 
 
 @pytest.mark.parametrize(
@@ -152,7 +137,7 @@ async def test_throttling_holds_the_whole_account_until_retry_after_and_is_not_a
         async with running_daemon(settings):
             pushed_at = time.monotonic()
             await redis.lpush(JOBS, blast_job("throttled", numbers))
-            before_first_request = await _moment_before_first_request(sandbox, pushed_at)
+            before_first_request = await moment_before_first_request(sandbox, pushed_at)
             await wait_until(lambda: _at_least(rejected(sandbox, "130429"), concurrency))
             await sandbox.configure(throttled_p=0.0)
             await wait_until(lambda: has_state(pool, "throttled", "done"))
@@ -167,22 +152,6 @@ async def test_throttling_holds_the_whole_account_until_retry_after_and_is_not_a
     assert throttled
     assert throttled[0]["code"] == "130429"
     assert throttled[0]["hold_s"] == retry_after_s
-
-
-async def _moment_before_first_request(sandbox: SandboxHandle, start: float) -> float:
-    """The start of the last poll that found no request: the first one arrived after it."""
-    before = start
-
-    async def has_a_request() -> bool:
-        nonlocal before
-        polled_at = time.monotonic()
-        if (await sandbox.stats())["requests"]:
-            return True
-        before = polled_at
-        return False
-
-    await wait_until(has_a_request, interval_s=0.005)
-    return before
 
 
 async def test_pair_limit_puts_the_recipient_back_to_pending_for_later(

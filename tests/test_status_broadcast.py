@@ -32,8 +32,8 @@ from tests.harness import (
     TOKEN,
     SandboxHandle,
     Servers,
-    campaign_state,
     daemon_env,
+    has_state,
     is_ready,
     make_settings,
     numbers_from,
@@ -115,10 +115,6 @@ async def run_to_state(
         await redis.lpush(JOBS, job)
         await wait_until(lambda: has_state(pool, campaign_id, state))
     return str(campaign_id)
-
-
-async def has_state(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
-    return await campaign_state(pool, campaign_id) == state
 
 
 # --- the batch-size table and the send order -------------------------------------------------

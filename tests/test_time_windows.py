@@ -7,7 +7,6 @@ hours apart, and a five-hour window around Jakarta's current hour never includes
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -28,6 +27,8 @@ from tests.harness import (
     blast_job,
     campaign_counts,
     campaign_state,
+    events_named,
+    has_state,
     make_settings,
     numbers_from,
     recipient_rows,
@@ -45,16 +46,6 @@ def window_around_now(zone: str) -> dict[str, str]:
     hour = datetime.now(UTC).astimezone(ZoneInfo(zone)).replace(minute=0, second=0, microsecond=0)
     start, end = hour - timedelta(hours=2), hour + timedelta(hours=3)
     return {"start": start.strftime("%H:%M"), "end": end.strftime("%H:%M")}
-
-
-def events_named(
-    logs: list[MutableMapping[str, Any]], event: str
-) -> list[MutableMapping[str, Any]]:
-    return [entry for entry in logs if entry["event"] == event]
-
-
-async def has_state(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
-    return await campaign_state(pool, campaign_id) == state
 
 
 async def test_window_sends_only_to_recipients_whose_local_time_is_inside_it(

@@ -8,11 +8,10 @@ time, the `*_p` probabilities draw one per request. Request counts are the sandb
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -27,11 +26,17 @@ from tests.harness import (
     SandboxHandle,
     Servers,
     blast_job,
-    campaign_state,
+    digits,
+    events_named,
+    has_state,
     make_settings,
+    moment_before_first_request,
     numbers_from,
     recipient_rows,
+    retry,
+    rows_by_phone,
     running_daemon,
+    sandbox_json,
     wait_until,
 )
 
@@ -70,10 +75,6 @@ def settings_for(
     return make_settings(servers, sandbox.url, admin_port=admin_port, accounts=accounts)
 
 
-def retry(attempts: int) -> dict[str, Any]:
-    return {"retry": {"attempts": attempts, "initial_s": 0.001, "max_s": 0.005, "jitter_s": 0}}
-
-
 def job(job_id: str, numbers: list[str], **fields: Any) -> bytes:
     return blast_job(job_id, numbers, account=ACCOUNT, **fields)
 
@@ -82,29 +83,8 @@ def webhook_url(admin_port: int, secret: str = WEBHOOK_SECRET) -> str:
     return f"http://127.0.0.1:{admin_port}/webhooks/ultramsg/{ACCOUNT}?secret={secret}"
 
 
-def digits(number: str) -> str:
-    return number.lstrip("+")
-
-
-async def has_state(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
-    return await campaign_state(pool, campaign_id) == state
-
-
 async def counts_are(pool: ledger.Pool, campaign_id: str, counts: dict[str, int]) -> bool:
     return await ledger.count_states(pool, campaign_id) == counts
-
-
-async def rows_by_phone(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]:
-    return {row["phone"]: row for row in await recipient_rows(pool, campaign_id)}
-
-
-async def get_json(sandbox: SandboxHandle, path: str) -> Any:
-    async with sandbox.http.get(sandbox.url + path) as response:
-        return orjson.loads(await response.read())
-
-
-def events_named(logs: Sequence[Mapping[str, Any]], event: str) -> list[Mapping[str, Any]]:
-    return [entry for entry in logs if entry["event"] == event]
 
 
 @pytest.mark.parametrize(
@@ -133,7 +113,7 @@ async def test_campaign_completes_with_each_recipient_received_once(
     rows = await recipient_rows(pool, "ultra")
     assert [r["state"] for r in rows] == ["sent"] * len(numbers)
     assert await ultramsg.recipients() == {digits(n): 1 for n in numbers}
-    sent = {m["to"]: m for m in await get_json(ultramsg, "/_sandbox/messages")}
+    sent = {m["to"]: m for m in await sandbox_json(ultramsg.http, ultramsg.url, "messages")}
     first = sent[numbers[0]]
     assert {key: first[key] for key in sent_fields} == sent_fields
     assert first["referenceId"] == f"blastd:{rows[0]['id']}"
@@ -197,7 +177,7 @@ async def test_throttling_holds_the_account_until_retry_after_and_is_not_a_failu
             await wait_until(lambda: rejected_at_least(ultramsg, "http_429", concurrency))
             await ultramsg.configure(throttled_p=0.0)
             await wait_until(lambda: has_state(pool, "throttled", "done"))
-    accepted_at: list[float] = await get_json(ultramsg, "/_sandbox/arrivals")
+    accepted_at: list[float] = await sandbox_json(ultramsg.http, ultramsg.url, "arrivals")
     assert len(accepted_at) == concurrency
     assert min(accepted_at) >= before_first_request + retry_after_s
     rows = await recipient_rows(pool, "throttled")
@@ -205,22 +185,6 @@ async def test_throttling_holds_the_account_until_retry_after_and_is_not_a_failu
     assert await ultramsg.recipients() == {digits(n): 1 for n in numbers}
     throttled = events_named(logs, "account_throttled")
     assert (throttled[0]["code"], throttled[0]["hold_s"]) == ("http_429", retry_after_s)
-
-
-async def moment_before_first_request(sandbox: SandboxHandle, start: float) -> float:
-    """The start of the last poll that found no request: the first one arrived after it."""
-    before = start
-
-    async def has_a_request() -> bool:
-        nonlocal before
-        polled_at = time.monotonic()
-        if (await sandbox.stats())["requests"]:
-            return True
-        before = polled_at
-        return False
-
-    await wait_until(has_a_request, interval_s=0.005)
-    return before
 
 
 async def rejected_at_least(sandbox: SandboxHandle, code: str, minimum: int) -> bool:

@@ -20,6 +20,7 @@ from tests.harness import (
     TOKEN,
     SandboxHandle,
     daemon_env,
+    is_done,
     numbers_from,
     recipient_rows,
     run_cli,
@@ -161,11 +162,6 @@ async def test_an_enqueued_video_blast_is_rendered_and_delivered_by_the_daemon(
     assert await ledger.count_states(pool, "report-5") == {"sent": 5}
     assert (did_stats["created"], did_stats["duplicates"]) == (5, {})
     assert delivered == {n.removeprefix("+"): 1 for n in numbers}
-
-
-async def is_done(pool: ledger.Pool, campaign_id: str) -> bool:
-    campaign = await ledger.load_campaign(pool, campaign_id)
-    return campaign is not None and campaign.state == "done"
 
 
 USAGE_ERRORS = {

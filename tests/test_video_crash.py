@@ -25,12 +25,13 @@ from tests.harness import (
     TOKEN,
     Servers,
     daemon_env,
+    is_done,
     is_ready,
     spawn_daemon,
     wait_until,
     webhook_url,
 )
-from tests.video_harness import DID_ACCOUNT, PRESENTER, VideoSandbox, campaign_state, video_sandbox
+from tests.video_harness import DID_ACCOUNT, PRESENTER, VideoSandbox, video_sandbox
 
 RECIPIENTS = 300
 
@@ -88,14 +89,10 @@ async def _run_with_kills(
     final = spawn_daemon(env, tmp_path / "daemon-final.log")
     try:
         await wait_until(lambda: is_ready(admin_port), timeout_s=30)
-        await wait_until(lambda: _is_done(pool, job_id), timeout_s=120)
+        await wait_until(lambda: is_done(pool, job_id), timeout_s=120)
     finally:
         final.send_signal(signal.SIGTERM)
         assert final.wait(timeout=30) == 0
-
-
-async def _is_done(pool: ledger.Pool, job_id: str) -> bool:
-    return await campaign_state(pool, job_id) == "done"
 
 
 async def _check(sandbox: VideoSandbox, pool: ledger.Pool, job_id: str) -> dict[str, int]:

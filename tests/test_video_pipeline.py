@@ -13,6 +13,9 @@ from blastd import controls, ledger
 from tests.conftest import Servers
 from tests.harness import (
     ACCOUNT,
+    campaign_counts,
+    has_state,
+    is_done,
     numbers_from,
     recipient_rows,
     running_daemon,
@@ -24,20 +27,14 @@ from tests.video_harness import (
     ULTRAMSG_ACCOUNT,
     VIDEO_API_ACCOUNT,
     VideoSandbox,
-    campaign_state,
     default_schedule,
     make_video_settings,
-    states,
     video_blast_job,
     video_sandbox,
 )
 
 JOBS = "blastd:jobs"
 DEAD = "blastd:dead"
-
-
-async def _finished(pool: ledger.Pool, campaign_id: str) -> bool:
-    return await campaign_state(pool, campaign_id) == "done"
 
 
 async def test_a_video_blast_renders_once_per_recipient_and_delivers_each_video(
@@ -48,7 +45,7 @@ async def test_a_video_blast_renders_once_per_recipient_and_delivers_each_video(
         settings = make_video_settings(servers, sandbox, video={"progress_batch": 7})
         async with running_daemon(settings):
             await redis.lpush(JOBS, video_blast_job("vb-1", numbers))
-            await wait_until(lambda: _finished(pool, "vb-1"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "vb-1"), timeout_s=60)
         did_stats = await sandbox.did.stats()
         delivered = await sandbox.cloud.recipients()
         jobs = await sandbox.jobs()
@@ -71,11 +68,11 @@ async def test_a_1000_row_video_blast_runs_end_to_end_in_compressed_time(
         settings = make_video_settings(servers, sandbox)
         async with running_daemon(settings):
             await redis.lpush(JOBS, video_blast_job("vb-1000", numbers))
-            await wait_until(lambda: _finished(pool, "vb-1000"), timeout_s=120)
+            await wait_until(lambda: is_done(pool, "vb-1000"), timeout_s=120)
         did_stats = await sandbox.did.stats()
         delivered = await sandbox.cloud.recipients()
         jobs = await sandbox.jobs()
-    assert await states(pool, "vb-1000") == {"sent": 1_000}
+    assert await campaign_counts(pool, "vb-1000") == {"sent": 1_000}
     assert (did_stats["created"], did_stats["duplicates"]) == (1_000, {})
     assert delivered == {n.removeprefix("+"): 1 for n in numbers}
     polls = sorted(job["polls"] for job in jobs)
@@ -94,7 +91,7 @@ async def test_a_failed_render_ends_video_failed_with_its_kind_and_sends_the_not
             # the references are ledger ids: the campaign's first recipient is id 1
             await sandbox.did.configure(fail_by_reference={"1": "FaceError"})
             await redis.lpush(JOBS, orjson.dumps(job))
-            await wait_until(lambda: _finished(pool, "vb-face"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "vb-face"), timeout_s=60)
         delivered = await sandbox.cloud.recipients()
     rows = {r["id"]: r for r in await recipient_rows(pool, "vb-face")}
     assert rows[1]["state"] == "video_failed"
@@ -111,7 +108,7 @@ async def test_an_unknown_error_is_rendered_again_once_then_fails(
         settings = make_video_settings(servers, sandbox)
         async with running_daemon(settings):
             await redis.lpush(JOBS, video_blast_job("vb-unknown", numbers_from(200, 1)))
-            await wait_until(lambda: _finished(pool, "vb-unknown"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "vb-unknown"), timeout_s=60)
         did_stats = await sandbox.did.stats()
     (row,) = await recipient_rows(pool, "vb-unknown")
     assert (row["state"], row["error_code"], row["renders"]) == ("video_failed", "UnknownError", 2)
@@ -127,7 +124,7 @@ async def test_a_render_that_never_finishes_times_out_with_the_timeout_notice(
         job["message"]["failure_notice"] = "Maaf, waktu habis ({timeout_min} menit)"
         async with running_daemon(settings):
             await redis.lpush(JOBS, orjson.dumps(job))
-            await wait_until(lambda: _finished(pool, "vb-slow"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "vb-slow"), timeout_s=60)
         jobs = await sandbox.jobs()
     (row,) = await recipient_rows(pool, "vb-slow")
     assert (row["state"], row["error_code"], row["notice"]) == ("video_failed", "timeout", "sent")
@@ -141,20 +138,16 @@ async def test_out_of_credits_pauses_the_campaign_and_a_resume_after_top_up_fini
         settings = make_video_settings(servers, sandbox, did={"concurrency": 1})
         async with running_daemon(settings):
             await redis.lpush(JOBS, video_blast_job("vb-credits", numbers_from(400, 5)))
-            await wait_until(lambda: _is(pool, "vb-credits", "paused"), timeout_s=30)
+            await wait_until(lambda: has_state(pool, "vb-credits", "paused"), timeout_s=30)
             campaign = await ledger.load_campaign(pool, "vb-credits")
             assert campaign is not None
             assert "credits" in (campaign.state_reason or "")
             await sandbox.did.configure(credits=None)
             await controls.apply_control(pool, "vb-credits", "resume")
-            await wait_until(lambda: _finished(pool, "vb-credits"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "vb-credits"), timeout_s=60)
         did_stats = await sandbox.did.stats()
-    assert await states(pool, "vb-credits") == {"sent": 5}
+    assert await campaign_counts(pool, "vb-credits") == {"sent": 5}
     assert (did_stats["created"], did_stats["duplicates"]) == (5, {})
-
-
-async def _is(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
-    return await campaign_state(pool, campaign_id) == state
 
 
 async def test_retry_scope_videos_renders_only_the_failed_ones_again(
@@ -164,16 +157,16 @@ async def test_retry_scope_videos_renders_only_the_failed_ones_again(
         settings = make_video_settings(servers, sandbox)
         async with running_daemon(settings):
             await redis.lpush(JOBS, video_blast_job("vb-retry", numbers_from(500, 3)))
-            await wait_until(lambda: _finished(pool, "vb-retry"), timeout_s=60)
-            assert (await states(pool, "vb-retry")) == {"sent": 2, "video_failed": 1}
+            await wait_until(lambda: is_done(pool, "vb-retry"), timeout_s=60)
+            assert (await campaign_counts(pool, "vb-retry")) == {"sent": 2, "video_failed": 1}
             await sandbox.did.configure(fail_by_reference={})
             result = await controls.apply_control(pool, "vb-retry", "retry_failed", scope="videos")
             assert result is not None
             assert result.recipients == 1
-            await wait_until(lambda: _finished(pool, "vb-retry"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "vb-retry"), timeout_s=60)
         did_stats = await sandbox.did.stats()
         delivered = await sandbox.cloud.recipients()
-    assert await states(pool, "vb-retry") == {"sent": 3}
+    assert await campaign_counts(pool, "vb-retry") == {"sent": 3}
     assert did_stats["duplicates"] == {"2": 2}  # only the failed one rendered again
     assert sorted(delivered.values()) == [1, 1, 1]
 
@@ -187,7 +180,7 @@ async def test_a_video_the_provider_refuses_goes_as_text_with_the_link(
         await sandbox.cloud.configure(fail_video_numbers={number: 131053})
         async with running_daemon(settings):
             await redis.lpush(JOBS, video_blast_job("vb-link", [number]))
-            await wait_until(lambda: _finished(pool, "vb-link"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "vb-link"), timeout_s=60)
         delivered = await sandbox.cloud.recipients()
     (row,) = await recipient_rows(pool, "vb-link")
     assert row["state"] == "sent"
@@ -210,9 +203,9 @@ async def test_the_did_webhook_ends_the_wait_without_polling(
         )
         async with running_daemon(settings):
             await redis.lpush(JOBS, video_blast_job("vb-hook", numbers_from(700, 5)))
-            await wait_until(lambda: _finished(pool, "vb-hook"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "vb-hook"), timeout_s=60)
         jobs = await sandbox.jobs()
-    assert await states(pool, "vb-hook") == {"sent": 5}
+    assert await campaign_counts(pool, "vb-hook") == {"sent": 5}
     assert [job["polls"] for job in jobs] == [1] * 5  # the one poll a webhook triggers
 
 
@@ -225,9 +218,9 @@ async def test_a_lost_webhook_is_covered_by_the_guard_polls(
         settings = make_video_settings(servers, sandbox, did=did, admin_port=port)
         async with running_daemon(settings):
             await redis.lpush(JOBS, video_blast_job("vb-lost-hook", numbers_from(750, 5)))
-            await wait_until(lambda: _finished(pool, "vb-lost-hook"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "vb-lost-hook"), timeout_s=60)
         stats = await sandbox.did.stats()
-    assert await states(pool, "vb-lost-hook") == {"sent": 5}
+    assert await campaign_counts(pool, "vb-lost-hook") == {"sent": 5}
     assert stats["webhook_events_delivered"] == 0
 
 
@@ -269,7 +262,7 @@ async def test_a_video_poll_job_delivers_the_video_with_the_elapsed_time(
         }
         async with running_daemon(settings):
             await redis.lpush(JOBS, orjson.dumps(job))
-            await wait_until(lambda: _finished(pool, "poll-1"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "poll-1"), timeout_s=60)
             audit = await redis.get(f"blastd:video:completed:{clip_id}")
             assert await redis.exists(f"blastd:video:job:{clip_id}") == 0
         delivered = await sandbox.cloud.recipients()
@@ -298,7 +291,7 @@ async def test_a_video_poll_through_ultramsg_is_a_video_message_with_its_caption
         }
         async with running_daemon(settings):
             await redis.lpush(JOBS, orjson.dumps(job))
-            await wait_until(lambda: _finished(pool, "poll-ultra"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "poll-ultra"), timeout_s=60)
         async with sandbox.http.get(sandbox.ultramsg.url + "/_sandbox/messages") as response:
             messages = orjson.loads(await response.read())
     (row,) = await recipient_rows(pool, "poll-ultra")
@@ -322,7 +315,7 @@ async def test_bare_keys_with_an_empty_prefix_work_for_an_existing_producer(
             # id on the queue (docs/video.md).
             await redis.set(f"video:job:{clip_id}", orjson.dumps(state), ex=600)
             await redis.lpush("video:poll:queue", clip_id)
-            await wait_until(lambda: _finished(pool, clip_id), timeout_s=60)
+            await wait_until(lambda: is_done(pool, clip_id), timeout_s=60)
             assert await redis.exists(f"video:completed:{clip_id}") == 1
         delivered = await sandbox.cloud.recipients()
     assert delivered == {number.removeprefix("+"): 1}
@@ -357,7 +350,7 @@ async def test_a_generic_video_api_renders_with_its_own_dialect_and_failures(
         job["video"]["account"] = VIDEO_API_ACCOUNT
         async with running_daemon(settings):
             await redis.lpush(JOBS, orjson.dumps(job))
-            await wait_until(lambda: _finished(pool, "vb-generic"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "vb-generic"), timeout_s=60)
         api_stats = await sandbox.video_api.stats()
     rows = {r["id"]: r for r in await recipient_rows(pool, "vb-generic")}
     assert [rows[i]["state"] for i in (1, 2, 3, 4)] == [
@@ -383,10 +376,10 @@ async def test_renders_survive_a_redis_wipe_and_are_polled_again_from_the_ledger
             await redis.lpush(JOBS, video_blast_job("vb-wipe", numbers))
             await wait_until(lambda: _all_rendering(pool, "vb-wipe", 20), timeout_s=30)
             await redis.execute_command("FLUSHDB")
-            await wait_until(lambda: _finished(pool, "vb-wipe"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "vb-wipe"), timeout_s=60)
         did_stats = await sandbox.did.stats()
         delivered = await sandbox.cloud.recipients()
-    assert await states(pool, "vb-wipe") == {"sent": 20}
+    assert await campaign_counts(pool, "vb-wipe") == {"sent": 20}
     assert did_stats["duplicates"] == {}
     assert delivered == {n.removeprefix("+"): 1 for n in numbers}
 
@@ -409,10 +402,10 @@ async def test_two_daemons_share_a_video_blast_and_deliver_each_video_once(
         second = make_video_settings(servers, sandbox, instance_id="video-2")
         async with running_daemon(first), running_daemon(second):
             await redis.lpush(JOBS, video_blast_job("vb-two", numbers))
-            await wait_until(lambda: _finished(pool, "vb-two"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "vb-two"), timeout_s=60)
         did_stats = await sandbox.did.stats()
         delivered = await sandbox.cloud.recipients()
-    assert await states(pool, "vb-two") == {"sent": 100}
+    assert await campaign_counts(pool, "vb-two") == {"sent": 100}
     assert (did_stats["created"], did_stats["duplicates"]) == (100, {})
     assert delivered == {n.removeprefix("+"): 1 for n in numbers}
 
@@ -436,7 +429,7 @@ async def test_a_render_past_its_window_when_the_daemon_starts_is_failed_with_th
         }
         await redis.lpush(JOBS, orjson.dumps(job))
         async with running_daemon(settings):
-            await wait_until(lambda: _finished(pool, "poll-late"), timeout_s=60)
+            await wait_until(lambda: is_done(pool, "poll-late"), timeout_s=60)
         jobs = await sandbox.jobs()
         delivered = await sandbox.cloud.recipients()
     (row,) = await recipient_rows(pool, "poll-late")

@@ -5,7 +5,6 @@ per-recipient counts are the sandbox's."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -21,12 +20,15 @@ from tests.harness import (
     SandboxHandle,
     Servers,
     blast_job,
-    campaign_state,
+    digits,
+    has_state,
     make_wablas_settings,
+    moment_before_first_request,
     numbers_from,
     recipient_rows,
+    retry,
+    rows_by_phone,
     running_daemon,
-    wablas_sandbox,
     wablas_webhook_url,
     wait_until,
 )
@@ -34,30 +36,8 @@ from tests.harness import (
 JOBS = "blastd:jobs"
 
 
-@pytest.fixture
-async def wablas() -> AsyncIterator[SandboxHandle]:
-    async with wablas_sandbox() as handle:
-        yield handle
-
-
 def job(job_id: str, numbers: list[str], **fields: Any) -> bytes:
     return blast_job(job_id, numbers, account=WABLAS_ACCOUNT, **fields)
-
-
-def digits(number: str) -> str:
-    return number.lstrip("+")
-
-
-def retry(attempts: int, initial_s: float = 0.001, max_s: float = 0.005) -> dict[str, Any]:
-    return {"retry": {"attempts": attempts, "initial_s": initial_s, "max_s": max_s, "jitter_s": 0}}
-
-
-async def has_state(pool: ledger.Pool, campaign_id: str, state: str) -> bool:
-    return await campaign_state(pool, campaign_id) == state
-
-
-async def rows_by_phone(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]:
-    return {row["phone"]: row for row in await recipient_rows(pool, campaign_id)}
 
 
 async def test_bulk_campaign_goes_out_in_requests_of_the_batch_size(
@@ -134,7 +114,7 @@ async def test_throttling_holds_the_account_until_retry_after_then_sends(
     async with running_daemon(make_wablas_settings(servers, wablas.url, account=account)):
         pushed_at = time.monotonic()
         await redis.lpush(JOBS, job("throttled", numbers))
-        before_first_request = await _moment_before_first_request(wablas, pushed_at)
+        before_first_request = await moment_before_first_request(wablas, pushed_at)
         await wait_until(lambda: _refused_at_least(wablas, "http_429", concurrency))
         await wablas.configure(throttled_p=0.0)
         await wait_until(lambda: has_state(pool, "throttled", "done"))
@@ -145,22 +125,6 @@ async def test_throttling_holds_the_account_until_retry_after_then_sends(
     rows = await recipient_rows(pool, "throttled")
     assert {(r["state"], r["error_class"]) for r in rows} == {("sent", None)}
     assert await wablas.recipients() == {digits(n): 1 for n in numbers}
-
-
-async def _moment_before_first_request(wablas: SandboxHandle, start: float) -> float:
-    """The start of the last poll that found no request: the first one arrived after it."""
-    before = start
-
-    async def has_a_request() -> bool:
-        nonlocal before
-        polled_at = time.monotonic()
-        if (await wablas.stats())["requests"]:
-            return True
-        before = polled_at
-        return False
-
-    await wait_until(has_a_request, interval_s=0.005)
-    return before
 
 
 async def _refused_at_least(wablas: SandboxHandle, reason: str, count: int) -> bool:

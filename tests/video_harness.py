@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp import web
 
-from blastd import ledger
 from blastd.config import (
     DidAccount,
     Settings,
@@ -24,7 +24,7 @@ from blastd.sandbox.did import DidSandboxConfig, build_did_app
 from blastd.sandbox.ultramsg import UltraMsgSandboxConfig, build_ultramsg_app
 from blastd.sandbox.video_api import VideoApiSandboxConfig, build_video_api_app
 from tests.conftest import Servers
-from tests.harness import ACCOUNT, TOKEN, SandboxHandle, make_settings
+from tests.harness import ACCOUNT, TOKEN, SandboxHandle, make_settings, serving, wait_until
 
 DID_ACCOUNT = "did-main"
 VIDEO_API_ACCOUNT = "video-main"
@@ -131,10 +131,38 @@ def video_blast_job(job_id: str, numbers: list[str], **fields: Any) -> bytes:
     return orjson.dumps(job)
 
 
-async def states(pool: ledger.Pool, campaign_id: str) -> dict[str, int]:
-    return await ledger.count_states(pool, campaign_id)
+# --- The video emulators' own tests --------------------------------------------------------
+
+FAST = {"render_median_s": 3.0, "render_min_s": 1.0, "time_compression": 100.0}
+# With sigma 0 every render takes exactly median / compression: 60 s on the hand-moved clock.
+FIXED = {"render_sigma": 0.0}
 
 
-async def campaign_state(pool: ledger.Pool, campaign_id: str) -> str | None:
-    campaign = await ledger.load_campaign(pool, campaign_id)
-    return campaign.state if campaign else None
+async def fetch(http: aiohttp.ClientSession, url: str) -> tuple[int, bytes, str]:
+    async with http.get(url) as response:
+        return response.status, await response.read(), response.content_type
+
+
+class Receiver:
+    """A webhook endpoint that records every POSTed JSON body and answers 200."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.bodies.append(orjson.loads(await request.read()))
+        return web.Response()
+
+    async def wait_for(self, count: int) -> list[dict[str, Any]]:
+        await wait_until(lambda: len(self.bodies) >= count, timeout_s=10, interval_s=0.01)
+        return self.bodies
+
+
+@contextlib.asynccontextmanager
+async def running_receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    """A receiver on a free loopback port; yields it and its URL (with a secret query)."""
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    async with serving(app) as base_url:
+        yield receiver, base_url + "/hook?token=s3cret"

@@ -40,7 +40,7 @@ from blastd.providers.cloud_api import (
     parse_status_webhook,
 )
 from blastd.sandbox.cloud_api import SandboxConfig
-from tests.harness import cloud_api_emulator, serving
+from tests.harness import cloud_api_emulator, sandbox_json, serving
 
 TOKEN = "sandbox-token"
 APP_SECRET = "test-app-secret"
@@ -74,17 +74,12 @@ async def send_one(config: SandboxConfig, http: aiohttp.ClientSession) -> Provid
     return caught.value
 
 
-async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
-    async with http.get(url) as response:
-        return orjson.loads(await response.read())
-
-
 async def test_text_is_sent_to_digits_only_and_returns_the_wamid(
     http: aiohttp.ClientSession,
 ) -> None:
     async with cloud_api_emulator() as base_url:
         receipt = await provider_for(base_url, http).send(text_to())
-        recipients = await get_json(http, base_url + "/_sandbox/recipients")
+        recipients = await sandbox_json(http, base_url, "recipients")
     assert receipt.provider_message_id.startswith("wamid.")
     assert recipients == {DIGITS: 1}
 
@@ -278,7 +273,7 @@ async def test_sending_twice_shows_as_a_duplicate_in_sandbox_stats(
         provider = provider_for(base_url, http)
         await provider.send(text_to())
         await provider.send(text_to())
-        stats = await get_json(http, base_url + "/_sandbox/stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert stats["duplicates"] == {DIGITS: 2}
 
 
@@ -293,7 +288,7 @@ async def test_unreadable_2xx_is_uncertain_and_counted_as_accepted(
             with pytest.raises(UncertainOutcomeError) as caught:
                 await provider.send(text_to())
             errors.append(caught.value)
-        stats = await get_json(http, base_url + "/_sandbox/stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert [error.code for error in errors] == ["http_200", "http_200"]
     assert stats["accepted"] == 2
 

@@ -30,26 +30,17 @@ from blastd.providers.video.accounts import build_video_provider
 from blastd.providers.video.base import VideoRequest, VideoStatus
 from blastd.providers.video.did import DidProvider, build_job_body, read_job, refusal_error
 from blastd.sandbox.did import DidSandboxConfig, build_did_app
-from tests.harness import serving, wait_until
+from tests.harness import Clock, get_json, sandbox_json, serving, set_knobs, wait_until
 
 KEY = "api-user@example.com:s3cr3t-pass"
 ENCODED_KEY = base64.b64encode(KEY.encode()).decode()
 SECRETS = (KEY, ENCODED_KEY)
+AUTH = {"Authorization": f"Basic {KEY}"}
 PRESENTER = "v2_public_Amber@0zSz8kflCN"
 PHOTO = "https://create-images-results.d-id.com/DefaultPresenters/Noelle_f/image.png"
 REFERENCE = "cmp42-r9001"
 RENDER_S = 60.0  # median render time; with sigma 0 every job takes exactly this long
 ERROR_KINDS = ("FaceError", "SourceError", "LogoError", "DriverError", "UnknownError")
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 def sandbox_config(**knobs: Any) -> DidSandboxConfig:
@@ -80,17 +71,6 @@ def request_for(reference: str = REFERENCE, **fields: Any) -> VideoRequest:
     return VideoRequest(reference=reference, script="Halo Budi! Terima kasih.", **fields)
 
 
-async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
-    async with http.get(url, headers={"Authorization": f"Basic {KEY}"}) as response:
-        assert response.status == 200, await response.text()
-        return orjson.loads(await response.read())
-
-
-async def set_knobs(http: aiohttp.ClientSession, base_url: str, **knobs: Any) -> None:
-    async with http.post(f"{base_url}/_sandbox/config", json=knobs) as response:
-        assert response.status == 200, await response.text()
-
-
 async def submit_error(
     config: DidSandboxConfig, http: aiohttp.ClientSession, **fields: Any
 ) -> tuple[ProviderError, Any]:
@@ -98,7 +78,7 @@ async def submit_error(
     async with did_emulator(config) as base_url:
         with pytest.raises(ProviderError) as caught:
             await provider_for(base_url, http, **fields).submit(request_for())
-        stats = await get_json(http, base_url + "/_sandbox/stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert KEY not in caught.value.text
     assert ENCODED_KEY not in caught.value.text
     return caught.value, stats
@@ -110,7 +90,7 @@ async def test_clip_carries_presenter_driver_reference_and_config(
     async with did_emulator() as base_url:
         provider = provider_for(base_url, http, driver_id="uM00QMwJ9x", result_format="mov")
         job_id = await provider.submit(request_for())
-        job = await get_json(http, f"{base_url}/clips/{job_id}")
+        job = await get_json(http, f"{base_url}/clips/{job_id}", AUTH)
     assert job_id.startswith("clp_")
     assert job["presenter_id"] == PRESENTER
     assert job["driver_id"] == "uM00QMwJ9x"
@@ -123,7 +103,7 @@ async def test_talk_carries_the_photo_instead_of_a_presenter(http: aiohttp.Clien
         provider = provider_for(base_url, http, endpoint="talks", source_url=PHOTO)
         job_id = await provider.submit(request_for())
         status = await provider.status(job_id)
-        job = await get_json(http, f"{base_url}/talks/{job_id}")
+        job = await get_json(http, f"{base_url}/talks/{job_id}", AUTH)
     assert job_id.startswith("tlk_")
     assert status == VideoStatus(job_id, "running")
     assert job["source_url"] == PHOTO
@@ -174,7 +154,7 @@ async def test_a_job_without_presenter_or_photo_stops_the_campaign_before_any_re
         provider = provider_for(base_url, http, endpoint=endpoint, presenter_id=None)
         with pytest.raises(CampaignFatalError) as caught:
             await provider.submit(request_for())
-        stats = await get_json(http, base_url + "/_sandbox/stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert caught.value.code == code
     assert stats["requests"] == 0
 
@@ -353,7 +333,7 @@ async def test_a_5xx_after_create_is_transient_and_find_recovers_the_job(
         with pytest.raises(TransientError) as caught:
             await provider.submit(request_for())
         found = await provider.find(REFERENCE)
-        [job] = await get_json(http, base_url + "/_sandbox/jobs")
+        [job] = await sandbox_json(http, base_url, "jobs")
     assert caught.value.code == "http_500"
     assert found == job["id"]
 
@@ -422,9 +402,7 @@ async def test_find_matches_user_data_or_name_among_the_listed_jobs(
         provider = provider_for(base_url, http)
         ids = [await provider.submit(request_for(f"cmp42-r{n}")) for n in range(3)]
         named_only = {"presenter_id": PRESENTER, "script": {"input": "Halo"}, "name": "by-name"}
-        async with http.post(
-            base_url + "/clips", json=named_only, headers={"Authorization": f"Basic {KEY}"}
-        ) as response:
+        async with http.post(base_url + "/clips", json=named_only, headers=AUTH) as response:
             by_name_id = (await response.json())["id"]
         found = [await provider.find(f"cmp42-r{n}") for n in range(3)]
         found_by_name = await provider.find("by-name")

@@ -3,13 +3,10 @@ shapes, the three statuses, resends by id, and the classification of every answe
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from blastd.config import StatusGatewayAccount
 from blastd.errors import (
@@ -27,28 +24,13 @@ from blastd.providers.status_gateway import (
     StatusGatewayProvider,
     jid_of,
 )
-from blastd.sandbox.cloud_api import listening
-from blastd.sandbox.status_gateway import StatusSandboxConfig, build_status_app
+from tests.harness import status_emulator
 
 TOKEN = "sandbox-token"
 JIDS = [jid_of("+6281200000001"), jid_of("+6281200000002")]
 TEXT = StatusContent("text", text="Promo!", background_color="#315575", font=2)
 IMAGE = StatusContent("image", url="https://cdn.example.com/p.jpg", caption="Baru")
 VIDEO = StatusContent("video", url="https://cdn.example.com/v.mp4")
-
-
-@contextlib.asynccontextmanager
-async def running_sandbox(**knobs: Any) -> AsyncIterator[str]:
-    root = web.Application()
-    root.add_subapp("/status", build_status_app(StatusSandboxConfig.model_validate(knobs)))
-    async with listening(root, "127.0.0.1", 0) as base_url:
-        yield base_url + "/status"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def provider_for(url: str, http: aiohttp.ClientSession, **fields: Any) -> StatusGatewayProvider:
@@ -65,7 +47,7 @@ async def sandbox_json(http: aiohttp.ClientSession, url: str) -> Any:
 
 async def refusal(http: aiohttp.ClientSession, knobs: dict[str, Any], **fields: Any) -> Exception:
     """The error one text status raises against a sandbox with `knobs`."""
-    async with running_sandbox(**knobs) as url:
+    async with status_emulator(**knobs) as url:
         with pytest.raises(ProviderError) as caught:
             await provider_for(url, http, **fields).post_status(TEXT, JIDS, None)
     return caught.value
@@ -81,7 +63,7 @@ async def test_a_status_is_posted_then_resent_under_its_id(
     http: aiohttp.ClientSession, flavour: str, content: StatusContent
 ) -> None:
     auth_style = "apikey" if flavour == "evolution" else "x_api_key"
-    async with running_sandbox() as url:
+    async with status_emulator() as url:
         provider = provider_for(url, http, flavour=flavour, auth_style=auth_style)
         message_id = await provider.post_status(content, JIDS[:1], None)
         resent_id = await provider.post_status(content, JIDS[1:], message_id)
@@ -92,7 +74,7 @@ async def test_a_status_is_posted_then_resent_under_its_id(
 
 
 async def test_the_message_id_field_is_a_setting(http: aiohttp.ClientSession) -> None:
-    async with running_sandbox(message_id_field="id") as url:
+    async with status_emulator(message_id_field="id") as url:
         provider = provider_for(url, http, message_id_field="id")
         message_id = await provider.post_status(TEXT, JIDS[:1], None)
         assert await provider.post_status(TEXT, JIDS[1:], message_id) == message_id
@@ -101,7 +83,7 @@ async def test_the_message_id_field_is_a_setting(http: aiohttp.ClientSession) ->
 async def test_a_gateway_that_ignores_the_id_answers_with_a_new_one(
     http: aiohttp.ClientSession,
 ) -> None:
-    async with running_sandbox(honour_message_id=False) as url:
+    async with status_emulator(honour_message_id=False) as url:
         provider = provider_for(url, http)
         message_id = await provider.post_status(TEXT, JIDS[:1], None)
         assert await provider.post_status(TEXT, JIDS[1:], message_id) != message_id
@@ -110,7 +92,7 @@ async def test_a_gateway_that_ignores_the_id_answers_with_a_new_one(
 async def test_an_answer_without_an_id_is_uncertain_for_an_anchor_and_accepted_for_a_resend(
     http: aiohttp.ClientSession,
 ) -> None:
-    async with running_sandbox() as url:
+    async with status_emulator() as url:
         provider = provider_for(url, http, message_id_path="key.nothing")
         with pytest.raises(UncertainOutcomeError):
             await provider.post_status(TEXT, JIDS[:1], None)
@@ -149,7 +131,7 @@ async def test_answers_are_classified(
 
 async def test_a_refused_request_is_permanent(http: aiohttp.ClientSession) -> None:
     bad_font = StatusContent("text", text="Promo!", font=9)
-    async with running_sandbox() as url:
+    async with status_emulator() as url:
         with pytest.raises(PermanentError) as caught:
             await provider_for(url, http).post_status(bad_font, JIDS, None)
     assert caught.value.code == "http_400"
@@ -157,7 +139,7 @@ async def test_a_refused_request_is_permanent(http: aiohttp.ClientSession) -> No
 
 
 async def test_a_connection_refused_is_transient(http: aiohttp.ClientSession) -> None:
-    async with running_sandbox() as url:
+    async with status_emulator() as url:
         pass  # closed again: nothing listens on the port any more
     with pytest.raises(TransientError) as caught:
         await provider_for(url, http).post_status(TEXT, JIDS, None)

@@ -26,7 +26,7 @@ from blastd.providers.ultramsg import (
     parse_ack_webhook,
 )
 from blastd.sandbox.ultramsg import UltraMsgSandboxConfig
-from tests.harness import ultramsg_emulator
+from tests.harness import sandbox_json, ultramsg_emulator
 
 TOKEN = "sandbox-token"
 NUMBER = "+6281200000001"
@@ -56,11 +56,6 @@ def text_to(to: str = NUMBER, ledger_id: int = 1) -> OutboundMessage:
     return OutboundMessage(ledger_id=ledger_id, to=to, body=TextBody("Halo Budi"))
 
 
-async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
-    async with http.get(url) as response:
-        return orjson.loads(await response.read())
-
-
 async def send_one(config: UltraMsgSandboxConfig, http: aiohttp.ClientSession) -> ProviderError:
     """Send one text through a sandbox with `config` and return the error it raised."""
     async with ultramsg_emulator(config) as base_url:
@@ -74,7 +69,7 @@ async def test_text_goes_to_chat_with_priority_and_the_ledger_id_as_reference(
 ) -> None:
     async with ultramsg_emulator() as base_url:
         receipt = await provider_for(base_url, http, priority=5).send(text_to(ledger_id=42))
-        messages = await get_json(http, base_url + "/_sandbox/messages")
+        messages = await sandbox_json(http, base_url, "messages")
     assert receipt.provider_message_id == "1"
     assert messages == [
         {
@@ -100,7 +95,7 @@ async def test_video_goes_to_the_video_endpoint_with_its_caption(
     message = OutboundMessage(9, NUMBER, VideoBody(VIDEO_LINK, caption))
     async with ultramsg_emulator() as base_url:
         receipt = await provider_for(base_url, http).send(message)
-        [sent] = await get_json(http, base_url + "/_sandbox/messages")
+        [sent] = await sandbox_json(http, base_url, "messages")
     assert receipt.provider_message_id == "1"
     assert sent == {
         "id": 1,
@@ -124,7 +119,7 @@ async def test_token_and_body_travel_the_configured_way(
             base_url, http, token_placement=token_placement, body_format=body_format
         )
         receipt = await provider.send(text_to())
-        recipients = await get_json(http, base_url + "/_sandbox/recipients")
+        recipients = await sandbox_json(http, base_url, "recipients")
     assert receipt.provider_message_id == "1"
     assert recipients == {DIGITS: 1}
 
@@ -155,7 +150,7 @@ async def test_template_is_refused_permanently_without_a_request(
     async with ultramsg_emulator() as base_url:
         with pytest.raises(PermanentError) as caught:
             await provider_for(base_url, http).send(message)
-        stats = await get_json(http, base_url + "/_sandbox/stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert caught.value.code == "template_unsupported"
     assert stats["requests"] == 0
 

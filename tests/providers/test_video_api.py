@@ -37,7 +37,7 @@ from blastd.providers.video.video_api import (
     value_at,
 )
 from blastd.sandbox.video_api import VideoApiSandboxConfig, build_video_api_app
-from tests.harness import serving, wait_until
+from tests.harness import Clock, sandbox_json, serving, set_knobs, wait_until
 
 KEY = "k_live_123-s3cr3t"
 REFERENCE = "cmp42-r9001"
@@ -80,16 +80,6 @@ NESTED: tuple[dict[str, Any], dict[str, Any]] = (
 DIALECTS = pytest.mark.parametrize("dialect", [DEFAULT_DIALECT, NESTED], ids=["default", "nested"])
 
 
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-
 def sandbox_config(**knobs: Any) -> VideoApiSandboxConfig:
     return VideoApiSandboxConfig.model_validate(
         {"tokens": [KEY], "render_median_s": RENDER_S, "render_sigma": 0.0, **knobs}
@@ -121,17 +111,6 @@ def request_for(reference: str = REFERENCE, **fields: Any) -> VideoRequest:
     return VideoRequest(reference=reference, script="Halo Budi!", **fields)
 
 
-async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
-    async with http.get(url) as response:
-        assert response.status == 200, await response.text()
-        return await response.json()
-
-
-async def set_knobs(http: aiohttp.ClientSession, base_url: str, **knobs: Any) -> None:
-    async with http.post(f"{base_url}/_sandbox/config", json=knobs) as response:
-        assert response.status == 200, await response.text()
-
-
 async def submit_error(
     config: VideoApiSandboxConfig, http: aiohttp.ClientSession, **fields: Any
 ) -> tuple[ProviderError, Any]:
@@ -139,7 +118,7 @@ async def submit_error(
     async with video_emulator(config) as base_url:
         with pytest.raises(ProviderError) as caught:
             await provider_for(base_url, http, **fields).submit(request_for())
-        stats = await get_json(http, base_url + "/_sandbox/stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert KEY not in caught.value.text
     return caught.value, stats
 
@@ -159,7 +138,7 @@ async def test_a_job_runs_then_succeeds_with_a_fetchable_link(
         assert done.video_url is not None
         async with http.get(done.video_url) as response:
             video = (response.status, response.content_type)
-        [job] = await get_json(http, base_url + "/_sandbox/jobs")
+        [job] = await sandbox_json(http, base_url, "jobs")
     assert job_id == job["id"]
     assert job["reference"] == REFERENCE
     assert running == VideoStatus(job_id, "running")

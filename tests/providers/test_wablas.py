@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -35,16 +34,10 @@ from blastd.providers.wablas import (
     classify_refusal,
     parse_tracking_webhook,
 )
-from tests.harness import TOKEN, SandboxHandle, wablas_sandbox
+from tests.harness import TOKEN, SandboxHandle, digits
 
 NUMBERS = ("+6281200000001", "+6281200000002", "+6281200000003")
 LINK = "https://cdn.example.com/v/123.mp4"
-
-
-@pytest.fixture
-async def wablas() -> AsyncIterator[SandboxHandle]:
-    async with wablas_sandbox() as handle:
-        yield handle
 
 
 def account(base_url: str, **fields: Any) -> WablasAccount:
@@ -63,10 +56,6 @@ def texts(numbers: tuple[str, ...] = NUMBERS) -> list[OutboundMessage]:
 
 def videos(numbers: tuple[str, ...] = NUMBERS) -> list[OutboundMessage]:
     return [OutboundMessage(i, n, VideoBody(LINK, f"Video {i}")) for i, n in enumerate(numbers)]
-
-
-def digits(number: str) -> str:
-    return number.lstrip("+")
 
 
 def ids_of(results: list[SendResult]) -> list[str]:

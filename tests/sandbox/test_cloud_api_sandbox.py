@@ -15,21 +15,18 @@ from aiohttp import web
 
 from blastd.sandbox.__main__ import main as sandbox_main
 from blastd.sandbox.cloud_api import SandboxConfig
-from tests.harness import cloud_api_emulator, poll_stats, sandbox_process, serving
+from tests.harness import (
+    Clock,
+    cloud_api_emulator,
+    poll_stats,
+    sandbox_json,
+    sandbox_process,
+    serving,
+)
 
 TOKEN = "sandbox-token"
 PHONE_NUMBER_ID = "100000000000001"
 SEND_PATH = f"/v23.0/{PHONE_NUMBER_ID}/messages"
-
-
-class Clock:
-    """A monotonic clock the test moves by hand, for the rate and pair limiters."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 def text_message(to: str = "+6281200000001", **extra: object) -> dict[str, object]:
@@ -59,12 +56,6 @@ async def post_send(
     headers = {"Authorization": authorization} if authorization else {}
     async with http.post(base_url + SEND_PATH, data=raw, headers=headers) as response:
         return response.status, orjson.loads(await response.read()), response.headers.copy()
-
-
-async def get_json(http: aiohttp.ClientSession, base_url: str, path: str) -> Any:
-    async with http.get(base_url + path) as response:
-        assert response.status == 200
-        return orjson.loads(await response.read())
 
 
 async def post_json(
@@ -159,7 +150,7 @@ async def test_invalid_request_is_refused_with_metas_code(
 ) -> None:
     async with cloud_api_emulator() as base_url:
         status, body, _ = await post_send(http, base_url, document)
-        stats = await get_json(http, base_url, "/_sandbox/stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert status == 400
     assert body["error"]["code"] == code
     assert stats["rejected_by_code"] == {str(code): 1}
@@ -221,8 +212,8 @@ async def test_stats_show_duplicates_and_distinct_recipients(http: aiohttp.Clien
         for to in ("+628111", "+628111", "+628222"):
             await post_send(http, base_url, text_message(to))
         await post_send(http, base_url, text_message(), "Bearer nope")
-        stats = await get_json(http, base_url, "/_sandbox/stats")
-        recipients = await get_json(http, base_url, "/_sandbox/recipients")
+        stats = await sandbox_json(http, base_url, "stats")
+        recipients = await sandbox_json(http, base_url, "recipients")
     assert stats["requests"] == 4
     assert stats["accepted"] == 3
     assert stats["duplicates"] == {"628111": 2}
@@ -239,7 +230,7 @@ async def test_arrivals_list_only_accepted_requests(http: aiohttp.ClientSession)
         await post_send(http, base_url, text_message(), "Bearer nope")
         clock.now_s += 0.25
         await post_send(http, base_url, text_message())
-        arrivals = await get_json(http, base_url, "/_sandbox/arrivals")
+        arrivals = await sandbox_json(http, base_url, "arrivals")
     assert arrivals == [1000.0, 1000.5]
 
 
@@ -247,8 +238,8 @@ async def test_reset_clears_counters_and_limiters(http: aiohttp.ClientSession) -
     async with cloud_api_emulator(SandboxConfig(rate_per_s=1), Clock()) as base_url:
         await post_send(http, base_url, text_message())
         status, _ = await post_json(http, base_url, "/_sandbox/reset", {})
-        stats = await get_json(http, base_url, "/_sandbox/stats")
-        arrivals = await get_json(http, base_url, "/_sandbox/arrivals")
+        stats = await sandbox_json(http, base_url, "stats")
+        arrivals = await sandbox_json(http, base_url, "arrivals")
         again, _, _ = await post_send(http, base_url, text_message())
     assert status == 200
     assert (stats["requests"], stats["accepted"], stats["duplicates"]) == (0, 0, {})
@@ -398,7 +389,7 @@ async def test_webhook_is_retried_with_the_same_signed_bytes_until_2xx(
             await post_send(http, base_url, text_message())
             async with asyncio.timeout(10):
                 await receiver.done.wait()
-            stats = await get_json(http, base_url, "/_sandbox/stats")
+            stats = await sandbox_json(http, base_url, "stats")
     assert len(receiver.posts) == 3
     assert len(set(receiver.posts)) == 1
     assert stats["webhook_statuses_delivered"] == 1

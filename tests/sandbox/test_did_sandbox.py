@@ -12,34 +12,30 @@ import base64
 import contextlib
 import statistics
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from blastd.sandbox.did import DidSandboxConfig, build_did_app
-from tests.harness import poll_stats, sandbox_process, serving, wait_until
+from tests.harness import (
+    Clock,
+    json_request,
+    poll_stats,
+    sandbox_json,
+    sandbox_process,
+    serving,
+    set_knobs,
+    wait_until,
+)
+from tests.video_harness import FAST, FIXED, fetch, running_receiver
 
 TOKEN = "sandbox-token"
 BASIC = f"Basic {TOKEN}"
 PRESENTER = "v2_public_Amber@0zSz8kflCN"
 PHOTO = "https://create-images-results.d-id.com/DefaultPresenters/Noelle_f/image.png"
-FAST = {"render_median_s": 3.0, "render_min_s": 1.0, "time_compression": 100.0}
-# With sigma 0 every render takes exactly median / compression: 60 s on the hand-moved clock.
-FIXED = {"render_sigma": 0.0}
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 def did_emulator(
@@ -68,16 +64,9 @@ async def request(
     document: object = None,
     authorization: str | None = BASIC,
 ) -> tuple[int, Any, dict[str, str]]:
-    """One request; the JSON answer when it is JSON, else the raw bytes."""
+    """One request, authorized unless told otherwise."""
     headers = {"Authorization": authorization} if authorization else {}
-    data = None if document is None else orjson.dumps(document)
-    async with http.request(method, url, data=data, headers=headers) as response:
-        raw = await response.read()
-        try:
-            body: Any = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            body = raw
-        return response.status, body, dict(response.headers)
+    return await json_request(http, method, url, document, headers)
 
 
 async def create(
@@ -95,26 +84,11 @@ async def get_job(http: aiohttp.ClientSession, base_url: str, job_id: str) -> di
     return dict(body)
 
 
-async def control(http: aiohttp.ClientSession, base_url: str, path: str) -> Any:
-    async with http.get(f"{base_url}/_sandbox/{path}") as response:
-        return orjson.loads(await response.read())
-
-
-async def set_knobs(http: aiohttp.ClientSession, base_url: str, **knobs: Any) -> None:
-    async with http.post(f"{base_url}/_sandbox/config", json=knobs) as response:
-        assert response.status == 200, await response.text()
-
-
-async def fetch(http: aiohttp.ClientSession, url: str) -> tuple[int, bytes, str]:
-    async with http.get(url) as response:
-        return response.status, await response.read(), response.content_type
-
-
 async def ended_jobs(http: aiohttp.ClientSession, base_url: str, count: int) -> list[Any]:
     """/_sandbox/jobs once `count` jobs have ended."""
 
     async def jobs_if_ended() -> list[Any] | None:
-        jobs = await control(http, base_url, "jobs")
+        jobs = await sandbox_json(http, base_url, "jobs")
         return jobs if sum(job["done_at"] is not None for job in jobs) >= count else None
 
     result: list[Any] = await wait_until(jobs_if_ended, timeout_s=10, interval_s=0.01)
@@ -196,7 +170,7 @@ async def test_unknown_key_is_a_401_authorization_error(
             http, "POST", base_url + "/clips", clip_body(), authorization=authorization
         )
         read = await request(http, "GET", base_url + "/clips", authorization=authorization)
-        stats = await control(http, base_url, "stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert answer[:2] == (
         401,
         {"kind": "AuthorizationError", "description": "user unauthenticated"},
@@ -244,7 +218,7 @@ async def test_invalid_bodies_are_a_400_bad_request(
 ) -> None:
     async with did_emulator() as base_url:
         status, body, _ = await request(http, "POST", f"{base_url}/{kind}", document)
-        stats = await control(http, base_url, "stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert (status, body["kind"]) == (400, "BadRequestError")
     assert body["description"].startswith(description)
     assert stats["created"] == 0
@@ -277,7 +251,7 @@ async def test_per_reference_faults_end_in_each_error_kind_or_rejected(
         }
         clock.now_s += 10_000
         ended = {kind: await get_job(http, base_url, job_id) for kind, job_id in ids.items()}
-        rows = await control(http, base_url, "jobs")
+        rows = await sandbox_json(http, base_url, "jobs")
     for kind in ERROR_KINDS:
         assert ended[kind]["status"] == "error", kind
         assert ended[kind]["error"]["kind"] == kind
@@ -360,7 +334,7 @@ async def test_list_shows_the_newest_jobs_of_its_kind_with_user_data(
         everything = await request(http, "GET", base_url + "/clips?limit=10")
         talks = await request(http, "GET", base_url + "/talks")
         bad = await request(http, "GET", base_url + "/clips?limit=zero")
-        stats = await control(http, base_url, "stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert [job["id"] for job in default[1]["clips"]] == ids[:0:-1]
     assert [job["user_data"] for job in limited[1]["clips"]] == ["r2"]
     assert [job["id"] for job in everything[1]["clips"]] == ids[::-1]
@@ -398,7 +372,7 @@ async def test_credits_run_out_into_402_and_errors_give_them_back(
 async def test_forbidden_knob_refuses_creates_with_403(http: aiohttp.ClientSession) -> None:
     async with did_emulator(DidSandboxConfig(forbidden=True)) as base_url:
         answer = await request(http, "POST", base_url + "/clips", clip_body())
-        jobs = await control(http, base_url, "jobs")
+        jobs = await sandbox_json(http, base_url, "jobs")
     assert (answer[0], answer[1]["kind"]) == (403, "PermissionDeniedError")
     assert jobs == []
 
@@ -411,7 +385,7 @@ async def test_throttled_requests_are_429_with_optional_retry_after(
     async with did_emulator(config) as base_url:
         created = await request(http, "POST", base_url + "/clips", clip_body())
         read = await request(http, "GET", base_url + "/clips/clp_x")
-        stats = await control(http, base_url, "stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert (created[0], created[1]["kind"], read[0]) == (429, "TooManyRequestsError", 429)
     assert created[2].get("Retry-After") == header
     assert (stats["created"], stats["rejected_by_code"]) == (0, {"http_429": 2})
@@ -422,7 +396,7 @@ async def test_5xx_before_create_makes_no_job_and_rotates_statuses(
 ) -> None:
     async with did_emulator(DidSandboxConfig(transient_p=1.0)) as base_url:
         answers = [await request(http, "POST", base_url + "/clips", clip_body()) for _ in range(4)]
-        stats = await control(http, base_url, "stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert [status for status, _, _ in answers] == [500, 502, 503, 500]
     assert stats["created"] == 0
 
@@ -435,7 +409,7 @@ async def test_5xx_after_create_leaves_a_job_that_a_retry_duplicates(
         await set_knobs(http, base_url, create_5xx_after_create_p=0.0)
         listed = await request(http, "GET", base_url + "/clips")
         await create(http, base_url)
-        stats = await control(http, base_url, "stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert failed[0] == 500
     assert [job["user_data"] for job in listed[1]["clips"]] == ["cmp42-r9001"]
     assert (stats["created"], stats["duplicates"]) == (2, {"cmp42-r9001": 2})
@@ -446,7 +420,7 @@ async def test_malformed_body_knob_cuts_the_201_but_creates_the_job(
 ) -> None:
     async with did_emulator(DidSandboxConfig(malformed_body_p=1.0)) as base_url:
         status, body, _ = await request(http, "POST", base_url + "/clips", clip_body())
-        jobs = await control(http, base_url, "jobs")
+        jobs = await sandbox_json(http, base_url, "jobs")
     assert status == 201
     assert isinstance(body, bytes), "the body is not readable JSON"
     assert body.startswith(b'{"id":"clp_')
@@ -465,7 +439,7 @@ async def test_latency_knob_delays_answers_past_a_client_timeout(
                 headers={"Authorization": BASIC},
                 timeout=timeout,
             )
-        jobs = await control(http, base_url, "jobs")
+        jobs = await sandbox_json(http, base_url, "jobs")
     assert len(jobs) == 1, "the answer was decided before the delay"
 
 
@@ -478,7 +452,7 @@ async def test_render_times_are_seeded_log_normal_at_least_the_minimum_and_compr
             for _ in range(101):
                 await create(http, base_url)
             clock.now_s += 1e9
-            jobs = await control(http, base_url, "jobs")
+            jobs = await sandbox_json(http, base_url, "jobs")
         return [job["done_at"] - job["created_at"] for job in jobs]
 
     drawn = await render_times_s(seed=7, render_min_s=0.0)
@@ -499,12 +473,12 @@ async def test_jobs_view_counts_polls_and_reset_forgets_jobs(http: aiohttp.Clien
             await get_job(http, base_url, job_id)
         await request(http, "GET", base_url + "/clips/clp_unknown")
         (row,) = await ended_jobs(http, base_url, 1)
-        stats = await control(http, base_url, "stats")
+        stats = await sandbox_json(http, base_url, "stats")
         async with http.post(base_url + "/_sandbox/reset") as response:
             assert response.status == 200
         after = await request(http, "GET", f"{base_url}/clips/{job_id}")
-        after_stats = await control(http, base_url, "stats")
-        after_jobs = await control(http, base_url, "jobs")
+        after_stats = await sandbox_json(http, base_url, "stats")
+        after_jobs = await sandbox_json(http, base_url, "jobs")
         credits = await request(http, "GET", base_url + "/credits")
     assert (row["id"], row["reference"], row["status"], row["polls"]) == (
         job_id,
@@ -517,31 +491,6 @@ async def test_jobs_view_counts_polls_and_reset_forgets_jobs(http: aiohttp.Clien
     assert after[0] == 404
     assert (after_stats["created"], after_jobs) == (0, [])
     assert credits[1]["remaining"] == 1
-
-
-class Receiver:
-    """A webhook endpoint that records every POSTed JSON body and answers 200."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.bodies.append(orjson.loads(await request.read()))
-        return web.Response()
-
-    async def wait_for(self, count: int) -> list[dict[str, Any]]:
-        await wait_until(lambda: len(self.bodies) >= count, timeout_s=10, interval_s=0.01)
-        return self.bodies
-
-
-@contextlib.asynccontextmanager
-async def running_receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    """A receiver on a free loopback port; yields it and its URL (with a secret query)."""
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", receiver.handle)
-    async with serving(app) as base_url:
-        yield receiver, base_url + "/hook?token=s3cret"
 
 
 async def test_webhook_posts_the_ended_job_without_any_poll(http: aiohttp.ClientSession) -> None:

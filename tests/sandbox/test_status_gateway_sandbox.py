@@ -3,35 +3,17 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from blastd.sandbox.__main__ import provider_apps
-from blastd.sandbox.cloud_api import listening
-from blastd.sandbox.status_gateway import StatusSandboxConfig, build_status_app
+from tests.harness import status_emulator
 
 HEADERS = {"apikey": "sandbox-token"}
 JIDS = ["6281200000001@s.whatsapp.net", "6281200000002@s.whatsapp.net"]
 TEXT = {"type": "text", "content": "Promo", "backgroundColor": "#000000", "font": 1}
-
-
-@contextlib.asynccontextmanager
-async def running_sandbox(**knobs: Any) -> AsyncIterator[str]:
-    root = web.Application()
-    root.add_subapp("/status", build_status_app(StatusSandboxConfig.model_validate(knobs)))
-    async with listening(root, "127.0.0.1", 0) as base_url:
-        yield base_url + "/status"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def send_status(
@@ -50,7 +32,7 @@ async def get(http: aiohttp.ClientSession, url: str, path: str) -> Any:
 async def test_evolution_answers_201_with_a_wa_message_of_status_broadcast(
     http: aiohttp.ClientSession,
 ) -> None:
-    async with running_sandbox() as url:
+    async with status_emulator() as url:
         status, body = await send_status(http, url, JIDS)
     assert status == 201
     assert body["key"]["remoteJid"] == "status@broadcast"
@@ -71,7 +53,7 @@ async def test_evolution_answers_201_with_a_wa_message_of_status_broadcast(
 async def test_requests_against_evolution_schema_are_refused_with_400(
     http: aiohttp.ClientSession, fields: dict[str, Any], problem: str
 ) -> None:
-    async with running_sandbox() as url:
+    async with status_emulator() as url:
         status, body = await send_status(http, url, JIDS, **fields)
     assert status == 400
     assert problem in body["message"]
@@ -80,7 +62,7 @@ async def test_requests_against_evolution_schema_are_refused_with_400(
 async def test_deliveries_are_counted_per_status_and_contact(
     http: aiohttp.ClientSession,
 ) -> None:
-    async with running_sandbox() as url:
+    async with status_emulator() as url:
         _, first = await send_status(http, url, JIDS[:1])
         message_id = first["key"]["id"]
         await send_status(http, url, JIDS, messageId=message_id)
@@ -96,7 +78,7 @@ async def test_deliveries_are_counted_per_status_and_contact(
 async def test_chosen_requests_fail_and_long_lists_are_refused(
     http: aiohttp.ClientSession,
 ) -> None:
-    async with running_sandbox(fail_requests={"2": 502}, max_batch_size=1) as url:
+    async with status_emulator(fail_requests={"2": 502}, max_batch_size=1) as url:
         answers = [
             (await send_status(http, url, JIDS[:1]))[0],
             (await send_status(http, url, JIDS[:1]))[0],
@@ -119,7 +101,7 @@ async def test_story_routes_take_the_session_in_the_body_and_a_bearer_token(
     headers = {"Authorization": "Bearer sandbox-token"}
     body = {"sessionId": "sandbox", "url": "https://cdn.example.com/v.mp4", "statusJidList": JIDS}
     async with (
-        running_sandbox() as url,
+        status_emulator() as url,
         http.post(f"{url}/story/video", json=body, headers=headers) as response,
     ):
         answer = await response.json()
@@ -129,7 +111,7 @@ async def test_story_routes_take_the_session_in_the_body_and_a_bearer_token(
 
 
 async def test_config_and_reset_at_runtime(http: aiohttp.ClientSession) -> None:
-    async with running_sandbox() as url:
+    async with status_emulator() as url:
         async with http.post(f"{url}/_sandbox/config", json={"session_connected": False}) as r:
             assert r.status == 200
         status, _ = await send_status(http, url, JIDS)

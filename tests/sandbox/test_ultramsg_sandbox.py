@@ -15,7 +15,14 @@ import pytest
 from aiohttp import web
 
 from blastd.sandbox.ultramsg import UltraMsgSandboxConfig
-from tests.harness import poll_stats, sandbox_process, serving, ultramsg_emulator
+from tests.harness import (
+    get_json,
+    poll_stats,
+    sandbox_json,
+    sandbox_process,
+    serving,
+    ultramsg_emulator,
+)
 
 TOKEN = "sandbox-token"
 INSTANCE = "instance1150"
@@ -49,11 +56,6 @@ def _json_or_raw(raw: bytes) -> Any:
         return raw
 
 
-async def get_json(http: aiohttp.ClientSession, base_url: str, path: str) -> Any:
-    async with http.get(base_url + path) as response:
-        return orjson.loads(await response.read())
-
-
 async def test_accepted_messages_get_increasing_ids_and_sent_as_the_string_true(
     http: aiohttp.ClientSession,
 ) -> None:
@@ -72,7 +74,7 @@ async def test_json_body_with_the_token_inside_is_accepted_like_a_form(
         url = f"{base_url}/{INSTANCE}/messages/video"
         async with http.post(url, json=request) as response:
             body = await response.json()
-        messages = await get_json(http, base_url, "/_sandbox/messages")
+        messages = await sandbox_json(http, base_url, "messages")
     assert body == {"sent": "true", "message": "ok", "id": 1}
     assert messages == [
         {
@@ -92,7 +94,7 @@ async def test_wrong_or_missing_token_is_refused_behind_http_200(
 ) -> None:
     async with ultramsg_emulator() as base_url:
         status, body, _ = await post_chat(http, base_url, token=token)
-        stats = await get_json(http, base_url, "/_sandbox/stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert (status, body) == (
         200,
         {"error": "Wrong token. Please provide token as a GET parameter."},
@@ -163,7 +165,7 @@ async def test_injected_faults_answer_each_class_for_the_configured_number(
     config = UltraMsgSandboxConfig.model_validate({"fail_numbers": numbers, "retry_after_s": 7})
     async with ultramsg_emulator(config) as base_url:
         answers = {kind: await post_chat(http, base_url, to=to) for to, kind in numbers.items()}
-        stats = await get_json(http, base_url, "/_sandbox/stats")
+        stats = await sandbox_json(http, base_url, "stats")
     for kind, (status, body) in FAULT_ANSWERS.items():
         assert answers[kind][:2] == (status, body), kind
     assert answers["throttled"][2]["Retry-After"] == "7"
@@ -207,7 +209,7 @@ async def test_instance_that_lost_its_link_refuses_sends_and_reports_its_state(
 ) -> None:
     async with ultramsg_emulator(UltraMsgSandboxConfig(instance_status="qr")) as base_url:
         _, body, _ = await post_chat(http, base_url)
-        status = await get_json(http, base_url, f"/{INSTANCE}/instance/status?token={TOKEN}")
+        status = await get_json(http, f"{base_url}/{INSTANCE}/instance/status?token={TOKEN}")
     assert body == {"error": "Instance not authenticated, scan the QR code"}
     assert status == {"status": {"accountStatus": {"status": "qr", "substatus": "connected"}}}
 
@@ -218,9 +220,9 @@ async def test_control_endpoints_count_change_knobs_and_reset(
     async with ultramsg_emulator() as base_url:
         await post_chat(http, base_url)
         await post_chat(http, base_url)
-        stats = await get_json(http, base_url, "/_sandbox/stats")
-        recipients = await get_json(http, base_url, "/_sandbox/recipients")
-        arrivals = await get_json(http, base_url, "/_sandbox/arrivals")
+        stats = await sandbox_json(http, base_url, "stats")
+        recipients = await sandbox_json(http, base_url, "recipients")
+        arrivals = await sandbox_json(http, base_url, "arrivals")
         async with http.post(base_url + "/_sandbox/config", json={"transient_p": 2}) as bad:
             bad_status = bad.status
         async with http.post(base_url + "/_sandbox/config", json={"fatal_p": 1}) as good:
@@ -228,7 +230,7 @@ async def test_control_endpoints_count_change_knobs_and_reset(
         refused = await post_chat(http, base_url)
         async with http.post(base_url + "/_sandbox/reset") as response:
             assert response.status == 200
-        after_reset = await get_json(http, base_url, "/_sandbox/stats")
+        after_reset = await sandbox_json(http, base_url, "stats")
     assert (stats["requests"], stats["accepted"], stats["duplicates"]) == (2, 2, {DIGITS: 2})
     assert recipients == {DIGITS: 2}
     assert len(arrivals) == 2

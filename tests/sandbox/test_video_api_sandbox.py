@@ -18,8 +18,8 @@ import orjson
 import pytest
 
 from blastd.sandbox.video_api import VideoApiSandboxConfig, build_video_api_app
-from tests.harness import sandbox_process, serving
-from tests.sandbox.test_did_sandbox import FAST, FIXED, Clock, fetch, running_receiver
+from tests.harness import Clock, json_request, sandbox_json, sandbox_process, serving, set_knobs
+from tests.video_harness import FAST, FIXED, fetch, running_receiver
 
 TOKEN = "sandbox-token"
 KEY_HEADERS = {"X-API-Key": TOKEN}
@@ -44,16 +44,10 @@ async def request(
     document: object = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, Any, dict[str, str]]:
-    """One request with the default key; the JSON answer when it is JSON, else the raw bytes."""
-    data = None if document is None else orjson.dumps(document)
-    given = KEY_HEADERS if headers is None else headers
-    async with http.request(method, url, data=data, headers=given) as response:
-        raw = await response.read()
-        try:
-            body: Any = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            body = raw
-        return response.status, body, dict(response.headers)
+    """One request with the default key unless other headers are given."""
+    return await json_request(
+        http, method, url, document, KEY_HEADERS if headers is None else headers
+    )
 
 
 async def submit(http: aiohttp.ClientSession, base_url: str, **extra: object) -> str:
@@ -68,16 +62,6 @@ async def poll(http: aiohttp.ClientSession, base_url: str, job_id: str) -> tuple
     return status, body
 
 
-async def control(http: aiohttp.ClientSession, base_url: str, path: str) -> Any:
-    async with http.get(f"{base_url}/_sandbox/{path}") as response:
-        return orjson.loads(await response.read())
-
-
-async def set_knobs(http: aiohttp.ClientSession, base_url: str, **knobs: Any) -> None:
-    async with http.post(f"{base_url}/_sandbox/config", json=knobs) as response:
-        assert response.status == 200, await response.text()
-
-
 async def test_default_dialect_is_the_design_notes(http: aiohttp.ClientSession) -> None:
     clock = Clock()
     async with video_emulator(VideoApiSandboxConfig.model_validate(FIXED), clock) as base_url:
@@ -86,7 +70,7 @@ async def test_default_dialect_is_the_design_notes(http: aiohttp.ClientSession) 
         clock.now_s += 60
         completed = await poll(http, base_url, body["jobId"])
         video = await fetch(http, completed[1]["videoUrl"])
-        (row,) = await control(http, base_url, "jobs")
+        (row,) = await sandbox_json(http, base_url, "jobs")
     assert (status, list(body)) == (200, ["jobId"])
     assert running == (200, {"status": "processing"})
     assert completed[0] == 200
@@ -108,7 +92,7 @@ async def test_wrong_key_is_401_on_submit_and_poll(
     async with video_emulator() as base_url:
         submitted = await request(http, "POST", base_url + "/job", job_body(), headers)
         polled = await request(http, "GET", base_url + "/job/job_x", headers=headers)
-        stats = await control(http, base_url, "stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert submitted[:2] == (401, {"error": "unauthorized"})
     assert polled[0] == 401
     assert stats["created"] == 0
@@ -141,7 +125,7 @@ async def test_dialect_knobs_rename_paths_fields_and_auth_at_runtime(
         running = await request(http, "GET", f"{base_url}/v2/renders/{job_id}/state", None, bearer)
         clock.now_s += 60
         done = await request(http, "GET", f"{base_url}/v2/renders/{job_id}/state", None, bearer)
-        (row,) = await control(http, base_url, "jobs")
+        (row,) = await sandbox_json(http, base_url, "jobs")
     assert old_path[0] == 404
     assert created[0] == 202
     assert running[:2] == (200, {"state": "queued"})
@@ -231,7 +215,7 @@ async def test_5xx_after_submit_creates_the_job_a_resubmit_duplicates(
         before = await request(http, "POST", base_url + "/job", job_body())
         await set_knobs(http, base_url, transient_p=0.0)
         await submit(http, base_url)
-        stats = await control(http, base_url, "stats")
+        stats = await sandbox_json(http, base_url, "stats")
     assert (failed[0], before[0]) == (500, 502)
     assert (stats["created"], stats["duplicates"]) == (2, {"cmp42-r9001": 2})
 
@@ -249,7 +233,7 @@ async def test_forbidden_malformed_and_slow_submits(http: aiohttp.ClientSession)
                 headers=KEY_HEADERS,
                 timeout=aiohttp.ClientTimeout(total=0.05),
             )
-        jobs = await control(http, base_url, "jobs")
+        jobs = await sandbox_json(http, base_url, "jobs")
     assert forbidden[:2] == (403, {"error": "permission denied"})
     assert malformed[0] == 200
     assert isinstance(malformed[1], bytes)

@@ -12,17 +12,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.harness import SandboxHandle, sandbox_process, serving, wablas_sandbox, wait_until
+from tests.harness import SandboxHandle, sandbox_process, serving, wait_until
 
 TOKEN = "sandbox-token"
 PHONES = ("6281200000001", "6281200000002")
 LINK = "https://cdn.example.com/v/123.mp4"
-
-
-@pytest.fixture
-async def wablas() -> AsyncIterator[SandboxHandle]:
-    async with wablas_sandbox() as handle:
-        yield handle
 
 
 def bulk(*phones: str, **top_level: object) -> dict[str, object]:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import pytest
 
 from blastd.pacing import MAX_LAG_S, Pacer
+from tests.harness import max_in_any_window
 
 T = TypeVar("T")
 CONSUMERS = 50
@@ -78,14 +79,6 @@ async def call_at(loop_time: float, action: Callable[[], object]) -> None:
     """Run action at loop time loop_time."""
     await asyncio.sleep(loop_time - asyncio.get_running_loop().time())
     action()
-
-
-def max_in_any_window(times: list[float], width_s: float) -> int:
-    """Most releases in any window [t, t + width_s); the busiest one starts at a release."""
-    return max(
-        (bisect.bisect_left(times, start + width_s) - i for i, start in enumerate(times)),
-        default=0,
-    )
 
 
 def count_between(times: list[float], start_s: float, end_s: float) -> int:

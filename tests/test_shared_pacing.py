@@ -29,8 +29,7 @@ from blastd.shared_pacing import (
     rate_ring_key,
     rate_state_key,
 )
-from tests.harness import Servers, make_settings, wait_until
-from tests.test_limiter import max_in_any_window
+from tests.harness import Servers, make_settings, max_in_any_window, wait_until
 
 P = ParamSpec("P")
 T = TypeVar("T")
