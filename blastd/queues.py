@@ -81,7 +81,8 @@ _current_take: ContextVar[Take | None] = ContextVar("blastd_current_take", defau
 async def count_take(redis_client: aioredis.Redis, prefix: str, raw: bytes) -> Take:
     """Record a new take of `raw` and say how many takes count against it (module docstring)."""
     key = progress_key(prefix, raw)
-    pages, furthest = _decode_progress(await redis_client.get(key))
+    left = await redis_client.get(key)
+    pages, furthest = _decode_progress(left)
     counts = pages <= furthest  # no further than before: this take is the job's fault
     furthest = max(pages, furthest)
     deliveries = deliveries_key(prefix, raw)
@@ -93,7 +94,16 @@ async def count_take(redis_client: aioredis.Redis, prefix: str, raw: bytes) -> T
     pipe.expire(deliveries, TAKE_TTL_S)
     pipe.set(key, _encode_progress(0, furthest), ex=TAKE_TTL_S)
     answer, _, _ = await pipe.execute()
-    return Take(key, int(answer or 0), furthest)
+    take = Take(key, int(answer or 0), furthest)
+    if left is not None:  # an earlier take died holding the job
+        log.warning(
+            "job_taken_again",
+            deliveries=take.deliveries,
+            counted=counts,
+            last_take_pages=pages,
+            furthest_pages=furthest,
+        )
+    return take
 
 
 def _decode_progress(value: bytes | str | None) -> tuple[int, int]:
