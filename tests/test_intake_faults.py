@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from blastd import ledger
 from blastd.embedded import free_port
 from blastd.errors import InvalidJobError
+from blastd.queues import readable_job_id
 from blastd.recipients import stream_recipients_key
 from tests.harness import (
     ACCOUNT,
@@ -280,3 +281,20 @@ async def test_a_list_appended_to_while_read_is_reported_after_the_last_page(
     assert caught.value.reason == (
         "recipients_key changed while it was read: 20 of 20 read, the list holds 21 now"
     )
+
+
+@pytest.mark.parametrize(
+    ("raw", "job_id"),
+    [
+        (b'{"type": "blast", "id": "promo-7", "account": 5}', "promo-7"),
+        (b'{"id": "promo-7", "type": "blast"', None),  # cut short: not JSON
+        (b'["promo-7"]', None),
+        (b'{"id": 7}', None),
+        (b'{"id": "bell\\u0007"}', None),  # an id the dead list could not print on one line
+        (b'{"id": "promo-7", "pad": "' + b"x" * 100 + b'"}', None),  # over the size limit
+    ],
+)
+def test_a_dead_entry_reads_the_id_from_the_payload_only_when_it_is_a_valid_one(
+    raw: bytes, job_id: str | None
+) -> None:
+    assert readable_job_id(raw, max_bytes=100) == job_id
