@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from blastd import ledger, metrics
+from blastd import ledger, metrics, queues
 from blastd.errors import InvalidJobError, InvalidNumberError
 from blastd.jobs import BlastJob, missing_variables
 from blastd.recipients import (
@@ -66,7 +66,7 @@ async def staged_pages(
         entries = stream_recipients_key(
             deps.redis, job.recipients_key, settings.recipients_page_size
         )
-    seq = 0
+    seq = pages = 0
     async for page in entries:
         staged = []
         for entry in page:
@@ -75,6 +75,8 @@ async def staged_pages(
         if seq > settings.max_recipients:
             raise InvalidJobError(f"more than {settings.max_recipients} recipients", job.id)
         yield staged
+        pages += 1  # the caller has staged the page by the time it asks for the next one
+        await queues.record_progress(deps.redis, pages)
     if seq == 0:
         raise InvalidJobError(f"recipients_key {job.recipients_key!r} is empty or missing", job.id)
 

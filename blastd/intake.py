@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from blastd.shutdown import Shutdown
 
 log = structlog.get_logger()
-DELIVERIES_TTL_S = 86_400
 
 
 async def run(deps: Dependencies, shutdown: Shutdown) -> None:
@@ -40,26 +39,30 @@ async def run(deps: Dependencies, shutdown: Shutdown) -> None:
 
 
 async def handle_job(deps: Dependencies, raw: bytes) -> None:
-    """Accept one job into the ledger or dead-letter it, then drop it from the processing list."""
+    """Accept one job into the ledger or dead-letter it, then drop it from the processing list.
+
+    Takes that count against the job are told from takes after an outside kill by the pages
+    of recipients each take staged (blastd/queues.py says how)."""
     metrics.JOBS_TAKEN.inc()
-    prefix = deps.settings.redis_prefix
-    deliveries = await deps.redis_call(deps.redis.incr, queues.deliveries_key(prefix, raw))
-    await deps.redis_call(deps.redis.expire, queues.deliveries_key(prefix, raw), DELIVERIES_TTL_S)
+    settings = deps.settings
+    prefix = settings.redis_prefix
+    take = await deps.redis_call(queues.count_take, deps.redis, prefix, raw)
     try:
-        if deliveries > deps.settings.max_job_deliveries:
-            raise InvalidJobError(f"job was taken {deliveries - 1} times without finishing")
+        if take.deliveries > settings.max_job_deliveries:
+            raise InvalidJobError(
+                f"job was taken {take.deliveries - 1} times without finishing, none of them "
+                f"getting past {take.furthest_pages} pages of recipients"
+            )
         # An outage mid-way rolls the campaign's transaction back; the job is accepted again
         # once Redis and PostgreSQL answer, rather than dead-lettered as if it were broken.
-        await deps.outage_call(accept_job, deps, raw)
+        with queues.taking(take):
+            await deps.outage_call(accept_job, deps, raw)
     except InvalidJobError as exc:
         await queues.dead_letter(deps, raw, exc.reason, exc.job_id)
     except Exception as exc:  # a bug must not take the daemon down with every later job
         log.exception("job_crashed", error=type(exc).__name__)
         await queues.dead_letter(deps, raw, f"internal error: {type(exc).__name__}", None)
-    pipe = deps.redis.pipeline(transaction=True)
-    pipe.lrem(queues.processing_key(prefix, deps.settings.instance_id), 1, raw)  # type: ignore[arg-type]  # bytes are sent as they are
-    pipe.delete(queues.deliveries_key(prefix, raw))
-    await deps.redis_call(pipe.execute)
+    await deps.redis_call(queues.finish_take, deps.redis, prefix, settings.instance_id, raw)
 
 
 async def accept_job(deps: Dependencies, raw: bytes) -> None:

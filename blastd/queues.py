@@ -1,10 +1,32 @@
-"""The Redis lists a job passes through: the queue, each processing list, the dead letters."""
+"""The Redis lists a job passes through: the queue, each processing list, the dead letters.
+
+A job is taken again when the daemon that held it died. Whether that counts against the job
+is decided from what Redis holds about its earlier takes, by the sha1 of its bytes:
+
+- {prefix}deliveries:<sha1> counts the takes held against the job, the current one included.
+- {prefix}progress:<sha1> holds "pages:furthest": the recipient pages the current take has
+  staged (one SET per page, a few thousand rows each), and the most pages any earlier take
+  of the job staged before it died.
+
+A take that finds progress left behind knows its predecessor died. If that take staged more
+pages than every take before it, the job was moving and something outside it (a kill, an
+OOM elsewhere, a deploy) stopped the daemon: the new take is free. Otherwise it died at or
+before a point reached already, the way a job that itself kills the daemon does, and the new
+take counts. The first take always counts. A job whose counted takes exceed
+`max_job_deliveries` is dead-lettered as poison. Progress is bounded by the job's pages, so
+free takes are too, and a job killed at the same point every time always ends as poison.
+Kills that all land before the first page is staged look like a job that dies at its start,
+and count. Both keys go once the job is in the ledger or dead; they expire after a day.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,9 +39,11 @@ from redis.asyncio.client import Pipeline
 
 from blastd import metrics
 from blastd.errors import InvalidJobError
+from blastd.job_fields import id_problem
 from blastd.resources import Dependencies
 
 log = structlog.get_logger()
+TAKE_TTL_S = 86_400  # a job not taken again within a day starts its count afresh
 
 
 def jobs_key(prefix: str) -> str:
@@ -38,8 +62,109 @@ def deliveries_key(prefix: str, raw: bytes) -> str:
     return f"{prefix}deliveries:{hashlib.sha1(raw).hexdigest()}"
 
 
+def progress_key(prefix: str, raw: bytes) -> str:
+    return f"{prefix}progress:{hashlib.sha1(raw).hexdigest()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Take:
+    """One take of a job, as the module docstring counts it."""
+
+    progress_key: str
+    deliveries: int  # takes counted against the job, this one included
+    furthest_pages: int  # the most pages an earlier take staged
+
+
+_current_take: ContextVar[Take | None] = ContextVar("blastd_current_take", default=None)
+
+
+async def count_take(redis_client: aioredis.Redis, prefix: str, raw: bytes) -> Take:
+    """Record a new take of `raw` and say how many takes count against it (module docstring)."""
+    key = progress_key(prefix, raw)
+    left = await redis_client.get(key)
+    pages, furthest = _decode_progress(left)
+    counts = pages <= furthest  # no further than before: this take is the job's fault
+    furthest = max(pages, furthest)
+    deliveries = deliveries_key(prefix, raw)
+    pipe = redis_client.pipeline(transaction=True)
+    if counts:
+        pipe.incr(deliveries)
+    else:
+        pipe.get(deliveries)
+    pipe.expire(deliveries, TAKE_TTL_S)
+    pipe.set(key, _encode_progress(0, furthest), ex=TAKE_TTL_S)
+    answer, _, _ = await pipe.execute()
+    take = Take(key, int(answer or 0), furthest)
+    if left is not None:  # an earlier take died holding the job
+        log.warning(
+            "job_taken_again",
+            deliveries=take.deliveries,
+            counted=counts,
+            last_take_pages=pages,
+            furthest_pages=furthest,
+        )
+    return take
+
+
+def _decode_progress(value: bytes | str | None) -> tuple[int, int]:
+    """(pages, furthest) of the last take; (0, 0) when there was none or it is unreadable."""
+    try:
+        pages, furthest = _as_bytes(value or b"0:0").split(b":")
+        return int(pages), int(furthest)
+    except ValueError:
+        return 0, 0
+
+
+def _encode_progress(pages: int, furthest: int) -> str:
+    return f"{pages}:{furthest}"
+
+
+@contextlib.contextmanager
+def taking(take: Take) -> Iterator[None]:
+    """Make `take` the one record_progress marks while its job is accepted (this task only)."""
+    token = _current_take.set(take)
+    try:
+        yield
+    finally:
+        _current_take.reset(token)
+
+
+async def record_progress(redis_client: aioredis.Redis, pages: int) -> None:
+    """Mark that the current take has staged `pages` pages; nothing outside a take."""
+    take = _current_take.get()
+    if take is not None:
+        value = _encode_progress(pages, take.furthest_pages)
+        await redis_client.set(take.progress_key, value, ex=TAKE_TTL_S)
+
+
+async def finish_take(redis_client: aioredis.Redis, prefix: str, instance: str, raw: bytes) -> None:
+    """The job is in the ledger or dead: drop it from the processing list and forget its takes."""
+    pipe = redis_client.pipeline(transaction=True)
+    pipe.lrem(processing_key(prefix, instance), 1, raw)  # type: ignore[arg-type]  # bytes are sent as they are
+    pipe.delete(deliveries_key(prefix, raw), progress_key(prefix, raw))
+    await pipe.execute()
+
+
+def readable_job_id(raw: bytes, max_bytes: int) -> str | None:
+    """The job's id if its bytes are a JSON object with a valid one, read best-effort (a
+    payload over the job size limit is not parsed: it may be what killed the daemon)."""
+    if len(raw) > max_bytes:
+        return None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    job_id = data.get("id") if isinstance(data, dict) else None
+    if isinstance(job_id, str) and id_problem(job_id) is None:
+        return job_id
+    return None
+
+
 async def dead_letter(deps: Dependencies, raw: bytes, reason: str, job_id: str | None) -> None:
-    """Keep the original payload with a one-line reason in {prefix}dead."""
+    """Keep the original payload with a one-line reason in {prefix}dead, and the job's id
+    whenever the payload has a readable one."""
+    if job_id is None:
+        job_id = readable_job_id(raw, deps.settings.max_job_bytes)
     entry: dict[str, object] = {
         "reason": reason,
         "job_id": job_id,

@@ -18,7 +18,7 @@ from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
 
-from blastd.errors import InvalidNumberError
+from blastd.errors import InvalidJobError, InvalidNumberError
 
 # C0 controls other than tab, newline and carriage return: PostgreSQL text rejects NUL, and the
 # rest are never legitimate in a message or a number.
@@ -179,15 +179,33 @@ def _is_known_zone(name: str) -> bool:
 async def stream_recipients_key(
     redis_client: redis.asyncio.Redis, key: str, page_size: int
 ) -> AsyncIterator[list[RecipientIn | BadEntry]]:
-    """Yield the list at `key` in LRANGE pages of `page_size`, never the whole list at once."""
-    start = 0
-    while True:
-        page: list[bytes | str] = await redis_client.lrange(key, start, start + page_size - 1)
-        if page:
-            yield [parse_recipient_entry(entry) for entry in page]
-        if len(page) < page_size:
-            return
-        start += page_size
+    """Yield the list at `key` in LRANGE pages of `page_size`, never the whole list at once.
+
+    The list must hold still while it is read: its length is taken first, every page must
+    come back whole, and the list must hold that many still after the last page. Otherwise
+    InvalidJobError says how much was read, so no campaign is committed short of recipients
+    deleted (or one long of recipients appended) while it was read."""
+    expected = await redis_client.llen(key)
+    read = 0
+    while read < expected:
+        size = min(page_size, expected - read)
+        page: list[bytes | str] = await redis_client.lrange(key, read, read + size - 1)
+        if len(page) < size:
+            raise await _changed_while_read(redis_client, key, read, expected)
+        read += size
+        yield [parse_recipient_entry(entry) for entry in page]
+    if await redis_client.llen(key) != expected:
+        raise await _changed_while_read(redis_client, key, read, expected)
+
+
+async def _changed_while_read(
+    redis_client: redis.asyncio.Redis, key: str, read: int, expected: int
+) -> InvalidJobError:
+    now = await redis_client.llen(key)
+    return InvalidJobError(
+        f"recipients_key changed while it was read: {read} of {expected} read, "
+        f"the list holds {now} now"
+    )
 
 
 def parse_recipient_entry(entry: bytes | str) -> RecipientIn | BadEntry:
