@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -496,3 +498,27 @@ async def test_pages_escape_what_the_ledger_holds_and_page_through_recipients(
     assert first.count("<tr>") == 201, "the header and a page of 200"
     assert next_link.endswith("after=200")
     assert second.count("<tr>") == 2, "the last recipient"
+
+
+# --- the demo's last word --------------------------------------------------------------------
+
+
+async def test_demo_ends_by_saying_why_recipients_were_not_reached(tmp_path: Path) -> None:
+    """Its own servers, sandbox and daemon, on a small file with a duplicate and a bad number."""
+    numbers = numbers_from(46_000_000, 3)
+    rows = [f"{number};N{i};C{i}" for i, number in enumerate([*numbers, numbers[1], "12345"])]
+    path = tmp_path / "small.csv"
+    path.write_text("\n".join(["phone;name;code", *rows]) + "\n")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("BLASTD_")}
+
+    result = await run_cli(env, "demo", "--recipients", str(path), "--rate", "50", timeout_s=240)
+
+    assert result.code == 0, result.stderr
+    why = result.stdout.split("why the others were not reached:")[1]
+    # A table's first line per row: rich wraps the long cells to the lines below.
+    skipped = [line.split("│") for line in why.splitlines() if "│ skipped" in line]
+    reasons = {cells[2].strip().split(":")[0]: cells for cells in skipped}
+    assert set(reasons) == {"duplicate", "invalid number"}
+    assert reasons["duplicate"][3].strip() == "1"
+    assert reasons["duplicate"][4].strip() == "+628******0001", "an example, masked"
+    assert reasons["invalid number"][4].strip() == "12345"
