@@ -8,6 +8,7 @@ the campaign notices within its campaign poll interval."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -358,7 +359,15 @@ def recipients(
     text, skip reason, attempts, times. Streamed: any size runs in bounded memory."""
     settings = _settings(ctx)
     which = exports.RecipientFilter(campaign_id, states, classes, unmask)
-    found = _run(_with_pool(settings, lambda pool: _write_recipients(pool, which, fmt or "text")))
+    try:
+        found = _run(
+            _with_pool(settings, lambda pool: _write_recipients(pool, which, fmt or "text"))
+        )
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not an error; stdout is closed so the
+        # interpreter's own last flush does not fail on the same pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
     if not found:
         click.echo(f"blastd: no campaign {campaign_id!r}", err=True)
         sys.exit(1)

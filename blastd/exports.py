@@ -166,7 +166,6 @@ def mask_number(number: str) -> str:
     return masked
 
 
-
 # --- CSV and JSON ----------------------------------------------------------------------------
 
 # A spreadsheet runs a cell that starts with one of these as a formula; provider texts and the

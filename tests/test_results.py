@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import io
 import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -225,6 +228,27 @@ async def test_recipients_export_pages_through_more_rows_than_a_page(
 
     as_json = await run_cli(cli_env, "recipients", "big", "--json", "--state", "sent")
     assert len(orjson.loads(as_json.stdout)) == count
+
+
+async def test_recipients_piped_into_head_stops_quietly(
+    pool: ledger.Pool, cli_env: dict[str, str]
+) -> None:
+    """More than a pipe's buffer, read only in part: no traceback, exit code 0."""
+    await insert_campaign(pool, "piped", "done", recipient_states=["sent"] * 10_000)
+    command = f"{sys.executable} -m blastd recipients piped --csv | head -n 2"
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        "-o",
+        "pipefail",
+        "-c",
+        command,
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert (process.returncode, stderr.decode()) == (0, "")
+    assert stdout.decode().splitlines()[0] == ",".join(exports.RECIPIENT_FIELDS)
 
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_quoted_but_numbers_are_not() -> None:
