@@ -37,6 +37,7 @@ th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vert
 th { background: #f3f3f3; }
 nav a, nav form { margin-right: 1em; display: inline; }
 .muted { color: #777; }
+.moment { white-space: nowrap; }
 .state-failed, .state-video_failed, .state-uncertain { color: #b00020; }
 .state-sent, .state-delivered, .state-read, .state-done { color: #0a6b2d; }
 """
@@ -72,7 +73,8 @@ def _text(value: object) -> str:
     if value is None:
         return '<span class="muted">-</span>'
     if isinstance(value, datetime):
-        value = value.astimezone(UTC).isoformat(timespec="seconds")
+        moment = value.astimezone(UTC).isoformat(timespec="seconds")
+        return f'<span class="moment">{escape(moment)}</span>'
     return escape(str(value))
 
 

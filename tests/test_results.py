@@ -118,6 +118,12 @@ def by_state(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 # --- blastd campaigns ------------------------------------------------------------------------
 
 
+async def test_help_lists_the_results_commands(cli_env: dict[str, str]) -> None:
+    result = await run_cli(cli_env, "--help")
+    listed = set(re.findall(r"^  (\w+)\s", result.stdout, flags=re.MULTILINE))
+    assert {"campaigns", "recipients", "purge"} <= listed
+
+
 async def test_campaigns_lists_newest_first_with_done_counts_state_filter_and_json(
     pool: ledger.Pool, cli_env: dict[str, str]
 ) -> None:
