@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TEST_TMP := .tmp/test
 SOURCES := blastd tests bench
 
-.PHONY: all install format lint typecheck test test-systemd sandbox demo bench clean nspawn-root
+.PHONY: all install format lint typecheck test test-systemd test-browser sandbox demo bench clean nspawn-root
 
 all: lint typecheck test
 
@@ -40,6 +40,12 @@ test: install
 # $(NSPAWN_ROOT) (about 500 MB, kept for later runs). Run it on a machine you may change.
 test-systemd: install
 	$(BIN)/pytest -m systemd
+
+# The web pages in a real headless browser (tests marked `browser`): installs Debian's chromium
+# when missing (as root), then runs them.
+test-browser: install
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+	$(BIN)/pytest -m browser
 
 sandbox: install
 	$(BIN)/blastd sandbox

@@ -1,21 +1,23 @@
 """aiohttp app on loopback: health, readiness, metrics, campaign status and its event stream,
-and the providers' status webhooks."""
+campaign and recipient listings (JSON, CSV, the web pages of blastd.webui), and the providers'
+status webhooks."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import orjson
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from blastd import events, ledger, metrics, outages, queues, reports
+from blastd import events, exports, ledger, metrics, outages, queues, reports, webui
 from blastd.config import CloudApiAccount, UltraMsgAccount, WablasAccount
-from blastd.errors import PostgresUnavailableError
+from blastd.errors import PostgresUnavailableError, RedisUnavailableError
 from blastd.providers.cloud_api import answer_verification, is_valid_signature, parse_status_webhook
 from blastd.providers.ultramsg import is_valid_secret, parse_ack_webhook
 from blastd.providers.wablas import is_valid_tracking_secret, parse_tracking_webhook
@@ -25,9 +27,14 @@ if TYPE_CHECKING:
     from blastd.resources import Dependencies
 
 log = structlog.get_logger()
+P = ParamSpec("P")
+T = TypeVar("T")
 DEPS_KEY: web.AppKey[Dependencies] = web.AppKey("deps")
 MAX_WEBHOOK_BYTES = 1_048_576
 RECEIPT_STATES = frozenset({"sent", "delivered", "read", "failed"})
+UI_LOGIN = "/ui/login"
+MAX_CAMPAIGNS_LISTED = 1_000
+DEAD_LETTERS_SHOWN = 100
 
 
 async def start(stack: contextlib.AsyncExitStack, deps: Dependencies) -> None:
@@ -53,7 +60,9 @@ def build_app(deps: Dependencies) -> web.Application:
     app[events.CLOSING_KEY] = asyncio.Event()
     app.on_shutdown.append(events.close_streams)
     app.router.add_get("/metrics", serve_metrics)
+    app.router.add_get("/v1/campaigns", serve_campaigns)
     app.router.add_get("/v1/campaigns/{id}", serve_campaign_status)
+    app.router.add_get("/v1/campaigns/{id}/recipients", serve_recipients)
     app.router.add_get("/v1/campaigns/{id}/events", serve_campaign_events)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -62,7 +71,18 @@ def build_app(deps: Dependencies) -> web.Application:
     app.router.add_post("/webhooks/ultramsg/{account}", receive_ultramsg_webhook)
     app.router.add_post("/webhooks/wablas/{account}", receive_wablas_webhook)
     app.router.add_post("/webhooks/video/{account}", receive_video_webhook)
+    add_ui_routes(app)
     return app
+
+
+def add_ui_routes(app: web.Application) -> None:
+    app.router.add_get("/ui", ui_campaigns)
+    app.router.add_get("/ui/campaigns/{id}", ui_campaign)
+    app.router.add_get("/ui/campaigns/{id}/recipients.csv", ui_recipients_csv)
+    app.router.add_get("/ui/dead", ui_dead)
+    app.router.add_get(UI_LOGIN, ui_login_form)
+    app.router.add_post(UI_LOGIN, ui_login)
+    app.router.add_post("/ui/logout", ui_logout)
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -207,23 +227,42 @@ async def receive_video_webhook(request: web.Request) -> web.Response:
 
 @web.middleware
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """/metrics and /v1/* answer 401 unless the request carries the configured token in its
-    Authorization header (never the query string: it ends up in logs and histories)."""
+    """/metrics, /v1/* and /ui* answer 401 unless the request carries the configured token in
+    its Authorization header (never the query string: it ends up in logs and histories); the
+    pages also take the login form's cookie, and send a browser without it to the form."""
     token = request.app[DEPS_KEY].settings.admin.token
-    if token is not None and _is_protected(request):
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        expected = token.get_secret_value().encode()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
-    return await handler(request)
+    path = _route_path(request)
+    if token is None or not _is_protected(path):
+        return await handler(request)
+    expected = token.get_secret_value().encode()
+    if _has_bearer(request, expected):
+        return await handler(request)
+    if _is_ui(path):
+        if webui.is_session_token(request.cookies.get(webui.SESSION_COOKIE), expected):
+            return await handler(request)
+        raise web.HTTPSeeOther(UI_LOGIN)
+    raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
 
 
-def _is_protected(request: web.Request) -> bool:
-    """By the route matched, not the raw path: no spelling of a path slips past the check.
-    Health, readiness and the webhooks (which check their own signatures) stay open."""
+def _has_bearer(request: web.Request, expected: bytes) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+
+
+def _route_path(request: web.Request) -> str:
+    """By the route matched, not the raw path: no spelling of a path slips past the check."""
     resource = request.match_info.route.resource
-    path = resource.canonical if resource is not None else ""
-    return path == "/metrics" or path.startswith("/v1/")
+    return resource.canonical if resource is not None else ""
+
+
+def _is_protected(path: str) -> bool:
+    """Health, readiness, the login form and the webhooks (which check their own signatures)
+    stay open."""
+    return path == "/metrics" or path.startswith("/v1/") or (_is_ui(path) and path != UI_LOGIN)
+
+
+def _is_ui(path: str) -> bool:
+    return path == "/ui" or path.startswith("/ui/")
 
 
 async def serve_metrics(request: web.Request) -> web.Response:
@@ -257,3 +296,162 @@ async def serve_campaign_status(request: web.Request) -> web.Response:
 
 async def serve_campaign_events(request: web.Request) -> web.StreamResponse:
     return await events.stream(request, request.app[DEPS_KEY])
+
+
+# --- results: campaign list and recipient export ---------------------------------------------
+
+
+def _choices(request: web.Request, name: str, allowed: tuple[str, ...] | None) -> list[str]:
+    """The repeated query parameter `name` (empty values ignored); 400 for a value not allowed."""
+    values = [value for value in request.query.getall(name, []) if value]
+    if allowed is not None and (unknown := sorted(set(values) - set(allowed))):
+        raise web.HTTPBadRequest(text=f"unknown {name}: {', '.join(unknown)}")
+    return values
+
+
+def _int_param(request: web.Request, name: str, default: int, maximum: int) -> int:
+    try:
+        value = int(request.query.get(name, default))
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=f"{name} must be a whole number") from exc
+    if not 0 <= value <= maximum:
+        raise web.HTTPBadRequest(text=f"{name} must be between 0 and {maximum}")
+    return value
+
+
+async def _on_postgres(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+    try:
+        return await outages.on_postgres(fn, *args, **kwargs)
+    except PostgresUnavailableError as exc:
+        raise web.HTTPServiceUnavailable(text="postgres is unreachable") from exc
+
+
+async def _campaign_list(request: web.Request) -> tuple[list[str], list[exports.CampaignLine]]:
+    states = _choices(request, "state", exports.CAMPAIGN_STATES)
+    limit = _int_param(request, "limit", 50, MAX_CAMPAIGNS_LISTED)
+    deps = request.app[DEPS_KEY]
+    return states, await _on_postgres(exports.list_campaigns, deps.pool, states, limit)
+
+
+async def serve_campaigns(request: web.Request) -> web.Response:
+    """The newest campaigns as `blastd campaigns --json` prints them; ?state= (repeatable),
+    ?limit=."""
+    _states, lines = await _campaign_list(request)
+    return web.json_response([line.as_json() for line in lines])
+
+
+def _recipient_filter(request: web.Request, *, may_unmask: bool) -> exports.RecipientFilter:
+    """?state= and ?class= (repeatable); ?unmask=1 where the caller allows whole numbers."""
+    return exports.RecipientFilter(
+        request.match_info["id"],
+        _choices(request, "state", exports.RECIPIENT_STATES),
+        _choices(request, "class", None),
+        unmask=may_unmask and request.query.get("unmask", "") in ("1", "true"),
+    )
+
+
+async def serve_recipients(request: web.Request) -> web.StreamResponse:
+    """A campaign's recipients, streamed page by page: ?format=json (default) or csv, ?state=
+    and ?class= (repeatable), ?unmask=1 for whole numbers."""
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise web.HTTPBadRequest(text="format is json or csv")
+    return await _stream_recipients(request, _recipient_filter(request, may_unmask=True), fmt)
+
+
+async def _stream_recipients(
+    request: web.Request, which: exports.RecipientFilter, fmt: str
+) -> web.StreamResponse:
+    deps = request.app[DEPS_KEY]
+    if not await _on_postgres(ledger.campaign_exists, deps.pool, which.campaign_id):
+        raise web.HTTPNotFound(text="no such campaign")
+    response = web.StreamResponse(headers=_export_headers(which.campaign_id, fmt))
+    await response.prepare(request)
+    # Past prepare() the status is sent: an outage now cuts the body short, which the client
+    # sees as a broken transfer, not as a complete file.
+    async for chunk in exports.export_chunks(deps.pool, which, fmt):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+def _export_headers(campaign_id: str, fmt: str) -> dict[str, str]:
+    if fmt == "json":
+        return {"Content-Type": "application/json"}
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in campaign_id)
+    return {
+        "Content-Type": "text/csv; charset=utf-8",
+        "Content-Disposition": f'attachment; filename="{name}-recipients.csv"',
+    }
+
+
+# --- the web pages (rendered by blastd.webui) -------------------------------------------------
+
+
+def _html(body: str, status: int = 200) -> web.Response:
+    return web.Response(
+        text=body, status=status, content_type="text/html", headers=webui.SECURITY_HEADERS
+    )
+
+
+async def ui_campaigns(request: web.Request) -> web.Response:
+    states, lines = await _campaign_list(request)
+    return _html(webui.render_campaigns(lines, states))
+
+
+async def ui_campaign(request: web.Request) -> web.Response:
+    deps = request.app[DEPS_KEY]
+    which = _recipient_filter(request, may_unmask=False)
+    report = await _on_postgres(reports.campaign_status, deps.pool, which.campaign_id)
+    if report is None:
+        raise web.HTTPNotFound(text="no such campaign")
+    after = _int_param(request, "after", 0, 2**63 - 1)
+    page_rows = webui.RECIPIENTS_PER_PAGE
+    lines = await _on_postgres(exports.recipients_page, deps.pool, which, after, page_rows + 1)
+    next_after = lines[page_rows - 1].id if len(lines) > page_rows else None
+    return _html(webui.render_campaign(report, which, lines[:page_rows], next_after))
+
+
+async def ui_recipients_csv(request: web.Request) -> web.StreamResponse:
+    """The page's download link: every matching recipient as CSV, numbers masked."""
+    return await _stream_recipients(request, _recipient_filter(request, may_unmask=False), "csv")
+
+
+async def ui_dead(request: web.Request) -> web.Response:
+    deps = request.app[DEPS_KEY]
+    prefix = deps.settings.redis_prefix
+    try:
+        entries = await outages.on_redis(queues.list_dead, deps.redis, prefix, DEAD_LETTERS_SHOWN)
+    except RedisUnavailableError as exc:
+        raise web.HTTPServiceUnavailable(text="redis is unreachable") from exc
+    return _html(webui.render_dead(entries))
+
+
+async def ui_login_form(request: web.Request) -> web.Response:
+    if request.app[DEPS_KEY].settings.admin.token is None:
+        raise web.HTTPSeeOther("/ui")
+    return _html(webui.render_login(failed=False))
+
+
+async def ui_login(request: web.Request) -> web.Response:
+    """The form's token, checked in constant time, becomes an HttpOnly, SameSite=Strict cookie
+    for /ui only: a browser sends it to no other path and no other site's page."""
+    token = request.app[DEPS_KEY].settings.admin.token
+    if token is None:
+        raise web.HTTPSeeOther("/ui")
+    given = str((await request.post()).get("token", ""))
+    expected = token.get_secret_value()
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        log.warning("ui_login_rejected")
+        return _html(webui.render_login(failed=True), status=401)
+    response = web.HTTPSeeOther("/ui")
+    response.set_cookie(
+        webui.SESSION_COOKIE, expected, path="/ui", httponly=True, samesite="Strict"
+    )
+    raise response
+
+
+async def ui_logout(_request: web.Request) -> web.Response:
+    response = web.HTTPSeeOther(UI_LOGIN)
+    response.del_cookie(webui.SESSION_COOKIE, path="/ui")
+    raise response

@@ -1,5 +1,5 @@
-"""Subcommands: run, enqueue, status, pause, resume, cancel, retry, dead, migrate, check, sandbox,
-demo.
+"""Subcommands: run, enqueue, status, campaigns, recipients, pause, resume, cancel, retry, dead,
+purge, migrate, check, sandbox, demo.
 
 pause, resume, cancel and retry act on the ledger directly, through the same functions that
 `control` jobs use (blastd.controls): the operator sees the result at once, and a daemon running
@@ -8,6 +8,7 @@ the campaign notices within its campaign poll interval."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ import click
 import orjson
 import redis.asyncio as aioredis
 
-from blastd import controls, enqueueing, ledger, logs, queues, reports
+from blastd import controls, enqueueing, exports, ledger, logs, queues, reports
 from blastd.config import Settings, load_settings
 from blastd.errors import EXIT_CONFIG, BlastdError, ConfigError
 from blastd.jobs import CONTROL_SCOPES, DEFAULT_RETRY_CLASSES, RETRY_CLASSES, ControlAction
@@ -301,6 +302,111 @@ def dead_requeue(ctx: click.Context, index: int | None, every: bool) -> None:
         click.echo(f"blastd: no dead-letter entry {index}", err=True)
         sys.exit(1)
     click.echo(f"requeued entry {index} (job {entry.fields.get('job_id') or '-'})")
+
+
+# --- results: campaigns, recipients, purge ----------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(exports.CAMPAIGN_STATES),
+    help="Only campaigns in this state (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@click.pass_context
+def campaigns(ctx: click.Context, states: tuple[str, ...], as_json: bool, limit: int) -> None:
+    """List campaigns, newest first: id, type, account, state, reason, done/total, created,
+    finished."""
+    settings = _settings(ctx)
+    lines = _run(_with_pool(settings, lambda pool: exports.list_campaigns(pool, states, limit)))
+    if as_json:
+        body = [line.as_json() for line in lines]
+        click.echo(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        return
+    if not lines:
+        click.echo("no campaigns")
+    for line in lines:
+        click.echo(reports.campaign_line(line))
+
+
+@main.command()
+@click.argument("campaign_id")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(exports.RECIPIENT_STATES),
+    help="Only recipients in this state (repeatable).",
+)
+@click.option("--class", "classes", multiple=True, help="Only this error class (repeatable).")
+@click.option("--csv", "fmt", flag_value="csv", help="CSV with a header line.")
+@click.option("--json", "fmt", flag_value="json", help="A JSON array, one object per line.")
+@click.option("--unmask", is_flag=True, help="Print whole numbers (masked by default).")
+@click.pass_context
+def recipients(
+    ctx: click.Context,
+    campaign_id: str,
+    states: tuple[str, ...],
+    classes: tuple[str, ...],
+    fmt: str | None,
+    unmask: bool,
+) -> None:
+    """Print a campaign's recipients in ledger order: number, state, error class, code and
+    text, skip reason, attempts, times. Streamed: any size runs in bounded memory."""
+    settings = _settings(ctx)
+    which = exports.RecipientFilter(campaign_id, states, classes, unmask)
+    try:
+        found = _run(
+            _with_pool(settings, lambda pool: _write_recipients(pool, which, fmt or "text"))
+        )
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not an error; stdout is closed so the
+        # interpreter's own last flush does not fail on the same pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    if not found:
+        click.echo(f"blastd: no campaign {campaign_id!r}", err=True)
+        sys.exit(1)
+
+
+async def _write_recipients(pool: ledger.Pool, which: exports.RecipientFilter, fmt: str) -> bool:
+    if not await ledger.campaign_exists(pool, which.campaign_id):
+        return False
+    out = sys.stdout.buffer
+    async for chunk in exports.export_chunks(pool, which, fmt):
+        out.write(chunk)
+    out.flush()
+    return True
+
+
+@main.command()
+@click.option(
+    "--older-than",
+    required=True,
+    help="Age of the campaign's end, e.g. 30d, 12h, 1w (units s, m, h, d, w).",
+)
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.pass_context
+def purge(ctx: click.Context, older_than: str, dry_run: bool) -> None:
+    """Delete done, cancelled and stopped campaigns that ended before --older-than ago, with
+    their recipients; print each one removed."""
+    try:
+        age = exports.parse_duration(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param_hint="--older-than") from exc
+    settings = _settings(ctx)
+    purged = _run(
+        _with_pool(settings, lambda pool: exports.purge_finished(pool, age, dry_run=dry_run))
+    )
+    for campaign in purged:
+        click.echo(reports.purged_line(campaign))
+    verb = "would remove" if dry_run else "removed"
+    recipients_count = sum(campaign.total for campaign in purged)
+    click.echo(f"{verb} {len(purged)} campaign(s), {recipients_count} recipient(s)")
 
 
 @main.command()

@@ -18,7 +18,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from blastd import ledger, reports
+from blastd import exports, ledger, reports
 from blastd.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
 DEMO_ACCOUNT = "demo"
@@ -33,15 +33,18 @@ def sample_recipients() -> Path:
 
 
 def run_demo(file: Path | None, rate_per_s: float) -> int:
-    """Start everything, send one campaign, print the count per final state, stop everything."""
+    """Start everything, send one campaign, print the count per final state and why recipients
+    were not reached, stop everything."""
     with (
         tempfile.TemporaryDirectory(prefix="blastd-demo-") as tmp,
         _services(Path(tmp), rate_per_s) as env,
     ):
         console.print(f"[bold]blastd demo[/]: servers, sandbox and daemon up; logs in {tmp}")
         job_id = _enqueue(env, file or sample_recipients())
-        report = asyncio.run(_follow(env["BLASTD_DATABASE_URL"], job_id))
+        report, reasons = asyncio.run(_follow(env["BLASTD_DATABASE_URL"], job_id))
         _print_counts(report)
+        Console().print("why the others were not reached:")
+        reports.print_reasons(reasons)
         return 0 if report["state"] == "done" else 1
 
 
@@ -159,12 +162,15 @@ def _enqueue(env: dict[str, str], file: Path) -> str:
     return job_id
 
 
-async def _follow(database_url: str, job_id: str) -> dict[str, object]:
+async def _follow(database_url: str, job_id: str) -> tuple[dict[str, object], list[exports.Reason]]:
+    """The campaign's last status once receipts had time to arrive, and why recipients were
+    not reached (failed or skipped: counts per error code or skip reason)."""
     pool = await ledger.open_pool(database_url, command_timeout_s=10, max_size=2)
     try:
         report = await reports.follow_campaign(pool, job_id)
         await asyncio.sleep(RECEIPT_WAIT_S)
-        return await reports.campaign_status(pool, job_id) or report
+        final = await reports.campaign_status(pool, job_id) or report
+        return final, await exports.undelivered_reasons(pool, job_id)
     finally:
         await pool.close()
 

@@ -1,19 +1,31 @@
-"""What operators read: a campaign's status, its progress bar, and the connectivity check."""
+"""What operators read: a campaign's status, pace and progress bar, the lines of the campaign
+list and of a purge, why recipients were not reached, and the connectivity check."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
-from blastd import ledger, outages
+from blastd import exports, ledger, outages
 from blastd.config import Settings
 
 FOLLOW_INTERVAL_S = 0.5
@@ -55,8 +67,11 @@ async def follow_campaign(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        RateColumn(),
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(campaign_id, total=report["total"], detail="")
@@ -72,6 +87,53 @@ def _detail(counts: dict[str, int]) -> str:
     return " ".join(f"{state}={n}" for state, n in sorted(counts.items()) if n)
 
 
+class RateColumn(ProgressColumn):
+    """Recipients finished per second, over rich's recent window of updates."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        return Text("-/s" if speed is None else f"{speed:.1f}/s")
+
+
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """How fast a campaign goes: recipients finished per second since it was created (until
+    it finished), and for a running one the time left at that rate."""
+
+    rate_per_s: float | None
+    eta_s: float | None
+
+
+def pace(report: dict[str, Any], now: datetime) -> Pace:
+    """The overall rate of a status report, and its ETA; None where it cannot be told yet."""
+    created_at = datetime.fromisoformat(report["created_at"])
+    finished = report["finished_at"]
+    end = datetime.fromisoformat(finished) if finished else now
+    elapsed_s = (end - created_at).total_seconds()
+    if elapsed_s <= 0 or report["done"] == 0:
+        return Pace(None, None)
+    rate_per_s = report["done"] / elapsed_s
+    left = report["total"] - report["done"]
+    eta_s = left / rate_per_s if report["state"] == "running" else None
+    return Pace(rate_per_s, eta_s)
+
+
+def describe_pace(value: Pace) -> str:
+    rate = "-" if value.rate_per_s is None else f"{_rate(value.rate_per_s)}/s"
+    eta = "" if value.eta_s is None else f", eta {_duration(value.eta_s)}"
+    return f"rate {rate}{eta}"
+
+
+def _rate(per_s: float) -> str:
+    return f"{per_s:.1f}" if per_s >= 1 else f"{per_s:.3f}"  # a slow campaign is not "0.0"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
 def print_status(report: dict[str, Any]) -> None:
     console = Console()
     reason = f" ({report['state_reason']})" if report["state_reason"] else ""
@@ -79,9 +141,48 @@ def print_status(report: dict[str, Any]) -> None:
         f"campaign [bold]{report['id']}[/] on {report['account']}: "
         f"{report['state']}{reason}, {report['done']}/{report['total']} done"
     )
+    console.print(describe_pace(pace(report, datetime.now(UTC))), highlight=False)
     table = Table("state", "recipients")
     for state, n in report["counts"].items():
         table.add_row(state, str(n))
+    console.print(table)
+
+
+def campaign_line(line: exports.CampaignLine) -> str:
+    """One campaign on one line: id, type, account, state (reason), done/total, created,
+    finished; '-' for what is not set."""
+    reason = f" ({line.state_reason})" if line.state_reason else ""
+    finished = _moment(line.finished_at) if line.finished_at else "-"
+    return (
+        f"{line.id}  {line.type}  {line.account}  {line.state}{reason}  "
+        f"{line.done}/{line.total}  {_moment(line.created_at)}  {finished}"
+    )
+
+
+def purged_line(campaign: exports.Purged) -> str:
+    return (
+        f"{campaign.id}  {campaign.state}  ended {_moment(campaign.finished_at)}  "
+        f"{campaign.total} recipient(s)"
+    )
+
+
+def _moment(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def print_reasons(reasons: list[exports.Reason]) -> None:
+    """Why recipients were not reached: state, reason, count, one example."""
+    console = Console()
+    if not reasons:
+        console.print("every recipient was reached")
+        return
+    table = Table("state", "code or skip reason", "recipients", "example")
+    for reason in reasons:
+        example = reason.example_number
+        if reason.example_text and reason.example_text != reason.reason:
+            example += f": {reason.example_text}"
+        # Text, not markup: provider texts and raw input may hold brackets.
+        table.add_row(Text(reason.state), Text(reason.reason), str(reason.count), Text(example))
     console.print(table)
 
 
