@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
@@ -17,6 +18,7 @@ from blastd import ledger, outages
 from blastd.config import Settings
 
 FOLLOW_INTERVAL_S = 0.5
+D = TypeVar("D")  # what a lookup of a dead-lettered job returns
 
 
 async def campaign_status(pool: ledger.Pool, campaign_id: str) -> dict[str, Any] | None:
@@ -39,16 +41,23 @@ async def campaign_status(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]
     }
 
 
-async def follow_campaign(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]:
+async def follow_campaign(
+    pool: ledger.Pool,
+    campaign_id: str,
+    find_dead: Callable[[], Awaitable[D | None]] | None = None,
+) -> dict[str, Any] | D:
     """Show a progress bar until the campaign stops running; return its last status.
 
-    A campaign the daemon has not created yet (its job is still queued) is waited for.
+    A campaign the daemon has not created yet (its job is still queued) is waited for, until
+    `find_dead` finds its job dead-lettered: that entry is returned.
     """
     report = await campaign_status(pool, campaign_id)
     console = Console(stderr=True)
     if report is None:
         console.print(f"waiting for campaign {campaign_id!r} (is its job queued?)")
     while report is None:
+        if find_dead is not None and (dead := await find_dead()):
+            return dead
         await asyncio.sleep(FOLLOW_INTERVAL_S)
         report = await campaign_status(pool, campaign_id)
     columns = (

@@ -1,0 +1,195 @@
+"""Preflight: `plan` and `enqueue` refuse what the daemon would dead-letter, with the daemon's
+own validation; `status` tells a dead-lettered job; the daemon drops the recipients list of a
+job it refuses or finds duplicate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from blastd import ledger
+from tests.harness import (
+    ACCOUNT,
+    SandboxHandle,
+    Servers,
+    daemon_env,
+    make_settings,
+    run_cli,
+    running_daemon,
+    wait_until,
+)
+
+NUMBERS = ["+6281230000001", "+6281230000002", "+6281230000003"]
+
+
+@pytest.fixture
+def cli_env(servers: Servers, sandbox: SandboxHandle) -> dict[str, str]:
+    return daemon_env(servers, sandbox.url, 0)
+
+
+def people_csv(tmp_path: Path) -> Path:
+    """Three good rows, one repeated number, one invalid number, one without a name."""
+    rows = [
+        f"{NUMBERS[0]};Budi",
+        f"{NUMBERS[1]};Sari",
+        f"{NUMBERS[2]};Tono",
+        f"{NUMBERS[0]};Budi again",
+        "12;Nobody",
+        "+6281230000004;",
+    ]
+    path = tmp_path / "people.csv"
+    path.write_text("\n".join(["phone;name", *rows]) + "\n")
+    return path
+
+
+async def test_plan_counts_rows_as_the_daemon_would_and_masks_numbers(
+    cli_env: dict[str, str], redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    path = people_csv(tmp_path)
+
+    result = await run_cli(cli_env, "plan", str(path), "--text", "Halo {name}", "--rate", "2")
+
+    assert result.code == 0, result.stderr
+    out = result.stdout
+    for line in ("valid: 3", "invalid: 1", "duplicate: 1", "missing variable: 1"):
+        assert f"  {line}\n" in out, out
+    assert "Halo Budi" in out
+    assert "ETA at the campaign's rate: 0:00:02 (2/s)" in out
+    assert "ETA at the account's rate: no limit" in out  # the test account has rate 0
+    assert "+628******0001" in out
+    for number in NUMBERS:
+        assert number.lstrip("+") not in out
+    assert await redis.dbsize() == 0
+
+
+async def test_enqueue_dry_run_prints_the_plan_and_pushes_nothing(
+    cli_env: dict[str, str], redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    path = people_csv(tmp_path)
+
+    result = await run_cli(cli_env, "enqueue", str(path), "--text", "Hi {name}", "--dry-run")
+
+    assert result.code == 0, result.stderr
+    assert "valid: 3" in result.stdout
+    assert await redis.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--text", "Hi {discount}"], "--text uses {discount}, which no column of people.csv"),
+        (["--text", "Hi", "--not-before", "tomorrow"], "options.not_before"),
+        (["--text", "Hi", "--rate", "0"], "options.rate_per_s"),
+        (["--text", "Hi", "--account", "nobody"], "unknown account 'nobody'"),
+        (["--text", "Hi", "--template", "promo"], "needs exactly one of text, template, video"),
+    ],
+)
+async def test_enqueue_refuses_what_the_daemon_would_dead_letter(
+    cli_env: dict[str, str],
+    redis: aioredis.Redis,
+    pool: ledger.Pool,
+    tmp_path: Path,
+    options: list[str],
+    named: str,
+) -> None:
+    path = people_csv(tmp_path)
+
+    result = await run_cli(cli_env, "enqueue", str(path), *options)
+
+    assert result.code == 2, result.stderr
+    assert named in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert await redis.dbsize() == 0
+
+
+async def test_enqueue_refuses_a_file_with_no_sendable_row_and_says_why(
+    cli_env: dict[str, str], redis: aioredis.Redis, pool: ledger.Pool, tmp_path: Path
+) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("phone;name\n12;A\n+6281230000009;\n")
+
+    result = await run_cli(cli_env, "enqueue", str(path), "--text", "Hi {name}")
+
+    assert result.code == 2, result.stderr
+    assert "no recipient of bad.csv can be sent" in result.stderr
+    assert "1 row(s) lack a variable" in result.stderr
+    assert "missing variable: name" in result.stderr
+    assert await redis.dbsize() == 0
+
+
+async def test_enqueue_refuses_an_existing_id_with_another_message_and_allows_the_same(
+    cli_env: dict[str, str], redis: aioredis.Redis, pool: ledger.Pool, tmp_path: Path
+) -> None:
+    path = people_csv(tmp_path)
+    campaign = ledger.NewCampaign("reused", "blast", ACCOUNT, {"text": "Hi {name}"}, {})
+
+    async def pages():  # type: ignore[no-untyped-def]
+        yield [ledger.StagedRecipient(0, NUMBERS[0].lstrip("+"), None, None)]
+
+    async with ledger.transaction(pool) as conn:
+        await ledger.insert_campaign(conn, campaign, pages())
+
+    other = await run_cli(cli_env, "enqueue", str(path), "--id", "reused", "--text", "Bye")
+    same = await run_cli(cli_env, "enqueue", str(path), "--id", "reused", "--text", "Hi {name}")
+
+    assert other.code == 2
+    assert "campaign 'reused' already exists with another message" in other.stderr
+    assert same.code == 0, same.stderr
+    assert await redis.llen("blastd:jobs") == 1
+
+
+async def test_status_of_a_dead_lettered_job_says_so_and_names_the_entry(
+    cli_env: dict[str, str],
+    servers: Servers,
+    sandbox: SandboxHandle,
+    redis: aioredis.Redis,
+    pool: ledger.Pool,
+) -> None:
+    await redis.rpush("blastd:recipients:doomed", orjson.dumps({"to": NUMBERS[0]}))
+    job = {
+        "type": "blast",
+        "id": "doomed",
+        "account": "nobody",
+        "message": {"text": "hi"},
+        "recipients_key": "blastd:recipients:doomed",
+    }
+    async with running_daemon(make_settings(servers, sandbox.url)):
+        await redis.lpush("blastd:jobs", orjson.dumps(job))
+        await wait_until(lambda: redis.llen("blastd:dead"))
+
+    plain = await run_cli(cli_env, "status", "doomed")
+    followed = await run_cli(cli_env, "status", "doomed", "--follow", timeout_s=30)
+
+    for result in (plain, followed):
+        assert result.code == 1
+        assert "job 'doomed' was dead-lettered: unknown account 'nobody'" in result.stderr
+        assert "blastd dead show 0" in result.stderr
+    assert await redis.exists("blastd:recipients:doomed") == 0
+
+
+async def test_the_daemon_drops_the_recipients_list_of_a_duplicate_job(
+    servers: Servers, sandbox: SandboxHandle, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    first = {
+        "type": "blast",
+        "id": "twice",
+        "account": ACCOUNT,
+        "message": {"text": "hi"},
+        "recipients": [{"to": NUMBERS[0]}],
+    }
+    again = {**first, "recipients": None, "recipients_key": "blastd:recipients:twice"}
+    del again["recipients"]
+    async with running_daemon(make_settings(servers, sandbox.url)):
+        await redis.lpush("blastd:jobs", orjson.dumps(first))
+        await wait_until(lambda: ledger.load_campaign(pool, "twice"))
+        await redis.rpush("blastd:recipients:twice", orjson.dumps({"to": NUMBERS[1]}))
+        await redis.lpush("blastd:jobs", orjson.dumps(again))
+        await wait_until(lambda: _gone(redis, "blastd:recipients:twice"))
+    assert await redis.llen("blastd:dead") == 0
+
+
+async def _gone(redis: aioredis.Redis, key: str) -> bool:
+    return await redis.exists(key) == 0
