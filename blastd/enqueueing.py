@@ -176,11 +176,11 @@ def _same_message(stored: dict[str, Any], job: BlastJob | VideoBlastJob) -> bool
     """The stored campaign's message against the job's, as intake stores it; unset fields do
     not count, nor the notices intake derives for a video campaign."""
     if isinstance(job, BlastJob):
-        return _set_fields(stored) == _set_fields(job.message.model_dump(mode="json"))
+        return bool(_set_fields(stored) == _set_fields(job.message.model_dump(mode="json")))
     message = _set_fields(job.message.model_dump(mode="json"))
     kept = {k: v for k, v in _set_fields(stored.get("message", {})).items() if k in message}
     video = _set_fields(job.video.model_dump(mode="json"))
-    return _set_fields(stored.get("video", {})) == video and kept == message
+    return bool(_set_fields(stored.get("video", {})) == video and kept == message)
 
 
 def _set_fields(value: Any) -> Any:

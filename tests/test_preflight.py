@@ -4,6 +4,7 @@ job it refuses or finds duplicate."""
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
 import orjson
@@ -11,6 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from blastd import ledger
+from blastd.embedded import free_port
+from blastd.errors import EXIT_CONFIG
 from tests.harness import (
     ACCOUNT,
     SandboxHandle,
@@ -193,3 +196,76 @@ async def test_the_daemon_drops_the_recipients_list_of_a_duplicate_job(
 
 async def _gone(redis: aioredis.Redis, key: str) -> bool:
     return await redis.exists(key) == 0
+
+
+# --- config and dependency errors, as the operator sees them -------------------------------
+
+
+async def test_version_comes_from_the_package_metadata(cli_env: dict[str, str]) -> None:
+    result = await run_cli(cli_env, "--version")
+    assert result.code == 0
+    assert result.stdout.strip() == f"blastd, version {version('blastd')}"
+
+
+@pytest.mark.parametrize(
+    ("verb", "setting"),
+    [
+        (["dead", "list"], "BLASTD_REDIS_URL"),
+        (["status", "any"], "BLASTD_DATABASE_URL"),
+        (["pause", "any"], "BLASTD_DATABASE_URL"),
+        (["migrate"], "BLASTD_DATABASE_URL"),
+    ],
+)
+async def test_an_unreachable_server_is_one_line_naming_the_setting(
+    cli_env: dict[str, str], verb: list[str], setting: str
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    env = {
+        **cli_env,
+        "BLASTD_REDIS_URL": f"redis://{dead}/0",
+        "BLASTD_DATABASE_URL": f"postgresql://postgres@{dead}/blastd",
+    }
+
+    result = await run_cli(env, *verb)
+
+    assert result.code == 1
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"unreachable ({setting})" in line
+    assert "Connect call failed" in line or "Connection refused" in line, line
+
+
+async def test_a_wrong_database_password_is_the_server_s_own_words(
+    cli_env: dict[str, str], servers: Servers
+) -> None:
+    url = servers.database_url.replace("postgres@", "no_such_role@", 1)
+
+    result = await run_cli({**cli_env, "BLASTD_DATABASE_URL": url}, "status", "any")
+
+    assert result.code == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "postgres unreachable (BLASTD_DATABASE_URL)" in line
+    assert "no_such_role" in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"BLASTD_CLAIM_PAGE_SIZ": "5"}, "BLASTD_CLAIM_PAGE_SIZ: not a blastd setting"),
+        ({"BLASTD_DEFAULT_REGION": "XX"}, "BLASTD_DEFAULT_REGION"),
+        ({"BLASTD_REDIS_URL": "localhost:6379"}, "BLASTD_REDIS_URL"),
+    ],
+)
+async def test_config_errors_exit_78_in_one_line(
+    cli_env: dict[str, str], extra: dict[str, str], named: str
+) -> None:
+    result = await run_cli({**cli_env, **extra}, "dead", "list")
+    assert result.code == EXIT_CONFIG
+    [line] = result.stderr.strip().splitlines()
+    assert named in line
+
+
+async def test_a_missing_env_file_exits_78(cli_env: dict[str, str], tmp_path: Path) -> None:
+    result = await run_cli(cli_env, "--env-file", str(tmp_path / "no.env"), "check")
+    assert result.code == EXIT_CONFIG
+    assert "no.env: no such file" in result.stderr
