@@ -15,8 +15,9 @@ import structlog
 # ("6281234567890"), or written for people, starting with '+', '(' or a trunk '0', with single
 # spaces or dashes and a bracketed area code ("+62 812-3456-7890", "(021) 555-1234",
 # "0812 3456 7890"). Dates (2026-12-03) and addresses (10.0.0.1) start otherwise: left alone.
+# A full stop may end one (a sentence), a decimal point may not (a measurement).
 PHONE_PATTERN = re.compile(
-    r"(?<![\w.+(-])(?:\+?\d{8,15}|(?:\+\d|\(\d|0\d)(?:[ -]?\(?\d\)?){6,14})(?![\w.])"
+    r"(?<![\w.+(-])(?:\+?\d{8,15}|(?:\+\d|\(\d|0\d)(?:[ -]?\(?\d\)?){6,14})(?!\w|\.\d)"
 )
 MIN_DIGITS, KEPT_HEAD, KEPT_TAIL = 8, 3, 4  # the country prefix and the last four digits stay
 REDACTED = "[redacted]"
