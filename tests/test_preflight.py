@@ -14,6 +14,8 @@ import redis.asyncio as aioredis
 from blastd import ledger
 from blastd.embedded import free_port
 from blastd.errors import EXIT_CONFIG
+from blastd.sandbox.__main__ import provider_apps
+from blastd.sandbox.cloud_api import SandboxConfig, build_app, listening
 from tests.harness import (
     ACCOUNT,
     SandboxHandle,
@@ -269,3 +271,49 @@ async def test_a_missing_env_file_exits_78(cli_env: dict[str, str], tmp_path: Pa
     result = await run_cli(cli_env, "--env-file", str(tmp_path / "no.env"), "check")
     assert result.code == EXIT_CONFIG
     assert "no.env: no such file" in result.stderr
+
+
+async def test_check_proves_each_account_s_credentials_against_the_sandbox(
+    servers: Servers,
+) -> None:
+    app = build_app(SandboxConfig())
+    for prefix, provider_app in provider_apps().items():
+        app.add_subapp(prefix, provider_app)
+    async with listening(app, "127.0.0.1", 0) as url:
+        good = "sandbox-token"
+        accounts = {
+            "cloud": {"kind": "cloud_api", "base_url": url, "phone_number_id": "1", "token": good},
+            "cloud-bad": {
+                "kind": "cloud_api",
+                "base_url": url,
+                "phone_number_id": "1",
+                "token": "wrong",
+            },
+            "ultra": {
+                "kind": "ultramsg",
+                "base_url": f"{url}/ultramsg",
+                "instance_id": "instance1150",
+                "token": good,
+            },
+            "ultra-bad": {
+                "kind": "ultramsg",
+                "base_url": f"{url}/ultramsg",
+                "instance_id": "instance1150",
+                "token": "wrong",
+            },
+            "wablas": {"kind": "wablas", "base_url": f"{url}/wablas", "token": good},
+            "wablas-bad": {"kind": "wablas", "base_url": f"{url}/wablas", "token": "wrong"},
+            "did": {"kind": "did", "base_url": f"{url}/did", "token": good},
+            "did-bad": {"kind": "did", "base_url": f"{url}/did", "token": "wrong"},
+        }
+        env = {**daemon_env(servers, url, 0), "BLASTD_ACCOUNTS": orjson.dumps(accounts).decode()}
+
+        result = await run_cli(env, "check")
+
+    assert result.code == 1
+    lines = result.stdout.splitlines()
+    for name in ("cloud", "ultra", "wablas", "did"):
+        assert any(line.startswith(f"ok   account {name}: credentials accepted") for line in lines)
+        refused = f"FAIL account {name}-bad: credentials refused"
+        assert any(line.startswith(refused) for line in lines), result.stdout
+    assert "wrong" not in result.stdout
