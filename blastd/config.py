@@ -28,6 +28,7 @@ ENV_PREFIX = "BLASTD_"
 # The test suite's own variables (tests/conftest.py): they point it at running servers.
 TEST_SUITE_PREFIX = "BLASTD_TEST_"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+DATABASE_SCHEMES = ("postgresql", "postgres")
 DATABASE_PASSWORD_FILE = "database.password"  # in the credentials directory
 # pydantic-settings names the field it could not decode only in its message text.
 _UNDECODABLE_FIELD = re.compile(r'field "(\w+)"')
@@ -382,10 +383,20 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, value: str) -> str:
+    def _redis_url(cls, value: str) -> str:
         if urlsplit(value).scheme not in REDIS_SCHEMES:
             schemes = ", ".join(f"{scheme}://" for scheme in REDIS_SCHEMES)
             raise ValueError(f"must start with one of {schemes}")
+        _ = urlsplit(value).port  # raises ValueError for a port that is not a number
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in DATABASE_SCHEMES:
+            raise ValueError("must start with postgresql:// or postgres://")
+        _ = parts.port  # raises ValueError for a port that is not a number
         return value
 
     @model_validator(mode="after")

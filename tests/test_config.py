@@ -173,3 +173,19 @@ def test_database_password_comes_from_a_credential_file(
     settings = load_settings()
     assert settings.database_url == "postgresql://blastd:p%40ss%2Fword@db.internal:5432/blastd"
     assert "p@ss/word" in settings.secret_values()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("BLASTD_REDIS_URL", "redis://127.0.0.1:abc/0"),
+        ("BLASTD_DATABASE_URL", "postgresql://blastd@127.0.0.1:xx/blastd"),
+        ("BLASTD_DATABASE_URL", "mysql://blastd@127.0.0.1/blastd"),
+    ],
+)
+def test_unusable_server_urls_are_refused_naming_the_setting(
+    clean_env: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    clean_env.setenv(variable, value)
+    with pytest.raises(ConfigError, match=f"{variable}: "):
+        load_settings()
