@@ -144,9 +144,11 @@ def tally_rows(job: BlastJob | VideoBlastJob, path: Path, region: str) -> Tally:
     """Each row through the daemon's reading of a list entry and its staging of a recipient;
     a number seen before among the sendable ones is a duplicate, as the ledger counts them."""
     tally, seen = Tally(), set[str]()
+    # Rows as a spreadsheet numbers them (1 is the header); a JSON array's entries from 1.
+    first, unit = (1, "entry") if path.suffix.lower() == ".json" else (2, "row")
     for seq, row in enumerate(read_recipients(path)):
         staged = stage_recipient(job, seq, parse_recipient_entry(orjson.dumps(row)), region)
-        where = f"row {seq + 2}: {staged.phone}"  # row 1 is the header
+        where = f"{unit} {seq + first}: {staged.phone}"
         if staged.skip_reason is None and staged.phone in seen:
             tally.note("duplicate", where)
         elif staged.skip_reason is None:
