@@ -30,11 +30,11 @@ async def accept_campaign(
     with bound_contextvars(job_id=job.id, campaign_id=job.id, account=job.account):
         if await deps.db(ledger.campaign_exists, job.id):
             log.info("job_duplicate")
-            return
+            return await queues.discard_recipients_key(deps, job.recipients_key)
         counts = await deps.outage_call(_insert_campaign, deps, job, campaign)
         if counts is None:
             log.info("job_duplicate")
-            return
+            return await queues.discard_recipients_key(deps, job.recipients_key)
         if job.recipients_key:
             await deps.redis_call(deps.redis.delete, job.recipients_key)
         log.info("campaign_created", pending=counts.pending, skipped=counts.skipped)

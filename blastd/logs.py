@@ -11,8 +11,15 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
-# A run of 8 to 15 digits, optionally after '+': how phone numbers look once they reach a log line.
-PHONE_PATTERN = re.compile(r"(?<![\w.])(\+?)(\d{1,3})\d{4,8}(\d{4})(?![\w.])")
+# A phone number as it reaches a log line: 8 to 15 digits in a run, optionally after '+'
+# ("6281234567890"), or written for people, starting with '+', '(' or a trunk '0', with single
+# spaces or dashes and a bracketed area code ("+62 812-3456-7890", "(021) 555-1234",
+# "0812 3456 7890"). Dates (2026-12-03) and addresses (10.0.0.1) start otherwise: left alone.
+# A full stop may end one (a sentence), a decimal point may not (a measurement).
+PHONE_PATTERN = re.compile(
+    r"(?<![\w.+(-])(?:\+?\d{8,15}|(?:\+\d|\(\d|0\d)(?:[ -]?\(?\d\)?){6,14})(?!\w|\.\d)"
+)
+MIN_DIGITS, KEPT_HEAD, KEPT_TAIL = 8, 3, 4  # the country prefix and the last four digits stay
 REDACTED = "[redacted]"
 
 EventDict = MutableMapping[str, Any]
@@ -21,8 +28,13 @@ EventDict = MutableMapping[str, Any]
 def mask_phone_numbers(_logger: object, _name: str, event: EventDict) -> EventDict:
     """Keep the country prefix and the last four digits of anything that looks like a number."""
     for key, value in event.items():
-        event[key] = map_strings(value, lambda text: PHONE_PATTERN.sub(_masked, text))
+        event[key] = map_strings(value, mask_numbers)
     return event
+
+
+def mask_numbers(text: str) -> str:
+    """The text with every phone number in it masked."""
+    return PHONE_PATTERN.sub(_masked, text)
 
 
 def map_strings(value: object, fn: Callable[[str], str]) -> Any:
@@ -40,8 +52,20 @@ def map_strings(value: object, fn: Callable[[str], str]) -> Any:
 
 
 def _masked(match: re.Match[str]) -> str:
-    hidden = len(match.group(0)) - len(match.group(1)) - len(match.group(2)) - len(match.group(3))
-    return f"{match.group(1)}{match.group(2)}{'*' * hidden}{match.group(3)}"
+    """Keep the first three and the last four digits, the separators as written."""
+    found = match.group(0)
+    digits = sum(char.isdigit() for char in found)
+    if digits < MIN_DIGITS:
+        return found  # a short number: a count, a port, not a phone
+    out, seen = [], 0
+    for char in found:
+        if char.isdigit():
+            seen += 1
+            hidden = KEPT_HEAD < seen <= digits - KEPT_TAIL
+            out.append("*" if hidden else char)
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 class SecretScrubber:

@@ -180,6 +180,7 @@ async def dead_letter(deps: Dependencies, raw: bytes, reason: str, job_id: str |
     )
     metrics.JOBS_DEAD_LETTERED.inc()
     log.error("job_dead_lettered", reason=reason, job_id=job_id, payload_bytes=len(raw))
+    await discard_recipients_key(deps, _recipients_key_of(raw))
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,3 +278,35 @@ async def recover_processing(deps: Dependencies, instance_id: str) -> int:
     ):
         moved += 1
     return moved
+
+
+async def find_dead(redis_client: aioredis.Redis, prefix: str, job_id: str) -> DeadEntry | None:
+    """The newest dead-letter entry of the job with this id, if any."""
+    raws = await redis_client.lrange(dead_key(prefix), 0, -1)
+    for position, raw in enumerate(raws):
+        entry = DeadEntry(len(raws) - 1 - position, _as_bytes(raw))
+        if entry.fields.get("job_id") == job_id:
+            return entry
+    return None
+
+
+async def discard_recipients_key(deps: Dependencies, key: str | None) -> None:
+    """Delete the recipients list of a job that will never be admitted: it holds phone
+    numbers and has no expiry. Never one of blastd's own keys but the recipients lists."""
+    prefix = deps.settings.redis_prefix
+    if not key or (key.startswith(prefix) and not key.startswith(f"{prefix}recipients:")):
+        return
+    answer = await deps.redis_call(deps.redis.type, key)
+    if (answer.decode() if isinstance(answer, bytes) else answer) == "list":
+        await deps.redis_call(deps.redis.delete, key)
+        log.info("recipients_list_discarded", recipients_key=key)
+
+
+def _recipients_key_of(raw: bytes) -> str | None:
+    """The recipients_key a payload names, read leniently: it may be a broken job."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    key = value.get("recipients_key") if isinstance(value, dict) else None
+    return key if isinstance(key, str) else None

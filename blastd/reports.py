@@ -4,13 +4,17 @@ list and of a purge, why recipients were not reached, and the connectivity check
 from __future__ import annotations
 
 import asyncio
+import base64
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
+import orjson
 import redis.asyncio as aioredis
+import redis.exceptions
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -26,9 +30,22 @@ from rich.table import Table
 from rich.text import Text
 
 from blastd import exports, ledger, outages
-from blastd.config import Settings
+from blastd.config import (
+    AccountSettings,
+    CloudApiAccount,
+    DidAccount,
+    Settings,
+    UltraMsgAccount,
+    WablasAccount,
+)
 
 FOLLOW_INTERVAL_S = 0.5
+# Redis away, or answering with an error (a password it refuses): either fails the check.
+CHECK_REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    *outages.REDIS_OUTAGE_ERRORS,
+    redis.exceptions.RedisError,
+)
+D = TypeVar("D")  # what a lookup of a dead-lettered job returns
 
 
 async def campaign_status(pool: ledger.Pool, campaign_id: str) -> dict[str, Any] | None:
@@ -51,16 +68,23 @@ async def campaign_status(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]
     }
 
 
-async def follow_campaign(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]:
+async def follow_campaign(
+    pool: ledger.Pool,
+    campaign_id: str,
+    find_dead: Callable[[], Awaitable[D | None]] | None = None,
+) -> dict[str, Any] | D:
     """Show a progress bar until the campaign stops running; return its last status.
 
-    A campaign the daemon has not created yet (its job is still queued) is waited for.
+    A campaign the daemon has not created yet (its job is still queued) is waited for, until
+    `find_dead` finds its job dead-lettered: that entry is returned.
     """
     report = await campaign_status(pool, campaign_id)
     console = Console(stderr=True)
     if report is None:
         console.print(f"waiting for campaign {campaign_id!r} (is its job queued?)")
     while report is None:
+        if find_dead is not None and (dead := await find_dead()):
+            return dead
         await asyncio.sleep(FOLLOW_INTERVAL_S)
         report = await campaign_status(pool, campaign_id)
     columns = (
@@ -197,32 +221,92 @@ class CheckResult:
 
 
 async def check_connectivity(settings: Settings) -> CheckResult:
-    """Configuration is already valid here; reach each dependency and each provider host."""
+    """Configuration is already valid here; reach each dependency, and prove each account's
+    credentials with a call that changes nothing where the provider has one."""
     result = CheckResult()
     result.add(True, "configuration", f"{len(settings.accounts)} account(s)")
+    await _check_redis(settings, result)
+    await _check_postgres(settings, result)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        for name, account in settings.accounts.items():
+            ok, detail = await _check_account(http, account)
+            result.add(ok, f"account {name}", detail)
+    return result
+
+
+async def _check_redis(settings: Settings, result: CheckResult) -> None:
     client = aioredis.Redis.from_url(
-        settings.redis_url, socket_timeout=settings.redis_socket_timeout_s
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_socket_timeout_s,
     )
     try:
         await client.ping()
         result.add(True, "redis")
-    except outages.REDIS_OUTAGE_ERRORS as exc:
-        result.add(False, "redis", type(exc).__name__)
+    except CHECK_REDIS_ERRORS as exc:
+        hint = "is redis-server running and BLASTD_REDIS_URL right?"
+        result.add(False, "redis", f"{outages.describe(exc)} ({hint})")
     finally:
         await client.aclose()
+
+
+async def _check_postgres(settings: Settings, result: CheckResult) -> None:
     try:
         pool = await ledger.open_pool(settings.database_url, command_timeout_s=5, max_size=1)
         await pool.close()
         result.add(True, "postgres")
     except (*outages.DB_OUTAGE_ERRORS, asyncpg.PostgresError) as exc:
-        result.add(False, "postgres", type(exc).__name__)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-        for name, account in settings.accounts.items():
-            try:
-                async with http.get(account.base_url) as response:
-                    result.add(
-                        True, f"account {name}", f"{account.base_url} answered {response.status}"
-                    )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                result.add(False, f"account {name}", f"{account.base_url}: {type(exc).__name__}")
-    return result
+        hint = "is PostgreSQL running, and BLASTD_DATABASE_URL's role, password, database right?"
+        result.add(False, "postgres", f"{outages.describe(exc)} ({hint})")
+
+
+async def _check_account(http: aiohttp.ClientSession, account: AccountSettings) -> tuple[bool, str]:
+    """(ok, what was seen) for one account: its credentials where a harmless call proves them,
+    else that its base URL answers."""
+    probe = _credential_probe(account)
+    url, headers, params = probe or (account.base_url, {}, {})
+    try:
+        async with http.get(url, headers=headers, params=params) as response:
+            body = await response.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return False, f"{account.base_url}: {type(exc).__name__}"
+    if probe is None:
+        return True, f"{account.base_url} answered {response.status}"
+    if _credentials_accepted(account, response.status, body):
+        return True, f"credentials accepted by {account.base_url}"
+    return False, f"credentials refused by {account.base_url} (HTTP {response.status})"
+
+
+Probe = tuple[str, dict[str, str], dict[str, str]]  # url, headers, query
+
+
+def _credential_probe(account: AccountSettings) -> Probe | None:
+    """The provider's read-only call that needs the credentials, if it has one."""
+    token = account.token.get_secret_value() if account.token else ""
+    base = account.base_url.rstrip("/")
+    if isinstance(account, CloudApiAccount):
+        url = f"{base}/{account.api_version}/{account.phone_number_id}"
+        return url, {"Authorization": f"Bearer {token}"}, {}
+    if isinstance(account, UltraMsgAccount):
+        return f"{base}/{account.instance_id}/instance/status", {}, {"token": token}
+    if isinstance(account, WablasAccount):
+        return f"{base}/api/device/info", {}, {"token": token}
+    if isinstance(account, DidAccount):
+        key = token if account.auth_form == "raw" else base64.b64encode(token.encode()).decode()
+        return f"{base}/credits", {"Authorization": f"Basic {key}"}, {}
+    return None
+
+
+def _credentials_accepted(account: AccountSettings, status: int, body: bytes) -> bool:
+    """UltraMsg and Wablas refuse with HTTP 200 and a body that says so."""
+    if not 200 <= status < 300:
+        return False
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    if isinstance(account, UltraMsgAccount):
+        return isinstance(answer, dict) and "error" not in answer
+    if isinstance(account, WablasAccount):
+        return isinstance(answer, dict) and answer.get("status") is True
+    return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -94,25 +95,84 @@ async def wait_out_outage(
     *args: Any,
     **kwargs: Any,
 ) -> T:
-    """Call `translated(fn, *args)` until it does not raise UnavailableError, every `retry_s`."""
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(UnavailableError),
-        wait=wait_fixed(retry_s),
-        before_sleep=_log_outage,
-    ):
-        with attempt:
-            return await translated(fn, *args, **kwargs)
+    """Call `translated(fn, *args)` until it does not raise UnavailableError, every `retry_s`.
+    The outage is logged at once, then at most every OUTAGE_LOG_INTERVAL_S; its end once."""
+    waited_for: set[str] = set()
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(UnavailableError),
+            wait=wait_fixed(retry_s),
+            before_sleep=lambda state: _log_outage(state, waited_for),
+        ):
+            with attempt:
+                result = await translated(fn, *args, **kwargs)
+                for dependency in waited_for:
+                    _log_recovery(dependency)
+                return result
+    finally:
+        for dependency in waited_for:
+            _stop_waiting(dependency)
     raise AssertionError("unreachable: the retry loop never stops on its own")
 
 
-def _log_outage(state: Any) -> None:
+# Outage lines: the first at once, then one per interval with the count of failed attempts
+# across every caller, not one per caller per retry (a Redis outage used to log twice a second).
+OUTAGE_LOG_INTERVAL_S = 30.0
+
+
+@dataclass
+class _Outage:
+    since_s: float
+    logged_s: float
+    attempts: int = 0
+    waiters: int = 0  # retry loops waiting it out; the last to stop unrecovered forgets it
+
+
+_outages: dict[str, _Outage] = {}  # by dependency, while it is away
+
+
+def _log_outage(state: Any, waited_for: set[str]) -> None:
+    """Note a failed attempt; log it when the outage is new or the interval has passed."""
     exc = state.outcome.exception() if state.outcome else None
+    dependency = str(getattr(exc, "dependency", "a dependency"))
+    now = time.monotonic()
+    outage = _outages.get(dependency)
+    is_new = outage is None
+    if outage is None:
+        outage = _outages[dependency] = _Outage(since_s=now, logged_s=now)
+    if dependency not in waited_for:
+        waited_for.add(dependency)
+        outage.waiters += 1
+    outage.attempts += 1
+    if not is_new and now - outage.logged_s < OUTAGE_LOG_INTERVAL_S:
+        return
+    outage.logged_s = now
     log.warning(
         "dependency_unavailable",
-        dependency=getattr(exc, "dependency", None),
-        attempt=state.attempt_number,
-        error=type(exc.__cause__).__name__ if exc is not None and exc.__cause__ else None,
+        dependency=dependency,
+        attempts=outage.attempts,
+        down_s=round(now - outage.since_s, 1),
+        error=str(exc) if exc is not None else None,
     )
+
+
+def _stop_waiting(dependency: str) -> None:
+    """A loop that ends without seeing the recovery (cancelled at shutdown) lets go of it."""
+    outage = _outages.get(dependency)
+    if outage is not None:
+        outage.waiters -= 1
+        if outage.waiters <= 0:
+            del _outages[dependency]
+
+
+def _log_recovery(dependency: str) -> None:
+    """The first caller through after an outage says how long it lasted."""
+    outage = _outages.pop(dependency, None)
+    if outage is not None:
+        down_s = round(time.monotonic() - outage.since_s, 1)
+        log.warning(
+            "dependency_recovered", dependency=dependency, down_s=down_s, attempts=outage.attempts
+        )
 
 
 async def open_dependencies(

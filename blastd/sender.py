@@ -157,6 +157,12 @@ class Sender:
                 continue
             if self.pacer.rate_per_s < self.account.rate_per_s:
                 self.pacer.increase(self.account.rate_per_s / RECOVERY_STEPS)
+            log.debug(
+                "provider_sent",
+                account=self.name,
+                to=[message.to for message in delivery.messages],
+                results=[type(result).__name__ for result in results],
+            )
             return results
 
     async def _slow_down(self, exc: ThrottledError) -> None:

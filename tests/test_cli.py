@@ -303,7 +303,8 @@ async def test_check_reaches_redis_postgres_and_every_account(
     assert lines[0].startswith("ok   configuration")
     assert "ok   redis" in lines
     assert "ok   postgres" in lines
-    assert any(line.startswith(f"ok   account {ACCOUNT}: {sandbox.url} answered") for line in lines)
+    accepted = f"ok   account {ACCOUNT}: credentials accepted by {sandbox.url}"
+    assert accepted in lines
 
 
 async def test_check_fails_when_redis_is_unreachable(cli_env: dict[str, str]) -> None:

@@ -11,18 +11,25 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
+import structlog.testing
 
-from blastd import ledger, logs
+from blastd import controls, ledger, logs, outages
 from blastd.embedded import free_port
+from blastd.resources import wait_out_outage
 from tests.harness import (
     ACCOUNT,
+    TOKEN,
     SandboxHandle,
     Servers,
+    campaign_state,
     daemon_env,
     daemon_process,
     is_done,
     is_ready,
+    make_settings,
+    running_daemon,
     wait_until,
 )
 
@@ -201,3 +208,104 @@ def test_phone_numbers_are_masked_at_any_depth(restore_structlog: None) -> None:
     line = log_one_json_line(reason="to +6281234567890", recipients=["6281234567891"])
     assert line["reason"] == "to +628******7890"
     assert "6281234567891" not in orjson.dumps(line).decode()
+
+
+@pytest.mark.parametrize(
+    ("written", "masked"),
+    [
+        ("+62 812-3456-7890", "+62 8**-****-7890"),
+        ("(021) 555-1234", "(021) ***-1234"),
+        ("0812 3456 7890", "081* **** 7890"),
+        ("6281234567890", "628******7890"),
+    ],
+)
+def test_numbers_are_masked_as_people_write_them(
+    restore_structlog: None, written: str, masked: str
+) -> None:
+    line = log_one_json_line(reason=f"to {written}.")
+    assert line["reason"] == f"to {masked}."
+
+
+@pytest.mark.parametrize("text", ["2026-12-03", "10.0.0.1:6379", "sent 100 200 300", "1234567"])
+def test_dates_addresses_and_counts_are_not_taken_for_numbers(
+    restore_structlog: None, text: str
+) -> None:
+    assert log_one_json_line(reason=text)["reason"] == text
+
+
+async def test_an_outage_logs_once_then_its_recovery_with_the_attempts() -> None:
+    failures = [redis.exceptions.ConnectionError("Connection refused")] * 5
+
+    async def flaky() -> str:
+        if failures:
+            raise failures.pop()
+        return "answered"
+
+    with structlog.testing.capture_logs() as captured:
+        assert await wait_out_outage(0.001, outages.on_redis, flaky) == "answered"
+
+    events = [e for e in captured if e["event"].startswith("dependency_")]
+    assert [e["event"] for e in events] == ["dependency_unavailable", "dependency_recovered"]
+    assert events[0]["error"] == "ConnectionError: Connection refused"
+    assert (events[1]["dependency"], events[1]["attempts"]) == ("redis", 5)
+    assert isinstance(events[1]["down_s"], float)
+
+
+async def test_debug_shows_each_request_with_status_and_masked_number(
+    servers: Servers,
+    sandbox: SandboxHandle,
+    redis: aioredis.Redis,
+    pool: ledger.Pool,
+    restore_structlog: None,
+) -> None:
+    stream = io.StringIO()
+    logs.configure(level="debug", fmt="json", stream=stream, secrets=[TOKEN])
+    async with running_daemon(make_settings(servers, sandbox.url)):
+        await redis.lpush("blastd:jobs", blast("debug-1", NUMBERS[:1]))
+        await wait_until(lambda: _is_done(pool, "debug-1"))
+
+    output = stream.getvalue()
+    lines = [orjson.loads(line) for line in output.splitlines()]
+    [request] = [e for e in lines if e["event"] == "provider_request"]
+    assert (request["method"], request["status"]) == ("POST", 200)
+    assert isinstance(request["duration_ms"], float)
+    [sent] = [e for e in lines if e["event"] == "provider_sent"]
+    assert (sent["account"], sent["to"]) == (ACCOUNT, ["+628******0000"])
+    assert NUMBERS[0].lstrip("+") not in output
+    assert TOKEN not in output
+
+
+async def test_a_pause_from_the_cli_shows_in_the_daemon_log(
+    servers: Servers,
+    sandbox: SandboxHandle,
+    redis: aioredis.Redis,
+    pool: ledger.Pool,
+) -> None:
+    await sandbox.configure(latency_ms=200)
+    with structlog.testing.capture_logs() as captured:
+        settings = make_settings(servers, sandbox.url, account={"concurrency": 1})
+        async with running_daemon(settings):
+            await redis.lpush("blastd:jobs", blast("paused-1", NUMBERS))
+            await wait_until(lambda: campaign_state(pool, "paused-1"))
+            result = await controls.apply_control(pool, "paused-1", "pause")  # as the CLI does
+            assert result is not None
+            assert result.applied
+            await wait_until(lambda: _event(captured, "campaign_paused_by_operator"))
+            await controls.apply_control(pool, "paused-1", "resume")
+            await wait_until(lambda: _event(captured, "campaign_resumed_by_operator"))
+
+    [paused] = [e for e in captured if e["event"] == "campaign_paused_by_operator"]
+    assert (paused["campaign_id"], paused["old_state"], paused["new_state"]) == (
+        "paused-1",
+        "running",
+        "paused",
+    )
+    assert sum(paused["recipients"].values()) == len(NUMBERS)
+
+
+async def _is_done(pool: ledger.Pool, campaign_id: str) -> bool:
+    return await campaign_state(pool, campaign_id) == "done"
+
+
+def _event(captured: list[dict[str, Any]], name: str) -> bool:
+    return any(e["event"] == name for e in captured)

@@ -187,7 +187,11 @@ async def test_configured_secrets_appear_in_no_output(
             run_cli(env, "check"),
         )
     assert process.returncode == 0, stderr_path.read_text()
-    assert all(result.code == 0 for result in results), results
+    *statuses, check = results
+    assert all(result.code == 0 for result in statuses), statuses
+    # check sends the revoked token to prove it: refused, and said so without echoing it.
+    assert check.code == 1, check
+    assert f"FAIL account {ACCOUNT}: credentials refused" in check.stdout
     outputs += [stdout_path.read_text(), stderr_path.read_text()]
     outputs += [r.stdout + r.stderr for r in results]
     outputs += [r.stdout + r.stderr for r in await bad_config_runs(env, canaries)]

@@ -198,7 +198,7 @@ async def test_a_script_placeholder_that_is_not_a_column_fails_naming_it_and_the
         video_cli_env, "enqueue", str(path), "--video-script", "Halo {nama_lengkap}, {kode}"
     )
 
-    assert result.code == 1
+    assert result.code == 2  # refused as the daemon would refuse it
     assert "--video-script uses {nama_lengkap}" in result.stderr
     assert "report.xlsx" in result.stderr
     assert "(its columns: kode, nama)" in result.stderr
@@ -215,7 +215,7 @@ async def test_a_messaging_account_as_video_account_is_refused_before_anything_i
         video_cli_env, "enqueue", str(path), "--video-script", SCRIPT, "--video-account", ACCOUNT
     )
 
-    assert result.code == 1
+    assert result.code == 2  # refused as the daemon would refuse it
     assert f"account '{ACCOUNT}' is not a video account" in result.stderr
     assert await nothing_pushed(redis)
 

@@ -5,6 +5,7 @@ failure into a TransientError, keep secrets out of error texts, and honour Retry
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,14 +56,26 @@ async def post_for_answer(
 ) -> Answer:
     """POST and read the whole answer; a timeout or connection failure is a TransientError
     whose text is `describe(exc)` (the adapter's, so it can keep secrets out)."""
+    started = time.monotonic()
     try:
         async with http.post(url, data=payload, headers=headers, timeout=time_limits) as response:
             raw_body = await response.read()
+            _log_request("POST", url, response.status, started)
             return Answer(response.status, raw_body, response.headers.get("Retry-After"))
     except TimeoutError as exc:
         raise TransientError("timeout", describe(exc)) from exc
     except aiohttp.ClientError as exc:
         raise TransientError("network", describe(exc)) from exc
+
+
+def _log_request(method: str, url: str | URL, status: int, started: float) -> None:
+    """Per-request detail at debug level; the query is left out (tokens, numbers travel there
+    for some providers), and the log pipeline masks what the path may hold."""
+    duration_ms = round((time.monotonic() - started) * 1000, 1)
+    path = URL(url).with_query(None)
+    log.debug(
+        "provider_request", method=method, url=str(path), status=status, duration_ms=duration_ms
+    )
 
 
 async def get_for_answer(
@@ -73,9 +86,11 @@ async def get_for_answer(
     describe: Callable[[Exception], str],
 ) -> Answer:
     """GET and read the whole answer; failures as in `post_for_answer`."""
+    started = time.monotonic()
     try:
         async with http.get(url, headers=headers, timeout=time_limits) as response:
             raw_body = await response.read()
+            _log_request("GET", url, response.status, started)
             return Answer(response.status, raw_body, response.headers.get("Retry-After"))
     except TimeoutError as exc:
         raise TransientError("timeout", describe(exc)) from exc

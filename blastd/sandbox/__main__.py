@@ -2,7 +2,7 @@
 
 The other providers' emulators are mounted on the same port: UltraMsg under /ultramsg,
 Wablas under /wablas,
-status gateways (Evolution API, the /story API) under /status,
+status gateways (Evolution API, the story API) under /status,
 D-ID under /did, the generic video-job API under /video.
 
 Prints "sandbox listening on http://HOST:PORT" once bound, so a parent can wait for the line.
@@ -44,18 +44,54 @@ FLOAT_KNOBS = (
 )
 INT_KNOBS = ("seed", "webhook_batch_max")
 STR_KNOBS = ("webhook_url", "app_secret")
+# What each knob does, for --help; probabilities are per request, drawn once (at most one
+# fault per request, and together at most 1).
+KNOB_HELP = {
+    "rate_per_s": "accepted sends a second per phone number id, then 130429 (default 0: no limit)",
+    "latency_ms": "delay before every answer, in milliseconds (default 0)",
+    "latency_jitter_ms": "extra random delay up to this many milliseconds (default 0)",
+    "webhook_delay_ms": "delay before status webhooks are posted, in milliseconds (default 0)",
+    "retry_after_s": "Retry-After header sent with throttled answers (default: none)",
+    "transient_p": "probability of a transient 5xx answer (default 0)",
+    "throttled_p": "probability of a 429 throttled answer (default 0)",
+    "pair_limit_p": "probability of the per-recipient pair-rate error 131056 (default 0)",
+    "quality_p": "probability of a quality/spam refusal that pauses a campaign (default 0)",
+    "permanent_p": "probability of a permanent per-recipient refusal (default 0)",
+    "fatal_p": "probability of an account-level refusal that stops a campaign (default 0)",
+    "malformed_body_p": "probability of a 200 answer whose body cannot be read (default 0)",
+    "seed": "random seed, for repeatable fault draws (default: random)",
+    "webhook_batch_max": "statuses per webhook POST at most",
+    "webhook_url": "where to POST status webhooks (default: none are sent)",
+    "app_secret": "secret that signs webhooks (X-Hub-Signature-256; default sandbox-app-secret)",
+}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Flags for the main knobs; a knob left out keeps SandboxConfig's default."""
     parser = argparse.ArgumentParser(prog="python -m blastd.sandbox", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8788, help="0 picks a free port")
-    parser.add_argument("--token", action="append", dest="tokens", help="repeat for several")
-    parser.add_argument("--pair-limit", action="store_true", default=None)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8788, help="port (default 8788; 0 picks a free one)"
+    )
+    parser.add_argument(
+        "--token",
+        action="append",
+        dest="tokens",
+        help="an access token the Cloud API emulator accepts (repeat for several; default "
+        "sandbox-token)",
+    )
+    parser.add_argument(
+        "--pair-limit",
+        action="store_true",
+        default=None,
+        help="enforce the per-recipient pair rate (about one message each 6 s, bursts of 45)",
+    )
     for knobs, kind in ((FLOAT_KNOBS, float), (INT_KNOBS, int), (STR_KNOBS, str)):
         for knob in knobs:
-            parser.add_argument("--" + knob.replace("_", "-"), dest=knob, type=kind)
+            flag = "--" + knob.replace("_", "-")
+            parser.add_argument(flag, dest=knob, type=kind, help=KNOB_HELP[knob])
     return parser.parse_args(argv)
 
 

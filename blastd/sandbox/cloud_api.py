@@ -162,6 +162,19 @@ class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
             body=_success_body(message, message_id), content_type="application/json"
         )
 
+    async def handle_phone_number(self, request: web.Request) -> web.Response:
+        """GET /{version}/{phone_number_id}: the number's profile, as `blastd check` reads it
+        to prove the token works without sending anything."""
+        if not self._is_authorized(request.headers.get("Authorization")):
+            return self._reject(Rejection(190, "the access token is not valid"))
+        number_id = request.match_info["phone_number_id"]
+        profile = {
+            "id": number_id,
+            "display_phone_number": "+1 555 0100",
+            "verified_name": "Sandbox",
+        }
+        return web.json_response({**profile, "quality_rating": "GREEN"})
+
     def _is_authorized(self, authorization: str | None) -> bool:
         if authorization is None or not authorization.startswith("Bearer "):
             return False
@@ -271,6 +284,7 @@ def build_app(config: SandboxConfig, now: Callable[[], float] = time.monotonic) 
     sandbox = CloudApiSandbox(config, now)
     app = web.Application()
     app.router.add_post("/{version}/{phone_number_id}/messages", sandbox.handle_send)
+    app.router.add_get("/{version}/{phone_number_id}", sandbox.handle_phone_number)
     sandbox.add_control_routes(app)
     return app
 

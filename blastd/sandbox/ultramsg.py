@@ -253,6 +253,8 @@ class UltraMsgSandbox(Emulator[UltraMsgSandboxConfig, _UltraMsgTraffic, Event]):
     async def handle_instance_status(self, request: web.Request) -> web.Response:
         if request.match_info["instance_id"] not in self._config.instances:
             return json_response({"error": ERROR_TEXTS["instance_not_found"]}, status=404)
+        if request.query.get("token") not in self._config.tokens:
+            return json_response({"error": ERROR_TEXTS["wrong_token"]})
         account_status = {"status": self._config.instance_status, "substatus": "connected"}
         return json_response({"status": {"accountStatus": account_status}})
 
