@@ -1,7 +1,7 @@
 """Sends one request's worth of messages through an account and turns the answers into outcomes.
 
 Each account has one Sender: its provider adapter (with its own keep-alive pool), its pacer and
-its concurrency bound. The policy for every class of provider answer (DESIGN §4) lives here,
+its concurrency bound. The policy for every class of provider answer (docs/errors.md) lives here,
 next to the call it guards. A request carries one message, or up to the account's batch limit
 for a bulk API; the pacer counts requests.
 """

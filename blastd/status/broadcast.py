@@ -1,16 +1,17 @@
-"""Status broadcasts (seed 001's smart send): anchor send, then the same id resent in batches.
+"""Status broadcasts (docs/status.md): anchor send, then the same id resent in batches.
 
 One contact first, the anchor (the highest-priority one): the gateway creates the status and
 answers with its id. The rest get that same id in batches whose size follows the number of
-contacts (seed 001's table, overridable). The ledger is the checkpoint: the anchor's id and the
-batch size live in `broadcasts`, every contact's outcome in its recipients row, so a restart
-goes on with the same status and never resends a batch the gateway accepted.
+contacts (the size table in docs/status.md, overridable). The ledger is the checkpoint: the
+anchor's id and the batch size live in `broadcasts`, every contact's outcome in its
+recipients row, so a restart goes on with the same status and never resends a batch the
+gateway accepted.
 
 A failed batch goes back to pending with a backoff and is claimed again when due, so later
-batches are not held up by it (the seed retries failed batches after the others); a 429 holds
-the broadcast and retries the same batch, waiting 1 s, then twice as long each time, up to
-10 s (seed 001). A list refused as too large is split in two, and later batches use the
-smaller size.
+batches are not held up by it (failed batches are retried after the others); a 429 holds the
+broadcast and retries the same batch, waiting 1 s, then twice as long each time, up to 10 s,
+as the systems blastd replaces did. A list refused as too large is split in two, and later
+batches use the smaller size.
 """
 
 from __future__ import annotations
@@ -53,15 +54,16 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-# Seed 001's table: a list shorter than the n-th limit gets the n-th size, a longer one the last.
+# The size table (docs/status.md): a list shorter than the n-th limit gets the n-th size,
+# a longer one the last.
 SIZE_LIMITS = (500, 2_000, 5_000, 10_000, 20_000)
-THROTTLE_FIRST_S = 1.0  # seed 001: the first hold after a rate-limit answer...
+THROTTLE_FIRST_S = 1.0  # the first hold after a rate-limit answer...
 THROTTLE_MAX_S = 10.0  # ...doubling up to this
 SENT_STATES = ("sent", "delivered", "read")
 
 
 def batch_size_for(contacts: int, sizes: StatusBatchSizes) -> int:
-    """Seed 001's adaptive batch size for a status to `contacts` contacts."""
+    """The adaptive batch size for a status to `contacts` contacts."""
     table = (sizes.small, sizes.medium, sizes.large, sizes.xlarge, sizes.xxlarge)
     for limit, size in zip(SIZE_LIMITS, table, strict=True):
         if contacts < limit:
@@ -87,7 +89,7 @@ def calling_code(e164: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class BroadcastResult:
-    """Seed 001's result of a smart send: the status id, and who has it and who does not."""
+    """The result of a broadcast: the status id, and who has it and who does not."""
 
     campaign_id: str
     message_id: str | None
@@ -98,7 +100,8 @@ class BroadcastResult:
     batches_failed: int
 
     def document(self) -> dict[str, object]:
-        """The result in seed 001's JSON shape, with the sent contacts added."""
+        """The result in the JSON shape smart-send callers expect (docs/status.md), plus the
+        sent contacts."""
         return {
             "success": self.message_id is not None,
             "messageId": self.message_id,
@@ -309,7 +312,7 @@ async def _anchor_accepted(
 
 async def _send_batches(run: BroadcastRun) -> None:
     """Claim the next `batch_size` contacts and resend the status to them, up to the job's
-    number of batches at once (seed 001: one), until none is pending."""
+    number of batches at once (one by default), until none is pending."""
     slots = asyncio.Semaphore(run.concurrency)
     async with asyncio.TaskGroup() as sends:
         while not run.should_stop():

@@ -1,8 +1,8 @@
 """Runs a video campaign: submit its renders in progress batches, keep the polling loop fed,
 deliver what is rendered, and finish once nothing is left to do.
 
-Seed 000 submits with 10 calls in flight and saves progress every 50 items; so does this, with
-the progress saved in the ledger: the batch's recipients are 'rendering' (owned, no job id)
+Renders are submitted with 10 calls in flight and progress saved every 50 items
+(docs/video.md), in the ledger: the batch's recipients are 'rendering' (owned, no job id)
 before any submission leaves, and get their job ids in one statement when the batch is done.
 A crash in between leaves them owned by a dead instance; the recovery looks each one up at the
 provider by its reference (the ledger id, D-ID's user_data) and submits again only those the
@@ -234,7 +234,7 @@ def _throttle_aware(
 async def _submit_with_retries(account: VideoAccount, request: VideoRequest) -> str:
     """Submit, retrying transient failures and throttling; before a retry, look the render
     up by its reference where the provider allows it, since a 5xx or an unreadable answer
-    may come after the job was created (shared/providers/d-id.md §6)."""
+    may come after the job was created (docs/providers.md, D-ID)."""
     retry = account.settings.retry
     retrying = AsyncRetrying(
         retry=retry_if_exception_type((TransientError, ThrottledError, UncertainOutcomeError)),

@@ -46,7 +46,7 @@ RUNNING_STATUSES = frozenset({"created", "started"})
 KNOWN_STATUSES = RUNNING_STATUSES | {"done", "error", "rejected"}
 # D-ID's own failure: credits are refunded and the same input may render next time.
 RETRYABLE_ERROR_KIND = "UnknownError"
-REJECTED_TEXT = "D-ID rejected the job (moderation, §6)"
+REJECTED_TEXT = "D-ID rejected the job (moderation)"
 
 
 class DidProvider:
