@@ -1,9 +1,10 @@
 """Runs the campaigns from the ledger: one task per running campaign, each run by its product's
-runner; a blast claims recipients in pages, marks intent, sends and records."""
+runner; a blast reserves recipients in pages, marks each request's intent, sends and records."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from blastd import controls, events, ledger, metrics, runner
+from blastd.claims import Claims
 from blastd.job_fields import BlastOptions
 from blastd.jobs import MessageSpec, render
 from blastd.ledger import ClaimedRecipient, Outcome
@@ -32,8 +34,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-# How much sending time one claim covers. Claimed recipients are 'sending' at once, and a crash
-# can leave about two claims' worth 'uncertain' without their request having left: keep it short.
+# How much sending time one claim covers: reserved recipients wait this long at most for
+# their turn, and a stop releases them.
 CLAIM_AHEAD_S = 0.02
 
 
@@ -46,6 +48,28 @@ class _Active:
 
 
 async def run(deps: Dependencies, shutdown: Shutdown) -> None:
+    """Run the campaigns with this daemon's claims: their intents committed together, their
+    orphans swept; return when shutdown is requested and the sends in flight are recorded."""
+    claims = Claims(deps.db, deps.settings.instance_id)
+    async with asyncio.TaskGroup() as services:
+        services.create_task(claims.run(), name="intents")
+        services.create_task(_sweep_orphans(deps, claims, shutdown), name="orphan-sweeper")
+        await _schedule(deps, claims, shutdown)
+        claims.close()
+
+
+async def _sweep_orphans(deps: Dependencies, claims: Claims, shutdown: Shutdown) -> None:
+    while not shutdown.is_requested:
+        await shutdown.wait(None, deps.settings.orphan_sweep_interval_s)
+        if shutdown.is_requested:
+            return
+        released = await claims.release_orphans(deps.outcomes)
+        if released:
+            log.warning("orphans_released", count=released)
+            deps.campaigns_changed.set()
+
+
+async def _schedule(deps: Dependencies, claims: Claims, shutdown: Shutdown) -> None:
     """Start a task for every running campaign, halt those paused or cancelled meanwhile (by an
     operator, another daemon); return when shutdown is requested."""
     active: dict[str, _Active] = {}
@@ -61,7 +85,7 @@ async def run(deps: Dependencies, shutdown: Shutdown) -> None:
                     controls.notice_resumed(campaign_id)
                 if campaign_id not in active:
                     halted = asyncio.Event()
-                    coro = run_campaign(deps, campaign_id, shutdown, halted)
+                    coro = run_campaign(deps, claims, campaign_id, shutdown, halted)
                     coro = events.reporting(deps, campaign_id, coro)  # progress events
                     task = group.create_task(coro, name=f"campaign:{campaign_id}")
                     active[campaign_id] = _Active(task, halted)
@@ -90,6 +114,7 @@ class BlastRun(CampaignRun):
     sender: Sender
     pacer: Pacer | None
     options: BlastOptions
+    claims: Claims
     time_zones: list[str] = field(default_factory=list)  # of pending recipients, with a window
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -149,7 +174,11 @@ def _local_time(now: datetime, zone: str) -> dt_time:
 
 
 async def run_campaign(
-    deps: Dependencies, campaign_id: str, shutdown: Shutdown, halted: asyncio.Event
+    deps: Dependencies,
+    claims: Claims,
+    campaign_id: str,
+    shutdown: Shutdown,
+    halted: asyncio.Event,
 ) -> None:
     """Run one campaign with its type's runner until it is done or stops; `halted` set (the
     campaign left 'running') stops the launching and releases what was claimed."""
@@ -157,23 +186,27 @@ async def run_campaign(
     if campaign is None or campaign.state != "running":
         return
     campaign_type = await deps.db(ledger.campaign_type, campaign_id)
-    prepare = PREPARERS.get(campaign_type, _prepare)
+    prepare = PREPARERS.get(campaign_type) or functools.partial(_prepare, claims)
     await runner.run_campaign(prepare, deps, campaign, shutdown, halted)
 
 
 async def _send_due(run: BlastRun) -> None:
     async with asyncio.TaskGroup() as sends:
-        claimed = await _claim(run)
+        token, claimed = await _claim(run)
         while claimed and not run.should_stop():
             # The next claim runs while this one goes out, so sends never wait for it.
             next_claim = sends.create_task(_claim(run))
-            await _send_claimed(run, claimed, sends)
-            claimed = await next_claim
+            await _send_claimed(run, token, claimed, sends)
+            token, claimed = await next_claim
         _release(run, claimed)  # claimed as the campaign stopped: never sent
 
 
 async def _prepare(
-    deps: Dependencies, campaign: ledger.Campaign, shutdown: Shutdown, halted: asyncio.Event
+    claims: Claims,
+    deps: Dependencies,
+    campaign: ledger.Campaign,
+    shutdown: Shutdown,
+    halted: asyncio.Event,
 ) -> BlastRun | NotConfigured:
     sender = deps.senders.get(campaign.account)
     if sender is None:
@@ -184,10 +217,10 @@ async def _prepare(
     if options.rate_per_s and (not account_rate_per_s or options.rate_per_s < account_rate_per_s):
         pacer = Pacer(options.rate_per_s)  # a campaign may go slower than its account, never faster
     spec = MessageSpec.model_validate(campaign.message)
-    return BlastRun(deps, campaign, shutdown, halted, spec, sender, pacer, options)
+    return BlastRun(deps, campaign, shutdown, halted, spec, sender, pacer, options, claims)
 
 
-# How each type of campaign is prepared; any other type is a blast.
+# How each type of campaign other than a blast is prepared.
 PREPARERS: dict[str | None, runner.Prepare] = {
     "status": status_broadcast.prepare,
     "video_blast": video_runner.prepare,
@@ -220,7 +253,7 @@ async def _wait_for_window(run: BlastRun) -> bool:
 
 
 async def _send_claimed(
-    run: BlastRun, claimed: Sequence[ClaimedRecipient], sends: asyncio.TaskGroup
+    run: BlastRun, token: int, claimed: Sequence[ClaimedRecipient], sends: asyncio.TaskGroup
 ) -> None:
     """Launch one request per batch, each when the rate allows; release the rest on a stop."""
     size = run.sender.account.batch_limit
@@ -232,31 +265,45 @@ async def _send_claimed(
             run.sender.slots.release()
             _release(run, [r for b in batches[index:] for r in b])
             return
-        sends.create_task(_send_batch(run, batch))
+        sends.create_task(_send_batch(run, token, batch))
 
 
-async def _claim(run: BlastRun) -> list[ClaimedRecipient]:
-    deps = run.deps
+async def _claim(run: BlastRun) -> tuple[int, list[ClaimedRecipient]]:
+    """Reserve the next recipients under a new token; they stay pending until their intent."""
+    deps, claims = run.deps, run.claims
+    token = claims.new_token()
     time_zones = run.open_time_zones()
     if time_zones is not None and not time_zones:
-        return []  # the window has closed in every zone left
-    return await deps.db(
-        ledger.claim_recipients,
+        claims.hold(token, [])
+        return token, []  # the window has closed in every zone left
+    claimed = await deps.db(
+        ledger.reserve_recipients,
         run.campaign.id,
         deps.settings.instance_id,
         run.claim_size,
+        token,
         time_zones,
     )
+    claims.hold(token, [r.id for r in claimed])
+    return token, claimed
 
 
 def _release(run: BlastRun, recipients: Sequence[ClaimedRecipient]) -> None:
     """Recipients claimed but never sent go back to pending."""
     for recipient in recipients:
         run.deps.outcomes.add(Outcome(recipient.id, "pending"))
+    run.claims.let_go([r.id for r in recipients])
 
 
-async def _send_batch(run: BlastRun, recipients: Sequence[ClaimedRecipient]) -> None:
+async def _send_batch(run: BlastRun, token: int, claimed: Sequence[ClaimedRecipient]) -> None:
+    ids = [r.id for r in claimed]
     try:
+        marked = await run.claims.mark_sending(ids, token)
+        # The others were cancelled or expired since the claim: nothing to send or write.
+        recipients = [r for r in claimed if r.id in marked]
+        if not recipients:
+            run.claims.let_go(ids)
+            return
         messages = [
             OutboundMessage(r.id, r.phone, render(run.spec, r.vars or {})) for r in recipients
         ]
@@ -269,6 +316,7 @@ async def _send_batch(run: BlastRun, recipients: Sequence[ClaimedRecipient]) -> 
         run.deps.outcomes.add(outcome)
         run.counts[outcome.state] = run.counts.get(outcome.state, 0) + 1
         run.stop_on(outcome.error_class, outcome.error_code, outcome.error_text)
+    run.claims.let_go(ids)
 
 
 async def _sweep(run: BlastRun) -> None:

@@ -400,6 +400,95 @@ async def claim_recipients(
     return sorted(claimed, key=_by_id)
 
 
+_RESERVE = """
+        UPDATE recipients r SET owner = $2, claim_token = $4, updated_at = now()
+        FROM (SELECT id FROM recipients
+              WHERE campaign_id = $1 AND state = 'pending' AND owner IS NULL
+                AND (next_attempt_at IS NULL OR next_attempt_at <= now()){zone_filter}
+              ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) due
+        WHERE r.id = due.id
+          AND EXISTS (SELECT 1 FROM campaigns WHERE id = $1 AND state = 'running')
+        RETURNING r.id, r.phone, r.vars, r.attempts
+"""
+RESERVE_DUE = _RESERVE.format(zone_filter="")
+RESERVE_DUE_IN_ZONES = _RESERVE.format(zone_filter=" AND time_zone = ANY($5::text[])")
+
+
+async def reserve_recipients(
+    pool: Pool,
+    campaign_id: str,
+    owner: str,
+    limit: int,
+    token: int,
+    time_zones: Sequence[str] | None = None,
+) -> list[ClaimedRecipient]:
+    """Reserve up to `limit` due pending recipients of a running campaign for `owner` under
+    `token`, in producer order; they stay 'pending' until `mark_sending`. Run again after a
+    lost answer, it reserves more: the first rows are orphans, which `release_orphans` frees."""
+    if time_zones is None:
+        rows = await pool.fetch(RESERVE_DUE, campaign_id, owner, limit, token)
+    else:
+        rows = await pool.fetch(
+            RESERVE_DUE_IN_ZONES, campaign_id, owner, limit, token, list(time_zones)
+        )
+    claimed = (ClaimedRecipient(r["id"], r["phone"], r["vars"], r["attempts"]) for r in rows)
+    return sorted(claimed, key=_by_id)
+
+
+async def mark_sending(
+    pool: Pool, owner: str, ids: Sequence[int], tokens: Sequence[int]
+) -> list[int]:
+    """The intent: reserved recipients whose request leaves now become 'sending'; return the
+    ids that may be sent (still reserved by `owner` under their token: an operator's cancel or
+    an expiry in between takes the others). Idempotent, so a retry after a lost answer returns
+    the same ids."""
+    rows = await pool.fetch(
+        """
+        WITH mine AS (
+            SELECT r.id, r.state FROM recipients r
+            JOIN unnest($1::bigint[], $2::bigint[]) AS i(id, token)
+              ON r.id = i.id AND r.claim_token = i.token
+            WHERE r.owner = $3 AND r.state IN ('pending', 'sending')
+            FOR UPDATE OF r),
+        moved AS (
+            UPDATE recipients r SET state = 'sending', updated_at = now()
+            FROM mine WHERE r.id = mine.id AND mine.state = 'pending')
+        SELECT id FROM mine
+        """,
+        list(ids),
+        list(tokens),
+        owner,
+    )
+    return [row["id"] for row in rows]
+
+
+async def release_orphans(
+    pool: Pool,
+    owner: str,
+    tokens: tuple[int, int],
+    live_ids: Sequence[int],
+    reserving: Sequence[int],
+) -> int:
+    """Free what `owner` reserved under tokens in the range `tokens` and no longer holds
+    (`live_ids` are the ones it works on, `reserving` the tokens whose reservation has not
+    answered yet): a claim or an intent whose commit it never heard back. No request left for
+    them, so they go back to 'pending'."""
+    result: str = await pool.execute(
+        """
+        UPDATE recipients SET state = 'pending', owner = NULL, updated_at = now()
+        WHERE owner = $1 AND state IN ('pending', 'sending')
+          AND claim_token BETWEEN $2 AND $3 AND NOT (id = ANY($4::bigint[]))
+          AND NOT (claim_token = ANY($5::bigint[]))
+        """,
+        owner,
+        tokens[0],
+        tokens[1],
+        list(live_ids),
+        list(reserving),
+    )
+    return int(result.split()[-1])
+
+
 def _by_id(recipient: ClaimedRecipient) -> int:
     return recipient.id
 
@@ -467,6 +556,12 @@ async def recover_owned(pool: Pool, owner: str, *, resend_uncertain: bool) -> di
         """,
         owner,
         resend_uncertain,
+    )
+    # Reserved but never marked: no request left for them.
+    await pool.execute(
+        "UPDATE recipients SET owner = NULL, updated_at = now() "
+        "WHERE owner = $1 AND state = 'pending'",
+        owner,
     )
     counts = {"pending": 0, "uncertain": 0}
     for row in rows:
