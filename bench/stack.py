@@ -53,6 +53,7 @@ class Stack:
     redis: aioredis.Redis
     pool: asyncpg.Pool
     http: aiohttp.ClientSession
+    postgres: EmbeddedPostgres  # a fault benchmark stops and starts it
     daemons: list[Daemon] = field(default_factory=list)  # stopped before the servers
 
     async def sandbox_get(self, path: str) -> Any:
@@ -74,16 +75,25 @@ async def running_stack(*, fsync: bool = True) -> AsyncIterator[Stack]:
         tempfile.TemporaryDirectory(prefix="blastd-bench-") as tmp,
         _servers(Path(tmp), fsync) as (
             redis_url,
-            database_url,
+            postgres,
             (sandbox_url, sandbox_pid),
         ),
     ):
         client = aioredis.Redis.from_url(redis_url)
+        database_url = postgres.url
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
         try:
             async with aiohttp.ClientSession() as http:
                 stack = Stack(
-                    Path(tmp), redis_url, database_url, sandbox_url, sandbox_pid, client, pool, http
+                    Path(tmp),
+                    redis_url,
+                    database_url,
+                    sandbox_url,
+                    sandbox_pid,
+                    client,
+                    pool,
+                    http,
+                    postgres,
                 )
                 try:
                     yield stack
@@ -96,7 +106,9 @@ async def running_stack(*, fsync: bool = True) -> AsyncIterator[Stack]:
 
 
 @contextlib.contextmanager
-def _servers(root: Path, fsync: bool) -> Iterator[tuple[str, str, tuple[str, int]]]:
+def _servers(
+    root: Path, fsync: bool
+) -> Iterator[tuple[str, EmbeddedPostgres, tuple[str, int]]]:
     with contextlib.ExitStack() as stack:
         redis = EmbeddedRedis(root / "redis")
         redis.start()
@@ -104,7 +116,7 @@ def _servers(root: Path, fsync: bool) -> Iterator[tuple[str, str, tuple[str, int
         postgres = EmbeddedPostgres(root / "postgres", fsync=fsync)
         postgres.start()
         stack.callback(postgres.stop)
-        yield redis.url, postgres.url, _start_sandbox(stack, root / "sandbox.log")
+        yield redis.url, postgres, _start_sandbox(stack, root / "sandbox.log")
 
 
 def _start_sandbox(stack: contextlib.ExitStack, log_path: Path) -> tuple[str, int]:
