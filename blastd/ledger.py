@@ -218,12 +218,14 @@ async def set_campaign_state(pool: Pool, campaign_id: str, state: str, reason: s
 
 
 async def finish_campaign_if_done(pool: Pool, campaign_id: str) -> bool:
-    """Mark a running campaign done once no recipient is pending or sending."""
+    """Mark a running campaign done once no recipient is pending or sending, and none waits
+    for reconciliation (uncertain, its doubt not yet decided)."""
     return bool(
         await pool.fetchval(
             "UPDATE campaigns SET state = 'done', finished_at = now(), updated_at = now() "
             "WHERE id = $1 AND state = 'running' AND NOT EXISTS (SELECT 1 FROM recipients "
-            "WHERE campaign_id = $1 AND state = ANY($2::text[])) RETURNING true",
+            "WHERE campaign_id = $1 AND (state = ANY($2::text[]) "
+            "OR (state = 'uncertain' AND doubt_since IS NOT NULL))) RETURNING true",
             campaign_id,
             list(ACTIVE_STATES),
         )
@@ -339,20 +341,34 @@ async def requeue_recipients(
 ) -> int:
     """Failed recipients of `classes` (and uncertain ones, if 'uncertain' is among them) go
     back to `to_state` with their attempts kept; sent, delivered and read are never touched.
-    A video campaign's go back to 'rendered': their video is sent again, not rendered again."""
+    A video campaign's go back to 'rendered': their video is sent again, not rendered again.
+
+    A recipient with evidence of a send (a provider message id, a receipt) is never requeued:
+    its failure is the provider's word after the message reached it. An uncertain one sent
+    again is flagged possible_duplicate."""
     result: str = await conn.execute(
-        """
+        f"""
         UPDATE recipients SET state = $3, owner = NULL, next_attempt_at = NULL,
-            error_class = NULL, error_code = NULL, error_text = NULL, updated_at = now()
+            error_class = NULL, error_code = NULL, error_text = NULL, updated_at = now(),
+            flags = CASE WHEN state = 'uncertain' THEN {_ADD_POSSIBLE_DUPLICATE}
+                         ELSE flags END
         WHERE campaign_id = $1
           AND ((state = 'failed' AND error_class = ANY($2::text[]))
                OR (state = 'uncertain' AND 'uncertain' = ANY($2::text[])))
+          AND provider_message_id IS NULL AND receipt_at IS NULL
+          AND blastd_may_move(state, $3)
         """,
         campaign_id,
         list(classes),
         to_state,
     )
     return int(result.split()[-1])
+
+
+_ADD_POSSIBLE_DUPLICATE = (
+    "CASE WHEN 'possible_duplicate' = ANY(flags) THEN flags "
+    "ELSE flags || 'possible_duplicate'::text END"
+)
 
 
 # --- recipients ------------------------------------------------------------------------------
@@ -418,9 +434,14 @@ class Outcome:
     requests: int = 0  # requests made for it in this delivery, added to `attempts`
 
 
-# An answer is written for a row this instance claimed ('sending'); one that finds it
-# delivered, read or failed was overtaken by a receipt, and the receipt has the last word.
-RECEIPT_FIRST = "r.state IN ('delivered', 'read', 'failed')"
+# An answer is written for a row this instance claimed ('sending'). One that finds the row
+# moved on was overtaken by a receipt, which has the last word, except that an answer with a
+# message id resolves a row another instance's recovery made uncertain meanwhile. Either way
+# the move must be one blastd_may_move allows (sql/006_recipient_fate.sql).
+ANSWER_APPLIES = (
+    "(r.state = 'sending' OR (r.state = 'uncertain' AND o.state = 'sent')) "
+    "AND blastd_may_move(r.state, o.state)"
+)
 
 
 async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
@@ -428,11 +449,11 @@ async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
     await pool.execute(
         f"""
         UPDATE recipients r SET
-            state = CASE WHEN {RECEIPT_FIRST} THEN r.state ELSE o.state END,
+            state = CASE WHEN {ANSWER_APPLIES} THEN o.state ELSE r.state END,
             provider_message_id = COALESCE(o.message_id, r.provider_message_id),
-            error_class = CASE WHEN {RECEIPT_FIRST} THEN r.error_class ELSE o.error_class END,
-            error_code = CASE WHEN {RECEIPT_FIRST} THEN r.error_code ELSE o.error_code END,
-            error_text = CASE WHEN {RECEIPT_FIRST} THEN r.error_text ELSE o.error_text END,
+            error_class = CASE WHEN {ANSWER_APPLIES} THEN o.error_class ELSE r.error_class END,
+            error_code = CASE WHEN {ANSWER_APPLIES} THEN o.error_code ELSE r.error_code END,
+            error_text = CASE WHEN {ANSWER_APPLIES} THEN o.error_text ELSE r.error_text END,
             next_attempt_at = o.next_at,
             attempts = r.attempts + o.requests,
             owner = NULL,
@@ -453,25 +474,20 @@ async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
     )
 
 
-async def recover_owned(pool: Pool, owner: str, *, resend_uncertain: bool) -> dict[str, int]:
+async def recover_owned(pool: Pool, owner: str) -> int:
     """After a crash of `owner`: its 'sending' recipients may have had their request leave, so
-    they become 'uncertain', or pending again when the policy accepts a possible duplicate."""
-    rows = await pool.fetch(
+    they become 'uncertain'; reconciliation (blastd.reconcile) decides their fate once their
+    receipts have had time to come. Returns how many."""
+    result: str = await pool.execute(
         """
-        UPDATE recipients SET owner = NULL, updated_at = now(),
-            state = CASE WHEN $2 THEN 'pending' ELSE 'uncertain' END,
+        UPDATE recipients SET owner = NULL, updated_at = now(), state = 'uncertain',
             error_class = 'uncertain',
             error_text = 'daemon stopped before the answer was recorded'
         WHERE owner = $1 AND state = 'sending'
-        RETURNING state
         """,
         owner,
-        resend_uncertain,
     )
-    counts = {"pending": 0, "uncertain": 0}
-    for row in rows:
-        counts[row["state"]] += 1
-    return counts
+    return int(result.split()[-1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,21 +501,36 @@ class Receipt:
     error_text: str | None = None
 
 
+# A receipt moves a recipient when blastd_may_move allows it (sql/006_recipient_fate.sql);
+# a 'failed' one only before delivery.
+RECEIPT_APPLIES = (
+    "(u.state <> r.state AND blastd_may_move(r.state, u.state) "
+    "AND (u.state <> 'failed' OR r.state IN ('sending', 'uncertain', 'sent')))"
+)
+
+
 async def apply_receipts(pool: Pool, receipts: Sequence[Receipt]) -> int:
     """Move recipients forward by webhook receipts; repeated or late ones change nothing.
+    Returns how many moved.
 
-    A receipt resolves an 'uncertain' recipient (the request did reach the provider). 'failed'
-    only overrides a state before delivery; sent < delivered < read otherwise.
+    A receipt resolves an 'uncertain' recipient (the request did reach the provider), and
+    evidence of a send overrides a 'failed' one (flagged delivered_after_failure by the
+    trigger). 'failed' only overrides a state before delivery; sent < delivered < read
+    otherwise. The first receipt for a sent recipient stamps receipt_at, applied or not.
     """
-    result: str = await pool.execute(
-        """
+    rows = await pool.fetch(
+        f"""
         UPDATE recipients r SET
-            state = u.state,
+            state = CASE WHEN {RECEIPT_APPLIES} THEN u.state ELSE r.state END,
             provider_message_id = COALESCE(r.provider_message_id, u.message_id),
-            error_class = CASE WHEN u.state = 'failed' THEN 'permanent' ELSE r.error_class END,
-            error_code = CASE WHEN u.state = 'failed' THEN u.error_code ELSE r.error_code END,
-            error_text = CASE WHEN u.state = 'failed' THEN u.error_text ELSE r.error_text END,
+            error_class = CASE WHEN {RECEIPT_APPLIES} AND u.state = 'failed' THEN 'permanent'
+                               ELSE r.error_class END,
+            error_code = CASE WHEN {RECEIPT_APPLIES} AND u.state = 'failed' THEN u.error_code
+                              ELSE r.error_code END,
+            error_text = CASE WHEN {RECEIPT_APPLIES} AND u.state = 'failed' THEN u.error_text
+                              ELSE r.error_text END,
             owner = CASE WHEN r.state = 'sending' THEN r.owner END,
+            receipt_at = COALESCE(r.receipt_at, now()),
             updated_at = now()
         FROM (SELECT DISTINCT ON (id) id, state, message_id, error_code, error_text
               FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
@@ -507,9 +538,9 @@ async def apply_receipts(pool: Pool, receipts: Sequence[Receipt]) -> int:
               -- one receipt per recipient per batch: the furthest, failure after 'sent'
               ORDER BY id, CASE WHEN state = 'failed' THEN 1.5
                                 ELSE blastd_state_rank(state) END DESC) u
-        WHERE r.id = u.id AND r.state IN ('sending', 'uncertain', 'sent', 'delivered', 'read')
-          AND CASE WHEN u.state = 'failed' THEN r.state IN ('sending', 'uncertain', 'sent')
-                   ELSE blastd_state_rank(u.state) > blastd_state_rank(r.state) END
+        WHERE r.id = u.id AND r.state NOT IN ('pending', 'rendering', 'rendered')
+          AND ({RECEIPT_APPLIES} OR r.receipt_at IS NULL)
+        RETURNING r.state = u.state AS applied
         """,
         [r.id for r in receipts],
         [r.state for r in receipts],
@@ -517,7 +548,8 @@ async def apply_receipts(pool: Pool, receipts: Sequence[Receipt]) -> int:
         [r.error_code for r in receipts],
         [r.error_text for r in receipts],
     )
-    return int(result.split()[-1])
+    # A row now in the receipt's state took it, or was in it already and is confirmed.
+    return sum(1 for row in rows if row["applied"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,7 +643,7 @@ async def record_anchor(
             UPDATE recipients SET state = 'sent', provider_message_id = $3, owner = NULL,
                 error_class = NULL, error_code = NULL, error_text = NULL,
                 next_attempt_at = NULL, attempts = attempts + $4, updated_at = now()
-            WHERE id = $2
+            WHERE id = $2 AND blastd_may_move(state, 'sent')  -- a receipt may have come first
         )
         UPDATE broadcasts SET message_id = $3, anchor_id = $2,
             batches_accepted = batches_accepted + 1, updated_at = now()
