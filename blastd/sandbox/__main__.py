@@ -5,6 +5,12 @@ Wablas under /wablas,
 status gateways (Evolution API, seed 001's story API) under /status,
 D-ID under /did, the generic video-job API under /video.
 
+Fault knobs for the fate of a message: --withhold-answer-p accepts and counts a message, then
+holds its answer --withhold-answer-ms (default an hour: never seen; shorter: a late answer);
+--webhook-duplicate-p posts a status twice; --webhook-reorder and --webhook-omit-callback-data
+change the order and the content of status webhooks. /_sandbox/stats shows "accepted" and
+"answers_withheld", the sandbox's own tally.
+
 Prints "sandbox listening on http://HOST:PORT" once bound, so a parent can wait for the line.
 """
 
@@ -41,9 +47,13 @@ FLOAT_KNOBS = (
     "permanent_p",
     "fatal_p",
     "malformed_body_p",
+    "withhold_answer_p",
+    "withhold_answer_ms",
+    "webhook_duplicate_p",
 )
 INT_KNOBS = ("seed", "webhook_batch_max")
 STR_KNOBS = ("webhook_url", "app_secret")
+BOOL_KNOBS = ("webhook_reorder", "webhook_omit_callback_data")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -53,6 +63,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8788, help="0 picks a free port")
     parser.add_argument("--token", action="append", dest="tokens", help="repeat for several")
     parser.add_argument("--pair-limit", action="store_true", default=None)
+    parser.add_argument(
+        "--webhook-reorder",
+        action="store_true",
+        default=None,
+        help="queue a message's statuses newest first (read before sent)",
+    )
+    parser.add_argument(
+        "--webhook-omit-callback-data",
+        action="store_true",
+        default=None,
+        help="statuses without biz_opaque_callback_data: matched by message id only",
+    )
     for knobs, kind in ((FLOAT_KNOBS, float), (INT_KNOBS, int), (STR_KNOBS, str)):
         for knob in knobs:
             parser.add_argument("--" + knob.replace("_", "-"), dest=knob, type=kind)
@@ -61,7 +83,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> SandboxConfig:
     """The SandboxConfig the flags describe; raises ValidationError on a bad value."""
-    names = (*FLOAT_KNOBS, *INT_KNOBS, *STR_KNOBS, "tokens", "pair_limit")
+    names = (*FLOAT_KNOBS, *INT_KNOBS, *STR_KNOBS, "tokens", "pair_limit", *BOOL_KNOBS)
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     return SandboxConfig.model_validate(given)
 
