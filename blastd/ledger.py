@@ -491,6 +491,51 @@ async def recover_owned(pool: Pool, owner: str) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Decision:
+    """What reconciliation made of one recipient in doubt."""
+
+    campaign_id: str
+    state: str  # 'pending' or 'rendered' (sent again), 'uncertain' (held)
+
+
+async def reconcile_doubts(
+    pool: Pool, window_s: float, *, resend: bool, limit: int
+) -> list[Decision]:
+    """Decide up to `limit` uncertain recipients whose doubt is older than `window_s`: no
+    receipt came for them (one would have moved them on). With `resend`, each goes back to be
+    sent again (a video's message: to 'rendered') flagged possible_duplicate, unless it was
+    resent after doubt before, its campaign is cancelled, or it is a status broadcast's (a
+    second status would reach every contact); all others are held for an operator."""
+    rows = await pool.fetch(
+        f"""
+        WITH due AS (
+            SELECT r.id, $2 AND c.state <> 'cancelled' AND c.type <> 'status'
+                       AND NOT 'possible_duplicate' = ANY(r.flags) AS resend,
+                   c.type IN ('video_blast', 'video_poll') AS is_video
+            FROM recipients r JOIN campaigns c ON c.id = r.campaign_id
+            WHERE r.state = 'uncertain' AND r.doubt_since IS NOT NULL
+              AND r.doubt_since <= now() - make_interval(secs => $1)
+            ORDER BY r.doubt_since LIMIT $3 FOR UPDATE OF r SKIP LOCKED
+        )
+        UPDATE recipients r SET
+            state = CASE WHEN NOT due.resend THEN r.state
+                         WHEN due.is_video THEN 'rendered' ELSE 'pending' END,
+            flags = CASE WHEN due.resend THEN {_ADD_POSSIBLE_DUPLICATE} ELSE r.flags END,
+            error_class = CASE WHEN due.resend THEN NULL ELSE r.error_class END,
+            error_code = CASE WHEN due.resend THEN NULL ELSE r.error_code END,
+            error_text = CASE WHEN due.resend THEN NULL ELSE r.error_text END,
+            owner = NULL, next_attempt_at = NULL, doubt_since = NULL, updated_at = now()
+        FROM due WHERE r.id = due.id
+        RETURNING r.campaign_id, r.state
+        """,
+        window_s,
+        resend,
+        limit,
+    )
+    return [Decision(r["campaign_id"], r["state"]) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
 class Receipt:
     """A provider's status report for one ledger id."""
 

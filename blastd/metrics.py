@@ -94,6 +94,20 @@ THROTTLES = Counter(
     ["account"],
     registry=REGISTRY,
 )
+RECONCILED = Counter(
+    "blastd_reconciled",
+    "Recipients in doubt decided after their reconcile window: resent (flagged "
+    "possible_duplicate) or held for an operator.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+RECEIPTS_UNMATCHED = Counter(
+    "blastd_receipts_unmatched",
+    "Webhook statuses that matched no recipient (reason unknown_message), and system-level "
+    "webhook errors that name no message (reason system_error).",
+    ["account", "reason"],
+    registry=REGISTRY,
+)
 JOBS_TAKEN = Counter(
     "blastd_jobs_taken", "Jobs taken from the jobs list by this daemon.", registry=REGISTRY
 )
