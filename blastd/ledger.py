@@ -537,13 +537,21 @@ async def reconcile_doubts(
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """A provider's status report for one ledger id."""
+    """A provider's status report: matched by its message id first (the recipient holds the
+    id its send was answered with), by our ledger id, when the provider echoed it, second."""
 
-    id: int
+    id: int | None
     state: str  # sent | delivered | read | failed
     provider_message_id: str | None
     error_code: str | None = None
     error_text: str | None = None
+    account: str = ""  # the webhook's account: labels the ones that match no recipient
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptsApplied:
+    moved: int  # recipients now in a receipt's state
+    unmatched: list[Receipt]  # receipts no recipient matched
 
 
 # A receipt moves a recipient when blastd_may_move allows it (sql/006_recipient_fate.sql);
@@ -555,37 +563,60 @@ RECEIPT_APPLIES = (
 
 
 async def apply_receipts(pool: Pool, receipts: Sequence[Receipt]) -> int:
-    """Move recipients forward by webhook receipts; repeated or late ones change nothing.
-    Returns how many moved.
+    """apply_receipts_reporting, for callers that only need how many recipients moved."""
+    return (await apply_receipts_reporting(pool, receipts)).moved
 
-    A receipt resolves an 'uncertain' recipient (the request did reach the provider), and
-    evidence of a send overrides a 'failed' one (flagged delivered_after_failure by the
-    trigger). 'failed' only overrides a state before delivery; sent < delivered < read
-    otherwise. The first receipt for a sent recipient stamps receipt_at, applied or not.
+
+async def apply_receipts_reporting(pool: Pool, receipts: Sequence[Receipt]) -> ReceiptsApplied:
+    """Move recipients forward by webhook receipts, in one statement; repeated or late ones
+    change nothing.
+
+    A receipt finds its recipient by message id (recipients_by_message_id), else by the
+    ledger id it carries: a provider need not echo our id, and a lost answer never gave us
+    the message id. A receipt resolves an 'uncertain' recipient (the request did reach the
+    provider), and evidence of a send overrides a 'failed' one (flagged
+    delivered_after_failure by the trigger). 'failed' only overrides a state before delivery;
+    sent < delivered < read otherwise. The first receipt for a sent recipient stamps
+    receipt_at, applied or not.
     """
-    rows = await pool.fetch(
+    row = await pool.fetchrow(
         f"""
-        UPDATE recipients r SET
-            state = CASE WHEN {RECEIPT_APPLIES} THEN u.state ELSE r.state END,
-            provider_message_id = COALESCE(r.provider_message_id, u.message_id),
-            error_class = CASE WHEN {RECEIPT_APPLIES} AND u.state = 'failed' THEN 'permanent'
-                               ELSE r.error_class END,
-            error_code = CASE WHEN {RECEIPT_APPLIES} AND u.state = 'failed' THEN u.error_code
-                              ELSE r.error_code END,
-            error_text = CASE WHEN {RECEIPT_APPLIES} AND u.state = 'failed' THEN u.error_text
-                              ELSE r.error_text END,
-            owner = CASE WHEN r.state = 'sending' THEN r.owner END,
-            receipt_at = COALESCE(r.receipt_at, now()),
-            updated_at = now()
-        FROM (SELECT DISTINCT ON (id) id, state, message_id, error_code, error_text
-              FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
-                   AS x(id, state, message_id, error_code, error_text)
-              -- one receipt per recipient per batch: the furthest, failure after 'sent'
-              ORDER BY id, CASE WHEN state = 'failed' THEN 1.5
-                                ELSE blastd_state_rank(state) END DESC) u
-        WHERE r.id = u.id AND r.state NOT IN ('pending', 'rendering', 'rendered')
-          AND ({RECEIPT_APPLIES} OR r.receipt_at IS NULL)
-        RETURNING r.state = u.state AS applied
+        WITH x AS (
+            SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
+                   WITH ORDINALITY AS x(id, state, message_id, error_code, error_text, nth)
+        ), matched AS (
+            SELECT x.*, COALESCE(
+                (SELECT m.id FROM recipients m WHERE m.provider_message_id = x.message_id
+                 ORDER BY m.id LIMIT 1),
+                (SELECT o.id FROM recipients o WHERE o.id = x.id)) AS target
+            FROM x
+        ), u AS (
+            -- one receipt per recipient per batch: the furthest, failure after 'sent'
+            SELECT DISTINCT ON (target) target AS id, state, message_id, error_code, error_text
+            FROM matched WHERE target IS NOT NULL
+            ORDER BY target, CASE WHEN state = 'failed' THEN 1.5
+                                  ELSE blastd_state_rank(state) END DESC
+        ), moved AS (
+            UPDATE recipients r SET
+                state = CASE WHEN {RECEIPT_APPLIES} THEN u.state ELSE r.state END,
+                provider_message_id = COALESCE(r.provider_message_id, u.message_id),
+                error_class = CASE WHEN {RECEIPT_APPLIES} AND u.state = 'failed'
+                                   THEN 'permanent' ELSE r.error_class END,
+                error_code = CASE WHEN {RECEIPT_APPLIES} AND u.state = 'failed'
+                                  THEN u.error_code ELSE r.error_code END,
+                error_text = CASE WHEN {RECEIPT_APPLIES} AND u.state = 'failed'
+                                  THEN u.error_text ELSE r.error_text END,
+                owner = CASE WHEN r.state = 'sending' THEN r.owner END,
+                receipt_at = COALESCE(r.receipt_at, now()),
+                updated_at = now()
+            FROM u
+            WHERE r.id = u.id AND r.state NOT IN ('pending', 'rendering', 'rendered')
+              AND ({RECEIPT_APPLIES} OR r.receipt_at IS NULL)
+            -- now in the receipt's state: moved by it, or confirmed in it
+            RETURNING r.state = u.state AS applied
+        )
+        SELECT (SELECT count(*) FROM moved WHERE applied) AS moved,
+               ARRAY(SELECT nth FROM matched WHERE target IS NULL ORDER BY nth) AS unmatched
         """,
         [r.id for r in receipts],
         [r.state for r in receipts],
@@ -593,8 +624,7 @@ async def apply_receipts(pool: Pool, receipts: Sequence[Receipt]) -> int:
         [r.error_code for r in receipts],
         [r.error_text for r in receipts],
     )
-    # A row now in the receipt's state took it, or was in it already and is confirmed.
-    return sum(1 for row in rows if row["applied"])
+    return ReceiptsApplied(row["moved"], [receipts[nth - 1] for nth in row["unmatched"]])
 
 
 @dataclass(frozen=True, slots=True)

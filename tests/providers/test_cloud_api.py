@@ -476,7 +476,10 @@ def test_signature_without_a_valid_sha256_digest_is_refused(header: str | None) 
     assert not is_valid_signature(b"{}", header, APP_SECRET)
 
 
-def test_status_webhook_keeps_only_our_well_formed_statuses() -> None:
+def test_status_webhook_keeps_well_formed_statuses_with_a_message_id_or_our_id() -> None:
+    """A status without our opaque field still names its message by wamid: it is kept, for
+    the ledger to match by message id."""
+
     def status(**fields: object) -> dict[str, object]:
         return {"id": "wamid.A", "status": "delivered", "recipient_id": DIGITS, **fields}
 
@@ -502,6 +505,10 @@ def test_status_webhook_keeps_only_our_well_formed_statuses() -> None:
     }
     assert parse_status_webhook(orjson.dumps(document)) == [
         StatusUpdate(3, "delivered", "wamid.A"),
+        StatusUpdate(None, "delivered", "wamid.A"),
+        StatusUpdate(None, "delivered", "wamid.A"),
+        StatusUpdate(None, "delivered", "wamid.A"),
+        StatusUpdate(None, "delivered", "wamid.A"),
         StatusUpdate(5, "read", None),
         StatusUpdate(6, "failed", "wamid.A"),
     ]
