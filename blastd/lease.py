@@ -53,7 +53,6 @@ async def recover_instance(deps: Dependencies, instance_id: str) -> None:
             instance=instance_id,
             jobs=jobs,
             renders=renders,
-            pending=0,
             uncertain=uncertain,
         )
 

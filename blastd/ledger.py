@@ -586,6 +586,9 @@ async def apply_receipts_reporting(pool: Pool, receipts: Sequence[Receipt]) -> R
                    WITH ORDINALITY AS x(id, state, message_id, error_code, error_text, nth)
         ), matched AS (
             SELECT x.*, COALESCE(
+                -- both agree: the common case, and the one a shared message id needs
+                (SELECT o.id FROM recipients o
+                 WHERE o.id = x.id AND o.provider_message_id = x.message_id),
                 (SELECT m.id FROM recipients m WHERE m.provider_message_id = x.message_id
                  ORDER BY m.id LIMIT 1),
                 (SELECT o.id FROM recipients o WHERE o.id = x.id)) AS target
