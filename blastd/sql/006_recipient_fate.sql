@@ -63,7 +63,14 @@ BEGIN
     RETURN NEW;
 END $$;
 
--- Only rows whose state changes pay for the check: the hot path's same-state writes do not.
+-- Only rows whose state changes pay for the check, and not the three moves of every send
+-- (claim, release, a clean 'sent' answer): they are allowed, and the function would change
+-- nothing in them. The WHEN clause costs no function call; the function call cost a fifth of
+-- the ledger's time per recipient when every claim and answer paid it.
 CREATE TRIGGER recipients_forward_only BEFORE UPDATE OF state ON recipients
-    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
+    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state AND NOT (
+        (OLD.state = 'pending' AND NEW.state = 'sending')
+        OR (OLD.state = 'sending' AND NEW.state = 'pending' AND NEW.doubt_since IS NULL)
+        OR (OLD.state = 'sending' AND NEW.state = 'sent' AND NEW.doubt_since IS NULL
+            AND NEW.error_class IS NULL AND NEW.error_code IS NULL AND NEW.error_text IS NULL)))
     EXECUTE FUNCTION blastd_guard_state();
