@@ -8,7 +8,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from blastd import ledger
+from blastd import ledger, reports
 from blastd.embedded import free_port
 from tests.conftest import Servers
 from tests.harness import (
@@ -78,6 +78,9 @@ async def test_resend_policy_sends_doubts_again_once_flagged_and_holds_a_second_
             assert row["state"] == "sent"
             assert row["error_class"] is None
     assert sum(accepted.values()) == stats["accepted"] == len(numbers) + len(resent)
+    report = await reports.campaign_status(pool, "doubts")
+    assert report is not None
+    assert report["flags"] == {"possible_duplicate": len(resent)}, "the report says so"
 
 
 async def test_hold_policy_resolves_doubts_by_their_webhooks_and_never_resends(
