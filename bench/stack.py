@@ -106,9 +106,7 @@ async def running_stack(*, fsync: bool = True) -> AsyncIterator[Stack]:
 
 
 @contextlib.contextmanager
-def _servers(
-    root: Path, fsync: bool
-) -> Iterator[tuple[str, EmbeddedPostgres, tuple[str, int]]]:
+def _servers(root: Path, fsync: bool) -> Iterator[tuple[str, EmbeddedPostgres, tuple[str, int]]]:
     with contextlib.ExitStack() as stack:
         redis = EmbeddedRedis(root / "redis")
         redis.start()

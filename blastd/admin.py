@@ -18,7 +18,12 @@ from aiohttp.typedefs import Handler
 from blastd import events, exports, ledger, metrics, outages, queues, reports, webui
 from blastd.config import CloudApiAccount, UltraMsgAccount, WablasAccount
 from blastd.errors import PostgresUnavailableError, RedisUnavailableError
-from blastd.providers.cloud_api import answer_verification, is_valid_signature, parse_status_webhook
+from blastd.providers.cloud_api import (
+    answer_verification,
+    count_system_errors,
+    is_valid_signature,
+    parse_status_webhook,
+)
 from blastd.providers.ultramsg import is_valid_secret, parse_ack_webhook
 from blastd.providers.wablas import is_valid_tracking_secret, parse_tracking_webhook
 from blastd.video import schedule as video_schedule
@@ -136,11 +141,18 @@ async def receive_cloud_api_webhook(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise web.HTTPBadRequest() from exc
     receipts = [
-        ledger.Receipt(u.ledger_id, u.status, u.provider_message_id, u.error_code, u.error_text)
+        ledger.Receipt(
+            u.ledger_id, u.status, u.provider_message_id, u.error_code, u.error_text, name
+        )
         for u in updates
         if u.status in RECEIPT_STATES
     ]
+    # Errors about the app or the account, outside any status: no recipient to apply them to.
+    metrics.UNMATCHED_RECEIPTS.count(name, "system_error", count_system_errors(raw))
     if receipts:
+        # A status may overtake the answer it follows: answers already in hand are written
+        # first, so a status without our opaque field still finds the message id it names.
+        await deps.outcomes.synced()
         await deps.receipts.add_durably(receipts)
     return web.Response(text="ok")
 
@@ -163,7 +175,10 @@ async def receive_ultramsg_webhook(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise web.HTTPBadRequest() from exc
     if updates:
-        receipts = [ledger.Receipt(u.ledger_id, u.status, u.provider_message_id) for u in updates]
+        receipts = [
+            ledger.Receipt(u.ledger_id, u.status, u.provider_message_id, account=name)
+            for u in updates
+        ]
         await deps.receipts.add_durably(receipts)
     return web.Response(text="ok")
 

@@ -374,7 +374,18 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(20.0, gt=0)
     instance_ttl_s: float = Field(5.0, gt=0)  # a restart after a crash waits at most this long
     heartbeat_interval_s: float = Field(1.0, gt=0)
-    uncertain_policy: Literal["hold", "resend"] = "hold"
+    # What becomes of a recipient in doubt (its answer lost, or the daemon died while it was
+    # in flight) once its reconcile window has passed without a receipt. resend: once, flagged
+    # possible_duplicate; a second doubt is held. hold: it stays 'uncertain' for an operator
+    # (`blastd retry --class uncertain`). The default serves a marketing sender: after the
+    # window, no word from the provider means it very likely never took the message, and a
+    # customer who misses an offer costs more than a rare, flagged, second copy of it.
+    uncertain_policy: Literal["hold", "resend"] = "resend"
+    # Cloud API status webhooks normally arrive within seconds of acceptance, and Meta retries a
+    # failed delivery of one with backoff: fifteen minutes covers those and a few retry rounds
+    # after a short outage of our webhook endpoint before the policy is applied.
+    reconcile_window_s: float = Field(900.0, ge=0)
+    reconcile_interval_s: float = Field(30.0, gt=0)  # how often the window is checked
     max_job_deliveries: int = Field(3, ge=1)  # a job that crashed the daemon this often is dead
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from blastd import admin, campaigns, health, intake, lease, watchdog
+from blastd import admin, campaigns, health, intake, lease, reconcile, watchdog
 from blastd.config import Settings
 from blastd.errors import DrainTimeoutError
 from blastd.resources import Dependencies, open_dependencies
@@ -64,6 +64,7 @@ async def _serve(
         async with asyncio.TaskGroup() as producers:
             producers.create_task(intake.run(deps, shutdown), name="intake")
             producers.create_task(campaigns.run(deps, shutdown), name="campaigns")
+            producers.create_task(reconcile.run(deps, shutdown), name="reconcile")
             if deps.video_accounts:
                 producers.create_task(video_poller.run(deps, shutdown), name="video-poller")
             await _watch_for_drain(deps, shutdown, status)

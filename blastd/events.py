@@ -2,7 +2,7 @@
 
 One event shape everywhere: the campaign's status document, the same JSON as
 `/v1/campaigns/{id}` and `blastd status --json` (`reports.campaign_status`: id, account, state,
-state_reason, total, done, counts, created_at, finished_at). The daemon running a campaign
+state_reason, total, done, counts, flags, created_at, finished_at). The daemon running a campaign
 publishes it on `{prefix}events:{campaign_id}` every `progress_interval_s` while the status
 changes, and once more when its run ends (with the final state when it reached one). A channel
 per campaign lets Redis route: an SSE client hears only its campaign, and a consumer that wants

@@ -44,15 +44,16 @@ async def claim_instance_id(deps: Dependencies, token: str, shutdown: Shutdown) 
 async def recover_instance(deps: Dependencies, instance_id: str) -> None:
     """Take back what a dead instance held: its jobs and its claimed recipients."""
     jobs = await queues.recover_processing(deps, instance_id)
-    recipients = await deps.db(
-        ledger.recover_owned,
-        instance_id,
-        resend_uncertain=deps.settings.uncertain_policy == "resend",
-    )
+    # In doubt, never resent here: reconciliation waits for their receipts first.
+    uncertain = await deps.db(ledger.recover_owned, instance_id)
     renders = await deps.db(video_ledger.recover_renders, instance_id)
-    if jobs or renders or any(recipients.values()):
+    if jobs or renders or uncertain:
         log.warning(
-            "instance_recovered", instance=instance_id, jobs=jobs, renders=renders, **recipients
+            "instance_recovered",
+            instance=instance_id,
+            jobs=jobs,
+            renders=renders,
+            uncertain=uncertain,
         )
 
 

@@ -218,12 +218,14 @@ async def set_campaign_state(pool: Pool, campaign_id: str, state: str, reason: s
 
 
 async def finish_campaign_if_done(pool: Pool, campaign_id: str) -> bool:
-    """Mark a running campaign done once no recipient is pending or sending."""
+    """Mark a running campaign done once no recipient is pending or sending, and none waits
+    for reconciliation (uncertain, its doubt not yet decided)."""
     return bool(
         await pool.fetchval(
             "UPDATE campaigns SET state = 'done', finished_at = now(), updated_at = now() "
             "WHERE id = $1 AND state = 'running' AND NOT EXISTS (SELECT 1 FROM recipients "
-            "WHERE campaign_id = $1 AND state = ANY($2::text[])) RETURNING true",
+            "WHERE campaign_id = $1 AND (state = ANY($2::text[]) "
+            "OR (state = 'uncertain' AND doubt_since IS NOT NULL))) RETURNING true",
             campaign_id,
             list(ACTIVE_STATES),
         )
@@ -245,6 +247,26 @@ async def count_states(pool: Pool, campaign_id: str) -> dict[str, int]:
         campaign_id,
     )
     return {r["state"]: r["n"] for r in rows}
+
+
+# What a report says of a recipient besides its state (sql/006_recipient_fate.sql).
+FLAGS = ("possible_duplicate", "delivered_after_failure")
+
+
+async def count_states_and_flags(
+    pool: Pool, campaign_id: str
+) -> tuple[dict[str, int], dict[str, int]]:
+    """A campaign's recipients per state, and per flag, in the one scan count_states makes."""
+    rows = await pool.fetch(
+        "SELECT state, count(*) AS n, "
+        "count(*) FILTER (WHERE 'possible_duplicate' = ANY(flags)) AS possible_duplicate, "
+        "count(*) FILTER (WHERE 'delivered_after_failure' = ANY(flags)) "
+        "AS delivered_after_failure "
+        "FROM recipients WHERE campaign_id = $1 GROUP BY state",
+        campaign_id,
+    )
+    flags = {flag: sum(r[flag] for r in rows) for flag in FLAGS}
+    return {r["state"]: r["n"] for r in rows}, {f: n for f, n in flags.items() if n}
 
 
 async def pending_time_zones(pool: Pool, campaign_id: str) -> list[str]:
@@ -339,20 +361,34 @@ async def requeue_recipients(
 ) -> int:
     """Failed recipients of `classes` (and uncertain ones, if 'uncertain' is among them) go
     back to `to_state` with their attempts kept; sent, delivered and read are never touched.
-    A video campaign's go back to 'rendered': their video is sent again, not rendered again."""
+    A video campaign's go back to 'rendered': their video is sent again, not rendered again.
+
+    A recipient with evidence of a send (a provider message id, a receipt) is never requeued:
+    its failure is the provider's word after the message reached it. An uncertain one sent
+    again is flagged possible_duplicate."""
     result: str = await conn.execute(
-        """
+        f"""
         UPDATE recipients SET state = $3, owner = NULL, next_attempt_at = NULL,
-            error_class = NULL, error_code = NULL, error_text = NULL, updated_at = now()
+            error_class = NULL, error_code = NULL, error_text = NULL, updated_at = now(),
+            flags = CASE WHEN state = 'uncertain' THEN {_ADD_POSSIBLE_DUPLICATE}
+                         ELSE flags END
         WHERE campaign_id = $1
           AND ((state = 'failed' AND error_class = ANY($2::text[]))
                OR (state = 'uncertain' AND 'uncertain' = ANY($2::text[])))
+          AND provider_message_id IS NULL AND receipt_at IS NULL
+          AND blastd_may_move(state, $3)
         """,
         campaign_id,
         list(classes),
         to_state,
     )
     return int(result.split()[-1])
+
+
+_ADD_POSSIBLE_DUPLICATE = (
+    "CASE WHEN 'possible_duplicate' = ANY(flags) THEN flags "
+    "ELSE flags || 'possible_duplicate'::text END"
+)
 
 
 # --- recipients ------------------------------------------------------------------------------
@@ -507,9 +543,14 @@ class Outcome:
     requests: int = 0  # requests made for it in this delivery, added to `attempts`
 
 
-# An answer is written for a row this instance claimed ('sending'); one that finds it
-# delivered, read or failed was overtaken by a receipt, and the receipt has the last word.
-RECEIPT_FIRST = "r.state IN ('delivered', 'read', 'failed')"
+# An answer is written for a row this instance claimed ('sending'). One that finds the row
+# moved on was overtaken by a receipt, which has the last word, except that an answer with a
+# message id resolves a row another instance's recovery made uncertain meanwhile. Either way
+# the move must be one blastd_may_move allows (sql/006_recipient_fate.sql).
+ANSWER_APPLIES = (
+    "(r.state = 'sending' OR (r.state = 'uncertain' AND o.state = 'sent')) "
+    "AND blastd_may_move(r.state, o.state)"
+)
 
 
 async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
@@ -517,11 +558,11 @@ async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
     await pool.execute(
         f"""
         UPDATE recipients r SET
-            state = CASE WHEN {RECEIPT_FIRST} THEN r.state ELSE o.state END,
+            state = CASE WHEN {ANSWER_APPLIES} THEN o.state ELSE r.state END,
             provider_message_id = COALESCE(o.message_id, r.provider_message_id),
-            error_class = CASE WHEN {RECEIPT_FIRST} THEN r.error_class ELSE o.error_class END,
-            error_code = CASE WHEN {RECEIPT_FIRST} THEN r.error_code ELSE o.error_code END,
-            error_text = CASE WHEN {RECEIPT_FIRST} THEN r.error_text ELSE o.error_text END,
+            error_class = CASE WHEN {ANSWER_APPLIES} THEN o.error_class ELSE r.error_class END,
+            error_code = CASE WHEN {ANSWER_APPLIES} THEN o.error_code ELSE r.error_code END,
+            error_text = CASE WHEN {ANSWER_APPLIES} THEN o.error_text ELSE r.error_text END,
             next_attempt_at = o.next_at,
             attempts = r.attempts + o.requests,
             owner = NULL,
@@ -542,20 +583,18 @@ async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
     )
 
 
-async def recover_owned(pool: Pool, owner: str, *, resend_uncertain: bool) -> dict[str, int]:
+async def recover_owned(pool: Pool, owner: str) -> int:
     """After a crash of `owner`: its 'sending' recipients may have had their request leave, so
-    they become 'uncertain', or pending again when the policy accepts a possible duplicate."""
-    rows = await pool.fetch(
+    they become 'uncertain'; reconciliation (blastd.reconcile) decides their fate once their
+    receipts have had time to come. Returns how many."""
+    result: str = await pool.execute(
         """
-        UPDATE recipients SET owner = NULL, updated_at = now(),
-            state = CASE WHEN $2 THEN 'pending' ELSE 'uncertain' END,
+        UPDATE recipients SET owner = NULL, updated_at = now(), state = 'uncertain',
             error_class = 'uncertain',
             error_text = 'daemon stopped before the answer was recorded'
         WHERE owner = $1 AND state = 'sending'
-        RETURNING state
         """,
         owner,
-        resend_uncertain,
     )
     # Reserved but never marked: no request left for them.
     await pool.execute(
@@ -563,48 +602,139 @@ async def recover_owned(pool: Pool, owner: str, *, resend_uncertain: bool) -> di
         "WHERE owner = $1 AND state = 'pending'",
         owner,
     )
-    counts = {"pending": 0, "uncertain": 0}
-    for row in rows:
-        counts[row["state"]] += 1
-    return counts
+    return int(result.split()[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What reconciliation made of one recipient in doubt."""
+
+    campaign_id: str
+    state: str  # 'pending' or 'rendered' (sent again), 'uncertain' (held)
+
+
+async def reconcile_doubts(
+    pool: Pool, window_s: float, *, resend: bool, limit: int
+) -> list[Decision]:
+    """Decide up to `limit` uncertain recipients whose doubt is older than `window_s`: no
+    receipt came for them (one would have moved them on). With `resend`, each goes back to be
+    sent again (a video's message: to 'rendered') flagged possible_duplicate, unless it was
+    resent after doubt before, its campaign is cancelled, or it is a status broadcast's (a
+    second status would reach every contact); all others are held for an operator."""
+    rows = await pool.fetch(
+        f"""
+        WITH due AS (
+            SELECT r.id, $2 AND c.state <> 'cancelled' AND c.type <> 'status'
+                       AND NOT 'possible_duplicate' = ANY(r.flags) AS resend,
+                   c.type IN ('video_blast', 'video_poll') AS is_video
+            FROM recipients r JOIN campaigns c ON c.id = r.campaign_id
+            WHERE r.state = 'uncertain' AND r.doubt_since IS NOT NULL
+              AND r.doubt_since <= now() - make_interval(secs => $1)
+            ORDER BY r.doubt_since LIMIT $3 FOR UPDATE OF r SKIP LOCKED
+        )
+        UPDATE recipients r SET
+            state = CASE WHEN NOT due.resend THEN r.state
+                         WHEN due.is_video THEN 'rendered' ELSE 'pending' END,
+            flags = CASE WHEN due.resend THEN {_ADD_POSSIBLE_DUPLICATE} ELSE r.flags END,
+            error_class = CASE WHEN due.resend THEN NULL ELSE r.error_class END,
+            error_code = CASE WHEN due.resend THEN NULL ELSE r.error_code END,
+            error_text = CASE WHEN due.resend THEN NULL ELSE r.error_text END,
+            owner = NULL, next_attempt_at = NULL, doubt_since = NULL, updated_at = now()
+        FROM due WHERE r.id = due.id
+        RETURNING r.campaign_id, r.state
+        """,
+        window_s,
+        resend,
+        limit,
+    )
+    return [Decision(r["campaign_id"], r["state"]) for r in rows]
 
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """A provider's status report for one ledger id."""
+    """A provider's status report: matched by its message id first (the recipient holds the
+    id its send was answered with), by our ledger id, when the provider echoed it, second."""
 
-    id: int
+    id: int | None
     state: str  # sent | delivered | read | failed
     provider_message_id: str | None
     error_code: str | None = None
     error_text: str | None = None
+    account: str = ""  # the webhook's account: labels the ones that match no recipient
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptsApplied:
+    moved: int  # recipients now in a receipt's state
+    unmatched: list[Receipt]  # receipts no recipient matched
+
+
+# A receipt moves a recipient when blastd_may_move allows it (sql/006_recipient_fate.sql);
+# a 'failed' one only before delivery.
+RECEIPT_APPLIES = (
+    "(u.state <> r.state AND blastd_may_move(r.state, u.state) "
+    "AND (u.state <> 'failed' OR r.state IN ('sending', 'uncertain', 'sent')))"
+)
 
 
 async def apply_receipts(pool: Pool, receipts: Sequence[Receipt]) -> int:
-    """Move recipients forward by webhook receipts; repeated or late ones change nothing.
+    """apply_receipts_reporting, for callers that only need how many recipients moved."""
+    return (await apply_receipts_reporting(pool, receipts)).moved
 
-    A receipt resolves an 'uncertain' recipient (the request did reach the provider). 'failed'
-    only overrides a state before delivery; sent < delivered < read otherwise.
+
+async def apply_receipts_reporting(pool: Pool, receipts: Sequence[Receipt]) -> ReceiptsApplied:
+    """Move recipients forward by webhook receipts, in one statement; repeated or late ones
+    change nothing.
+
+    A receipt finds its recipient by message id (recipients_by_message_id), else by the
+    ledger id it carries: a provider need not echo our id, and a lost answer never gave us
+    the message id. A receipt resolves an 'uncertain' recipient (the request did reach the
+    provider), and evidence of a send overrides a 'failed' one (flagged
+    delivered_after_failure by the trigger). 'failed' only overrides a state before delivery;
+    sent < delivered < read otherwise. The first receipt for a sent recipient stamps
+    receipt_at, applied or not.
     """
-    result: str = await pool.execute(
-        """
-        UPDATE recipients r SET
-            state = u.state,
-            provider_message_id = COALESCE(r.provider_message_id, u.message_id),
-            error_class = CASE WHEN u.state = 'failed' THEN 'permanent' ELSE r.error_class END,
-            error_code = CASE WHEN u.state = 'failed' THEN u.error_code ELSE r.error_code END,
-            error_text = CASE WHEN u.state = 'failed' THEN u.error_text ELSE r.error_text END,
-            owner = CASE WHEN r.state = 'sending' THEN r.owner END,
-            updated_at = now()
-        FROM (SELECT DISTINCT ON (id) id, state, message_id, error_code, error_text
-              FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
-                   AS x(id, state, message_id, error_code, error_text)
-              -- one receipt per recipient per batch: the furthest, failure after 'sent'
-              ORDER BY id, CASE WHEN state = 'failed' THEN 1.5
-                                ELSE blastd_state_rank(state) END DESC) u
-        WHERE r.id = u.id AND r.state IN ('sending', 'uncertain', 'sent', 'delivered', 'read')
-          AND CASE WHEN u.state = 'failed' THEN r.state IN ('sending', 'uncertain', 'sent')
-                   ELSE blastd_state_rank(u.state) > blastd_state_rank(r.state) END
+    row = await pool.fetchrow(
+        f"""
+        WITH x AS (
+            SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
+                   WITH ORDINALITY AS x(id, state, message_id, error_code, error_text, nth)
+        ), matched AS (
+            SELECT x.*, COALESCE(
+                -- both agree: the common case, and the one a shared message id needs
+                (SELECT o.id FROM recipients o
+                 WHERE o.id = x.id AND o.provider_message_id = x.message_id),
+                (SELECT m.id FROM recipients m WHERE m.provider_message_id = x.message_id
+                 ORDER BY m.id LIMIT 1),
+                (SELECT o.id FROM recipients o WHERE o.id = x.id)) AS target
+            FROM x
+        ), u AS (
+            -- one receipt per recipient per batch: the furthest, failure after 'sent'
+            SELECT DISTINCT ON (target) target AS id, state, message_id, error_code, error_text
+            FROM matched WHERE target IS NOT NULL
+            ORDER BY target, CASE WHEN state = 'failed' THEN 1.5
+                                  ELSE blastd_state_rank(state) END DESC
+        ), moved AS (
+            UPDATE recipients r SET
+                state = CASE WHEN {RECEIPT_APPLIES} THEN u.state ELSE r.state END,
+                provider_message_id = COALESCE(r.provider_message_id, u.message_id),
+                error_class = CASE WHEN {RECEIPT_APPLIES} AND u.state = 'failed'
+                                   THEN 'permanent' ELSE r.error_class END,
+                error_code = CASE WHEN {RECEIPT_APPLIES} AND u.state = 'failed'
+                                  THEN u.error_code ELSE r.error_code END,
+                error_text = CASE WHEN {RECEIPT_APPLIES} AND u.state = 'failed'
+                                  THEN u.error_text ELSE r.error_text END,
+                owner = CASE WHEN r.state = 'sending' THEN r.owner END,
+                receipt_at = COALESCE(r.receipt_at, now()),
+                updated_at = now()
+            FROM u
+            WHERE r.id = u.id AND r.state NOT IN ('pending', 'rendering', 'rendered')
+              AND ({RECEIPT_APPLIES} OR r.receipt_at IS NULL)
+            -- now in the receipt's state: moved by it, or confirmed in it
+            RETURNING r.state = u.state AS applied
+        )
+        SELECT (SELECT count(*) FROM moved WHERE applied) AS moved,
+               ARRAY(SELECT nth FROM matched WHERE target IS NULL ORDER BY nth) AS unmatched
         """,
         [r.id for r in receipts],
         [r.state for r in receipts],
@@ -612,7 +742,7 @@ async def apply_receipts(pool: Pool, receipts: Sequence[Receipt]) -> int:
         [r.error_code for r in receipts],
         [r.error_text for r in receipts],
     )
-    return int(result.split()[-1])
+    return ReceiptsApplied(row["moved"], [receipts[nth - 1] for nth in row["unmatched"]])
 
 
 @dataclass(frozen=True, slots=True)
@@ -706,7 +836,7 @@ async def record_anchor(
             UPDATE recipients SET state = 'sent', provider_message_id = $3, owner = NULL,
                 error_class = NULL, error_code = NULL, error_text = NULL,
                 next_attempt_at = NULL, attempts = attempts + $4, updated_at = now()
-            WHERE id = $2
+            WHERE id = $2 AND blastd_may_move(state, 'sent')  -- a receipt may have come first
         )
         UPDATE broadcasts SET message_id = $3, anchor_id = $2,
             batches_accepted = batches_accepted + 1, updated_at = now()

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import redis.asyncio as aioredis
+import structlog
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from blastd.ledger import Outcome
 
 T = TypeVar("T")
+log = structlog.get_logger()
+
+UNMATCHED_LOG_EVERY_S = 60.0  # one log line per account and reason at most this often
 
 # The *_created series would double the series count and say nothing a restart does not.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
@@ -92,6 +96,20 @@ THROTTLES = Counter(
     "blastd_throttle_episodes",
     "Times an account was held and slowed down for a throttling answer.",
     ["account"],
+    registry=REGISTRY,
+)
+RECONCILED = Counter(
+    "blastd_reconciled",
+    "Recipients in doubt decided after their reconcile window: resent (flagged "
+    "possible_duplicate) or held for an operator.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+RECEIPTS_UNMATCHED = Counter(
+    "blastd_receipts_unmatched",
+    "Webhook statuses that matched no recipient (reason unknown_message), and system-level "
+    "webhook errors that name no message (reason system_error).",
+    ["account", "reason"],
     registry=REGISTRY,
 )
 JOBS_TAKEN = Counter(
@@ -196,6 +214,38 @@ async def sample_queue_depths(client: aioredis.Redis, keys: Mapping[str, str]) -
         return
     for queue, length in zip(keys, lengths, strict=True):
         QUEUE_DEPTH.labels(queue).set(length)
+
+
+class UnmatchedReceipts:
+    """Counts webhook statuses no recipient matched into blastd_receipts_unmatched_total, and
+    logs them at most once per account and reason every `every_s`, with the count since the
+    last line: a provider replaying a flood of foreign statuses costs a line a minute."""
+
+    def __init__(
+        self, every_s: float = UNMATCHED_LOG_EVERY_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._every_s = every_s
+        self._clock = clock
+        self._unlogged: dict[tuple[str, str], int] = {}
+        self._logged_at: dict[tuple[str, str], float] = {}
+
+    def count(self, account: str, reason: str, count: int = 1) -> None:
+        if not count:
+            return
+        RECEIPTS_UNMATCHED.labels(account, reason).inc(count)
+        key = (account, reason)
+        unlogged = self._unlogged.get(key, 0) + count
+        now = self._clock()
+        last = self._logged_at.get(key)
+        if last is not None and now - last < self._every_s:
+            self._unlogged[key] = unlogged
+            return
+        self._logged_at[key] = now
+        self._unlogged[key] = 0
+        log.warning("receipts_unmatched", account=account, reason=reason, count=unlogged)
+
+
+UNMATCHED_RECEIPTS = UnmatchedReceipts()
 
 
 def set_campaign_progress(campaign_id: str, done: int, total: int) -> None:

@@ -53,7 +53,7 @@ async def campaign_status(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]
     campaign = await ledger.load_campaign(pool, campaign_id)
     if campaign is None:
         return None
-    counts = await ledger.count_states(pool, campaign_id)
+    counts, flags = await ledger.count_states_and_flags(pool, campaign_id)
     active = sum(counts.get(state, 0) for state in ledger.ACTIVE_STATES)
     return {
         "id": campaign.id,
@@ -63,6 +63,9 @@ async def campaign_status(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]
         "total": campaign.total,
         "done": campaign.total - active,
         "counts": dict(sorted(counts.items())),
+        # possible_duplicate: sent again after doubt; delivered_after_failure: a receipt came
+        # for a recipient recorded failed or uncertain. Only the flags some recipient has.
+        "flags": flags,
         "created_at": campaign.created_at.isoformat(),
         "finished_at": campaign.finished_at.isoformat() if campaign.finished_at else None,
     }
@@ -170,6 +173,8 @@ def print_status(report: dict[str, Any]) -> None:
     for state, n in report["counts"].items():
         table.add_row(state, str(n))
     console.print(table)
+    for flag, n in report["flags"].items():
+        console.print(f"flagged {flag}: {n}")
 
 
 def campaign_line(line: exports.CampaignLine) -> str:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -19,7 +20,7 @@ import redis.asyncio as aioredis
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
-from blastd import ledger, outages
+from blastd import ledger, metrics, outages
 from blastd.batches import BatchWriter
 from blastd.config import AccountSettings, Settings, VideoAccountSettings
 from blastd.errors import UnavailableError
@@ -209,7 +210,7 @@ async def open_dependencies(
         senders={},
         video_accounts={},
         outcomes=_writer("outcomes", ledger.record_outcomes, pool, settings),
-        receipts=_writer("receipts", ledger.apply_receipts, pool, settings),
+        receipts=_writer("receipts", _apply_receipts, pool, settings),
     )
     for name, account in settings.accounts.items():
         http = await stack.enter_async_context(_http_session(account.concurrency))
@@ -219,6 +220,14 @@ async def open_dependencies(
         provider = build_provider(name, account, http)
         deps.senders[name] = Sender(name, account, provider, _account_pacer(deps, name, account))
     return deps
+
+
+async def _apply_receipts(pool: ledger.Pool, receipts: Sequence[ledger.Receipt]) -> None:
+    """Write a batch of receipts; count (and now and then log) those that matched nobody."""
+    applied = await ledger.apply_receipts_reporting(pool, receipts)
+    by_account = Counter(receipt.account for receipt in applied.unmatched)
+    for account, count in by_account.items():
+        metrics.UNMATCHED_RECEIPTS.count(account, "unknown_message", count)
 
 
 def _account_pacer(deps: Dependencies, name: str, account: AccountSettings) -> AccountPacer:

@@ -99,6 +99,11 @@ def make_settings(servers: Servers, sandbox_url: str, **overrides: Any) -> Setti
         "instance_ttl_s": 1.0,
         "heartbeat_interval_s": 0.2,
         "drain_timeout_s": 10.0,
+        # Doubts are held for the operator, soon: tests that are not about reconciliation see
+        # an uncertain recipient stay uncertain, and its campaign end.
+        "uncertain_policy": "hold",
+        "reconcile_window_s": 0.2,
+        "reconcile_interval_s": 0.1,
     }
     values.update(overrides)
     return Settings.model_validate(values)
@@ -173,6 +178,9 @@ def daemon_env(servers: Servers, sandbox_url: str, admin_port: int, **extra: str
             "BLASTD_INSTANCE_TTL_S": "1",
             "BLASTD_HEARTBEAT_INTERVAL_S": "0.25",
             "BLASTD_LOG_FORMAT": "json",
+            "BLASTD_UNCERTAIN_POLICY": "hold",
+            "BLASTD_RECONCILE_WINDOW_S": "0.2",
+            "BLASTD_RECONCILE_INTERVAL_S": "0.1",
             **extra,
         }
     )

@@ -149,9 +149,8 @@ async def test_recovery_turns_a_dead_owners_sending_recipients_uncertain(
     await ledger.claim_recipients(pool, CAMPAIGN, "dead-owner", 2)
     await ledger.claim_recipients(pool, CAMPAIGN, "live-owner", 2)
 
-    counts = await ledger.recover_owned(pool, "dead-owner", resend_uncertain=False)
+    assert await ledger.recover_owned(pool, "dead-owner") == 2
 
-    assert counts == {"pending": 0, "uncertain": 2}
     rows = await pool.fetch(
         "SELECT state, owner, attempts, error_class FROM recipients ORDER BY id"
     )
@@ -163,25 +162,26 @@ async def test_recovery_turns_a_dead_owners_sending_recipients_uncertain(
         ("pending", None, 0, None),
         ("pending", None, 0, None),
     ]
-    assert await ledger.recover_owned(pool, "dead-owner", resend_uncertain=False) == {
-        "pending": 0,
-        "uncertain": 0,
-    }, "recovery is idempotent: uncertain rows have no owner any more"
+    assert await ledger.recover_owned(pool, "dead-owner") == 0, (
+        "recovery is idempotent: uncertain rows have no owner any more"
+    )
 
 
-async def test_recovery_with_resend_policy_makes_sending_pending_again(pool: ledger.Pool) -> None:
+async def test_recovery_never_resends_it_leaves_the_doubt_to_reconciliation(
+    pool: ledger.Pool,
+) -> None:
     ids = await insert(pool, phones(3))
     claimed = await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 3)
     await ledger.record_outcomes(pool, [Outcome(ids[0], "pending", requests=2)])
     await ledger.claim_recipients(pool, CAMPAIGN, "dead-owner", 3)
 
-    counts = await ledger.recover_owned(pool, "dead-owner", resend_uncertain=True)
+    assert await ledger.recover_owned(pool, "dead-owner") == 1
 
     assert len(claimed) == 3
-    assert counts == {"pending": 1, "uncertain": 0}
-    assert await ledger.count_states(pool, CAMPAIGN) == {"pending": 1, "sending": 2}
-    again = await ledger.claim_recipients(pool, CAMPAIGN, "next-owner", 3)
-    assert [r.attempts for r in again] == [2], "earlier requests stay counted"
+    assert await ledger.count_states(pool, CAMPAIGN) == {"uncertain": 1, "sending": 2}
+    row = await pool.fetchrow("SELECT attempts, doubt_since FROM recipients WHERE id = $1", ids[0])
+    assert row["attempts"] == 2, "earlier requests stay counted"
+    assert row["doubt_since"] is not None, "it waits for reconciliation"
 
 
 async def test_receipts_never_move_a_recipient_backwards(pool: ledger.Pool) -> None:
@@ -248,7 +248,7 @@ async def test_failed_receipt_applies_after_sent_but_not_after_delivery(pool: le
 async def test_a_receipt_resolves_an_uncertain_recipient(pool: ledger.Pool) -> None:
     resolved, failed_later, _untouched = await insert(pool, phones(3))
     await ledger.claim_recipients(pool, CAMPAIGN, "dead-owner", 3)
-    await ledger.recover_owned(pool, "dead-owner", resend_uncertain=False)
+    await ledger.recover_owned(pool, "dead-owner")
 
     receipts = [
         Receipt(resolved, "delivered", "wamid.late"),
@@ -264,19 +264,29 @@ async def test_a_receipt_resolves_an_uncertain_recipient(pool: ledger.Pool) -> N
     ]
 
 
-async def test_receipts_do_not_touch_recipients_that_were_never_sent(pool: ledger.Pool) -> None:
+async def test_receipts_do_not_touch_pending_recipients_but_overrule_a_local_failure(
+    pool: ledger.Pool,
+) -> None:
+    """Evidence of delivery wins over a failure we recorded (a timeout, a 5xx): it is kept,
+    flagged, and the error of the failure no longer stands."""
     pending, failed = await insert(pool, phones(2))
     await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 2)
     await ledger.record_outcomes(
         pool,
         [
             Outcome(pending, "pending"),
-            Outcome(failed, "failed", None, "permanent", "131026", "Message undeliverable"),
+            Outcome(failed, "failed", None, "transient", "timeout", "no answer within 10 s"),
         ],
     )
     receipts = [Receipt(pending, "delivered", "wamid.p"), Receipt(failed, "read", "wamid.f")]
-    assert await ledger.apply_receipts(pool, receipts) == 0
-    assert await ledger.count_states(pool, CAMPAIGN) == {"pending": 1, "failed": 1}
+    assert await ledger.apply_receipts(pool, receipts) == 1
+    rows = await pool.fetch(
+        "SELECT state, flags, error_class, error_code, error_text FROM recipients ORDER BY id"
+    )
+    assert [tuple(r) for r in rows] == [
+        ("pending", [], None, None, None),
+        ("read", ["delivered_after_failure"], None, None, None),
+    ]
 
 
 async def test_record_outcomes_does_not_downgrade_a_receipt_to_sent(pool: ledger.Pool) -> None:
@@ -327,6 +337,8 @@ async def test_campaign_is_finished_only_when_nothing_is_left_to_send(pool: ledg
     assert not await ledger.finish_campaign_if_done(pool, CAMPAIGN), "one still sending"
 
     await ledger.record_outcomes(pool, [Outcome(third, "uncertain", None, "uncertain")])
+    assert not await ledger.finish_campaign_if_done(pool, CAMPAIGN), "waits for reconciliation"
+    await pool.execute("UPDATE recipients SET doubt_since = NULL WHERE id = $1", third)  # held
     assert await ledger.finish_campaign_if_done(pool, CAMPAIGN)
     campaign = await ledger.load_campaign(pool, CAMPAIGN)
     assert campaign is not None
@@ -338,6 +350,7 @@ async def test_campaign_is_finished_only_when_nothing_is_left_to_send(pool: ledg
 async def test_a_paused_campaign_is_not_finished(pool: ledger.Pool) -> None:
     await insert(pool, phones(1))
     await ledger.set_campaign_state(pool, CAMPAIGN, "paused", "131048: spam rate limit")
+    await pool.execute("UPDATE recipients SET state = 'sending'")
     await pool.execute("UPDATE recipients SET state = 'sent'")
     assert not await ledger.finish_campaign_if_done(pool, CAMPAIGN)
     assert (await ledger.load_campaign(pool, CAMPAIGN)).state == "paused"  # type: ignore[union-attr]

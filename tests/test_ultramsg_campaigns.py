@@ -371,7 +371,9 @@ async def test_an_uncertain_recipient_is_resolved_by_its_ack(
     async with running_daemon(settings_for(servers, ultramsg, admin_port=admin_port)):
         await wait_until(lambda: counts_are(pool, "resolved", {"delivered": 3}))
     rows = await recipient_rows(pool, "resolved")
-    assert {r["error_class"] for r in rows} == {"uncertain"}, "the send's answer is kept"
+    # The doubt is over: its error is gone, and the flag says how the fate was learnt.
+    assert {r["error_class"] for r in rows} == {None}
+    assert all(r["flags"] == ["delivered_after_failure"] for r in rows)
     assert all(r["provider_message_id"].startswith("true_") for r in rows), "the ack's id"
     assert await ultramsg.recipients() == {digits(n): 1 for n in numbers}
 

@@ -250,22 +250,24 @@ async def finished_video_blast(pool: ledger.Pool) -> str:
     campaign = ledger.NewCampaign(campaign_id, "video_blast", ACCOUNT, message, {})
     async with ledger.transaction(pool) as conn:
         await ledger.insert_campaign(conn, campaign, pages())
+    # Each row walks the moves the pipeline makes (the ledger refuses any other).
     outcomes = [
-        (0, "sent", VIDEO_URL, None, None),
-        (1, "video_failed", None, "permanent", "FaceError"),
-        (2, "failed", VIDEO_URL, "transient", "131000"),
+        (0, ("rendering", "rendered", "sending", "sent"), VIDEO_URL, None, None),
+        (1, ("rendering", "video_failed"), None, "permanent", "FaceError"),
+        (2, ("rendering", "rendered", "sending", "failed"), VIDEO_URL, "transient", "131000"),
     ]
-    for seq, state, url, error_class, code in outcomes:
-        await pool.execute(
-            "UPDATE recipients SET state = $3, video_url = $4, error_class = $5, error_code = $6, "
-            "renders = 1 WHERE campaign_id = $1 AND seq = $2",
-            campaign_id,
-            seq,
-            state,
-            url,
-            error_class,
-            code,
-        )
+    for seq, states, url, error_class, code in outcomes:
+        for state in states:
+            await pool.execute(
+                "UPDATE recipients SET state = $3, video_url = $4, error_class = $5, "
+                "error_code = $6, renders = 1 WHERE campaign_id = $1 AND seq = $2",
+                campaign_id,
+                seq,
+                state,
+                url,
+                error_class,
+                code,
+            )
     await pool.execute("UPDATE campaigns SET state = 'done' WHERE id = $1", campaign_id)
     return campaign_id
 

@@ -1,5 +1,6 @@
-"""What every adapter does alike with a provider's answer: read it whole, turn a transport
-failure into a TransientError, keep secrets out of error texts, and honour Retry-After.
+"""What every adapter does alike with a provider's answer: read it whole, tell a request that
+never left from an answer that was lost, keep secrets out of error texts, and honour
+Retry-After.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from blastd.errors import (
     ProviderError,
     ThrottledError,
     TransientError,
+    UncertainOutcomeError,
 )
 
 MAX_RETRY_AFTER_S = 300.0  # a Retry-After of hours would stall the account; our limiter decides
@@ -54,18 +56,17 @@ async def post_for_answer(
     time_limits: aiohttp.ClientTimeout,
     describe: Callable[[Exception], str],
 ) -> Answer:
-    """POST and read the whole answer; a timeout or connection failure is a TransientError
-    whose text is `describe(exc)` (the adapter's, so it can keep secrets out)."""
+    """POST and read the whole answer. A request that never left raises TransientError (safe
+    to send again); one whose answer was lost raises UncertainOutcomeError (the provider may
+    have acted on it). Their texts are `describe(exc)`, the adapter's, free of secrets."""
     started = time.monotonic()
     try:
         async with http.post(url, data=payload, headers=headers, timeout=time_limits) as response:
             raw_body = await response.read()
             _log_request("POST", url, response.status, started)
             return Answer(response.status, raw_body, response.headers.get("Retry-After"))
-    except TimeoutError as exc:
-        raise TransientError("timeout", describe(exc)) from exc
-    except aiohttp.ClientError as exc:
-        raise TransientError("network", describe(exc)) from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise exchange_error(exc, describe) from exc
 
 
 def _log_request(method: str, url: str | URL, status: int, started: float) -> None:
@@ -85,7 +86,8 @@ async def get_for_answer(
     time_limits: aiohttp.ClientTimeout,
     describe: Callable[[Exception], str],
 ) -> Answer:
-    """GET and read the whole answer; failures as in `post_for_answer`."""
+    """GET and read the whole answer; any failure is a TransientError: a read changes nothing
+    at the provider, so asking again is always safe."""
     started = time.monotonic()
     try:
         async with http.get(url, headers=headers, timeout=time_limits) as response:
@@ -96,6 +98,29 @@ async def get_for_answer(
         raise TransientError("timeout", describe(exc)) from exc
     except aiohttp.ClientError as exc:
         raise TransientError("network", describe(exc)) from exc
+
+
+# Failures before a byte of the request reached the provider: no connection was made (refused,
+# DNS, TLS, proxy), or making one timed out (aiohttp's ConnectionTimeoutError, raised for the
+# connect and sock_connect limits), or the URL was never usable.
+NEVER_LEFT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL)
+
+
+def exchange_error(exc: Exception, describe: Callable[[Exception], str]) -> ProviderError:
+    """What a failed POST means. TransientError when the request never left. Anything after
+    the connection was made may come after the provider read the request: a read timeout
+    (SocketTimeoutError, or the total limit's plain TimeoutError), a disconnect
+    (ServerDisconnectedError, a reset), a truncated answer (ClientPayloadError) or an answer
+    that cannot be parsed as HTTP. Those are UncertainOutcomeError: the answer was lost, and
+    only evidence, not a blind retry, may resolve them."""
+    text = describe(exc)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return TransientError("connect_timeout", text)
+    if isinstance(exc, NEVER_LEFT):
+        return TransientError("network", text)
+    if isinstance(exc, TimeoutError):
+        return UncertainOutcomeError("timeout", text)
+    return UncertainOutcomeError("answer_lost", text)
 
 
 def error_for_status(status: int, code: str, text: str, retry_after: str | None) -> ProviderError:

@@ -48,9 +48,10 @@ class SendReceipt:
 
 @dataclass(frozen=True, slots=True)
 class StatusUpdate:
-    """A delivery status reported by a provider webhook, matched to the ledger by `ledger_id`."""
+    """A delivery status reported by a provider webhook, matched to the ledger by the
+    provider's message id first, `ledger_id` (our id echoed back, when it was) second."""
 
-    ledger_id: int
+    ledger_id: int | None
     status: str  # sent | delivered | read | failed
     provider_message_id: str | None
     error_code: str | None = None

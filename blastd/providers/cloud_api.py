@@ -252,6 +252,20 @@ def parse_status_webhook(raw_body: bytes) -> list[StatusUpdate]:
     return updates
 
 
+def count_system_errors(raw_body: bytes) -> int:
+    """The errors[] of a webhook's changes that name no message (an app or account problem
+    Meta reports outside any status). 0 when the body is not JSON."""
+    try:
+        document: object = orjson.loads(raw_body)
+    except orjson.JSONDecodeError:
+        return 0
+    return sum(
+        len(_list_at(change.get("value") if isinstance(change, dict) else None, "errors"))
+        for entry in _list_at(document, "entry")
+        for change in _list_at(entry, "changes")
+    )
+
+
 def _list_at(container: object, key: str) -> list[object]:
     value = container.get(key) if isinstance(container, dict) else None
     return value if isinstance(value, list) else []
@@ -262,14 +276,18 @@ def _read_status(status: object) -> StatusUpdate | None:
         return None
     ledger_id = _ledger_id(status.get("biz_opaque_callback_data"))
     state = status.get("status")
-    if ledger_id is None or not isinstance(state, str) or state not in WEBHOOK_STATUSES:
+    raw_id = status.get("id")
+    message_id = raw_id if isinstance(raw_id, str) and raw_id else None
+    # Meta does not always echo biz_opaque_callback_data: the wamid alone still names it.
+    if (ledger_id is None and message_id is None) or not isinstance(state, str):
         return None
-    message_id = status.get("id")
+    if state not in WEBHOOK_STATUSES:
+        return None
     error_code, error_text = _status_error(status) if state == "failed" else (None, None)
     return StatusUpdate(
         ledger_id=ledger_id,
         status=state,
-        provider_message_id=message_id if isinstance(message_id, str) else None,
+        provider_message_id=message_id,
         error_code=error_code,
         error_text=error_text,
     )

@@ -35,7 +35,7 @@ from blastd.errors import (
     TransientError,
     UncertainOutcomeError,
 )
-from blastd.providers.answers import clean_error_text, parse_retry_after_s
+from blastd.providers.answers import clean_error_text, exchange_error, parse_retry_after_s
 from blastd.providers.base import OutboundMessage, SendResult
 
 JID_SUFFIX = "@s.whatsapp.net"
@@ -99,16 +99,19 @@ class StatusGatewayProvider:
                 raw_body = await response.read()
                 status = response.status
                 retry_after = response.headers.get("Retry-After")
-        # aiohttp's own texts may quote the URL; ours never carry the token.
-        except TimeoutError as exc:
-            limit_s = self.account.request_timeout_s
-            raise TransientError("timeout", f"no answer within {limit_s:g} s") from exc
-        except aiohttp.ClientError as exc:
-            raise TransientError("network", f"{type(exc).__name__} talking to the gateway") from exc
+        # A request that never left is sent again; a lost answer leaves its contacts in doubt.
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise exchange_error(exc, self._describe) from exc
         document = _json_object(raw_body)
         if not 200 <= status < 300 or _says_failure(document):
             raise self._error_for(status, document, retry_after)
         return self._read_id(status, document, message_id)
+
+    def _describe(self, exc: Exception) -> str:
+        # aiohttp's own texts may quote the URL; ours never carry the token.
+        if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return f"no answer within {self.account.request_timeout_s:g} s"
+        return f"{type(exc).__name__} talking to the gateway"
 
     def _request_for(
         self, content: StatusContent, jids: Sequence[str], message_id: str | None

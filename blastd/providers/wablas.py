@@ -97,8 +97,8 @@ class WablasProvider:
         else:
             path = "/api/v2/send-video" if is_video else "/api/v2/send-message"
             request = build_bulk_request(messages, self._account)
-        # A timeout after the request left may hide an accepted batch, and without item ids
-        # there is nothing to check it by: retried like a 5xx, within bounded attempts.
+        # A lost answer may hide an accepted batch, and without item ids there is nothing to
+        # check it by: every message of it is in doubt (post_for_answer), never sent blindly.
         answer = await post_for_answer(
             self._http,
             self._base_url + path,

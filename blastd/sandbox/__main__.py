@@ -5,6 +5,12 @@ Wablas under /wablas,
 status gateways (Evolution API, the story API) under /status,
 D-ID under /did, the generic video-job API under /video.
 
+Fault knobs for the fate of a message: --withhold-answer-p accepts and counts a message, then
+holds its answer --withhold-answer-ms (default an hour: never seen; shorter: a late answer);
+--webhook-duplicate-p posts a status twice; --webhook-reorder and --webhook-omit-callback-data
+change the order and the content of status webhooks. /_sandbox/stats shows "accepted" and
+"answers_withheld", the sandbox's own tally.
+
 Prints "sandbox listening on http://HOST:PORT" once bound, so a parent can wait for the line.
 """
 
@@ -41,6 +47,9 @@ FLOAT_KNOBS = (
     "permanent_p",
     "fatal_p",
     "malformed_body_p",
+    "withhold_answer_p",
+    "withhold_answer_ms",
+    "webhook_duplicate_p",
 )
 INT_KNOBS = ("seed", "webhook_batch_max")
 STR_KNOBS = ("webhook_url", "app_secret")
@@ -63,7 +72,13 @@ KNOB_HELP = {
     "webhook_batch_max": "statuses per webhook POST at most",
     "webhook_url": "where to POST status webhooks (default: none are sent)",
     "app_secret": "secret that signs webhooks (X-Hub-Signature-256; default sandbox-app-secret)",
+    "withhold_answer_p": "probability that a message is accepted and counted but its answer is"
+    " held back (default 0)",
+    "withhold_answer_ms": "how long a withheld answer is held, in milliseconds (default an hour:"
+    " never seen; shorter: a late answer)",
+    "webhook_duplicate_p": "probability that a status webhook is posted twice (default 0)",
 }
+BOOL_KNOBS = ("webhook_reorder", "webhook_omit_callback_data")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -88,6 +103,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="enforce the per-recipient pair rate (about one message each 6 s, bursts of 45)",
     )
+    parser.add_argument(
+        "--webhook-reorder",
+        action="store_true",
+        default=None,
+        help="queue a message's statuses newest first (read before sent)",
+    )
+    parser.add_argument(
+        "--webhook-omit-callback-data",
+        action="store_true",
+        default=None,
+        help="statuses without biz_opaque_callback_data: matched by message id only",
+    )
     for knobs, kind in ((FLOAT_KNOBS, float), (INT_KNOBS, int), (STR_KNOBS, str)):
         for knob in knobs:
             flag = "--" + knob.replace("_", "-")
@@ -97,7 +124,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> SandboxConfig:
     """The SandboxConfig the flags describe; raises ValidationError on a bad value."""
-    names = (*FLOAT_KNOBS, *INT_KNOBS, *STR_KNOBS, "tokens", "pair_limit")
+    names = (*FLOAT_KNOBS, *INT_KNOBS, *STR_KNOBS, "tokens", "pair_limit", *BOOL_KNOBS)
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     return SandboxConfig.model_validate(given)
 

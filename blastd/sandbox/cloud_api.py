@@ -32,6 +32,7 @@ from blastd.sandbox.emulator import (
     ByNumber,
     Emulator,
     EmulatorConfig,
+    NumberSet,
     Probability,
     Traffic,
 )
@@ -53,6 +54,9 @@ MALFORMED_BODIES = (  # rotated: a cut-off body, then valid JSON without a messa
     b'{"messaging_product":"whatsapp","contacts":[',
     b'{"messaging_product":"whatsapp","contacts":[],"messages":[]}',
 )
+
+
+HOLD_POLL_S = 0.05  # how often a withheld answer looks whether its client is still there
 
 
 class SandboxConfig(EmulatorConfig):
@@ -83,6 +87,18 @@ class SandboxConfig(EmulatorConfig):
         "read",
     )
     webhook_batch_max: int = Field(100, ge=1)  # statuses per POST: Meta batches too
+    # Answers lost on the way back: the message is accepted and counted (and its statuses
+    # queued), then its answer waits withhold_answer_ms, longer than any client's timeout by
+    # default (never seen); a shorter one makes a late answer.
+    withhold_answer_p: Probability = 0.0
+    withhold_numbers: NumberSet = frozenset()  # recipient digits whose answers are withheld
+    withhold_answer_ms: float = Field(3_600_000.0, ge=0)
+    # How a withheld answer is lost: held back (delay), the connection closed without an
+    # answer (disconnect), or the answer's body cut short and the connection closed (truncate).
+    withhold_mode: Literal["delay", "disconnect", "truncate"] = "delay"
+    webhook_duplicate_p: Probability = 0.0  # a status posted twice, as Meta's retries do
+    webhook_reorder: bool = False  # a message's statuses queued newest first (read, ..., sent)
+    webhook_omit_callback_data: bool = False  # statuses without biz_opaque_callback_data
 
     @field_validator("templates", mode="before")
     @classmethod
@@ -128,23 +144,30 @@ class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
         super().apply(config)
         self._faults = _active_faults(config)
 
-    async def handle_send(self, request: web.Request) -> web.Response:
+    async def handle_send(self, request: web.Request) -> web.StreamResponse:
         arrived_s = self._now()
         self._traffic.requests += 1
         raw_body = await request.read()
         phone_number_id = request.match_info["phone_number_id"]
+        withheld = False
         try:
             authorization = request.headers.get("Authorization")
-            response = self._accept(phone_number_id, authorization, raw_body, arrived_s)
+            response, withheld = self._accept(phone_number_id, authorization, raw_body, arrived_s)
         except Rejection as rejection:
             response = self._reject(rejection)
+        if withheld:
+            self._traffic.turns["withheld"] += 1  # shown as answers_withheld
+            if self._config.withhold_mode != "delay":
+                return await _lose_answer(request, response, self._config.withhold_mode)
+            await _hold_answer(request, self._config.withhold_answer_ms / 1000.0)
         if self._config.latency_ms or self._config.latency_jitter_ms:
             await asyncio.sleep(self._latency_s())
         return response
 
     def _accept(
         self, phone_number_id: str, authorization: str | None, raw_body: bytes, now_s: float
-    ) -> web.Response:
+    ) -> tuple[web.Response, bool]:
+        """The answer to an accepted message, and whether to withhold it."""
         if not self._is_authorized(authorization):
             raise Rejection(190, "the access token is not valid")
         message = read_message(raw_body, self._config.templates)
@@ -155,12 +178,18 @@ class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
         self._admit(phone_number_id, message.wa_id, now_s)
         message_id = "wamid." + base64.urlsafe_b64encode(self._rng.randbytes(18)).decode()
         self._record_accepted(phone_number_id, message, message_id, now_s)
+        withheld = self._is_withheld(message.wa_id)
         if self._config.malformed_body_p and self._rng.random() < self._config.malformed_body_p:
             body = MALFORMED_BODIES[self._turn("malformed") % len(MALFORMED_BODIES)]
-            return web.Response(body=body, content_type="application/json")
-        return web.Response(
-            body=_success_body(message, message_id), content_type="application/json"
-        )
+            return web.Response(body=body, content_type="application/json"), withheld
+        body = _success_body(message, message_id)
+        return web.Response(body=body, content_type="application/json"), withheld
+
+    def _is_withheld(self, wa_id: str) -> bool:
+        config = self._config
+        if wa_id in config.withhold_numbers:
+            return True
+        return bool(config.withhold_answer_p) and self._rng.random() < config.withhold_answer_p
 
     async def handle_phone_number(self, request: web.Request) -> web.Response:
         """GET /{version}/{phone_number_id}: the number's profile, as `blastd check` reads it
@@ -236,9 +265,14 @@ class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
             )
             self.outbox.put((phone_number_id, event), delay_s)
             return
-        for state in self._config.webhook_statuses:
-            event = status_event(message_id, state, message.wa_id, message.callback_data)
+        config = self._config
+        callback_data = None if config.webhook_omit_callback_data else message.callback_data
+        states = config.webhook_statuses
+        for state in reversed(states) if config.webhook_reorder else states:
+            event = status_event(message_id, state, message.wa_id, callback_data)
             self.outbox.put((phone_number_id, event), delay_s)
+            if config.webhook_duplicate_p and self._rng.random() < config.webhook_duplicate_p:
+                self.outbox.put((phone_number_id, event), delay_s)
 
     def _reject(self, rejection: Rejection) -> web.Response:
         if rejection.code is None:
@@ -267,6 +301,35 @@ class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
 
     def _webhook_format(self, url: str) -> SignedStatuses:
         return SignedStatuses(url, self._config.app_secret, self._config.webhook_batch_max)
+
+
+async def _hold_answer(request: web.Request, hold_s: float) -> None:
+    """Wait `hold_s`, or until the client gave up and closed the connection: a handler left
+    sleeping would hold up the sandbox's shutdown."""
+    deadline = asyncio.get_running_loop().time() + hold_s
+    while (left_s := deadline - asyncio.get_running_loop().time()) > 0:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(min(left_s, HOLD_POLL_S))
+
+
+async def _lose_answer(
+    request: web.Request, response: web.Response, mode: str
+) -> web.StreamResponse:
+    """Close the connection without the answer, or after a part of its body."""
+    transport = request.transport
+    if mode == "disconnect" or transport is None:
+        if transport is not None:
+            transport.close()
+        return response
+    body = response.body if isinstance(response.body, bytes) else b""
+    cut = web.StreamResponse(headers={"Content-Type": "application/json"})
+    cut.content_length = len(body) + 100  # promises more than ever comes
+    await cut.prepare(request)
+    await cut.write(body[: len(body) // 2])
+    transport.close()
+    return cut
 
 
 def _success_body(message: SendRequest, message_id: str) -> bytes:

@@ -164,6 +164,7 @@ class Emulator(ABC, Generic[ConfigT, TrafficT, EventT]):
             self.rejections_key: traffic.rejected_by_code,
             "duplicates": {to: count for to, count in per_recipient.items() if count > 1},
             "accepted_per_recipient_total": len(per_recipient),
+            "answers_withheld": traffic.turns["withheld"],  # accepted, answer held back
             f"webhook_{noun}_pending": len(self.outbox),
             f"webhook_{noun}_delivered": self.outbox.delivered,
             f"webhook_{noun}_dropped": self.outbox.dropped,

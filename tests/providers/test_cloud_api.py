@@ -300,10 +300,12 @@ async def test_wrong_token_is_campaign_fatal(http: aiohttp.ClientSession) -> Non
     assert caught.value.code == "190"
 
 
-async def test_request_timeout_is_transient(http: aiohttp.ClientSession) -> None:
+async def test_request_timeout_leaves_the_message_in_doubt(http: aiohttp.ClientSession) -> None:
+    """The sandbox took the message and answered too late: sending it again could be a
+    duplicate (tests/providers/test_lost_answers.py has every class)."""
     async with cloud_api_emulator(SandboxConfig(latency_ms=500)) as base_url:
         provider = provider_for(base_url, http, request_timeout_s=0.05)
-        with pytest.raises(TransientError) as caught:
+        with pytest.raises(UncertainOutcomeError) as caught:
             await provider.send(text_to())
     assert caught.value.code == "timeout"
 
@@ -469,7 +471,10 @@ def test_signature_without_a_valid_sha256_digest_is_refused(header: str | None) 
     assert not is_valid_signature(b"{}", header, APP_SECRET)
 
 
-def test_status_webhook_keeps_only_our_well_formed_statuses() -> None:
+def test_status_webhook_keeps_well_formed_statuses_with_a_message_id_or_our_id() -> None:
+    """A status without our opaque field still names its message by wamid: it is kept, for
+    the ledger to match by message id."""
+
     def status(**fields: object) -> dict[str, object]:
         return {"id": "wamid.A", "status": "delivered", "recipient_id": DIGITS, **fields}
 
@@ -495,6 +500,10 @@ def test_status_webhook_keeps_only_our_well_formed_statuses() -> None:
     }
     assert parse_status_webhook(orjson.dumps(document)) == [
         StatusUpdate(3, "delivered", "wamid.A"),
+        StatusUpdate(None, "delivered", "wamid.A"),
+        StatusUpdate(None, "delivered", "wamid.A"),
+        StatusUpdate(None, "delivered", "wamid.A"),
+        StatusUpdate(None, "delivered", "wamid.A"),
         StatusUpdate(5, "read", None),
         StatusUpdate(6, "failed", "wamid.A"),
     ]

@@ -109,7 +109,7 @@ async def test_an_answer_without_an_id_is_uncertain_for_an_anchor_and_accepted_f
         ({"tokens": ["other"]}, {}, CampaignFatalError, "http_401"),
         ({}, {"instance": "missing"}, CampaignFatalError, "http_404"),
         ({"session_connected": False}, {}, CampaignFatalError, "session"),
-        ({"latency_ms": 500}, {"request_timeout_s": 0.05}, TransientError, "timeout"),
+        ({"latency_ms": 500}, {"request_timeout_s": 0.05}, UncertainOutcomeError, "timeout"),
     ],
     ids=["5xx", "429", "413", "frame-too-large-500", "401", "404", "session", "timeout"],
 )

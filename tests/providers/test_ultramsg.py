@@ -237,13 +237,13 @@ async def test_wrong_token_never_appears_in_the_error(http: aiohttp.ClientSessio
     assert_no_token(caught.value)
 
 
-async def test_timeout_is_transient_and_its_text_has_no_token(
+async def test_timeout_leaves_the_message_in_doubt_and_its_text_has_no_token(
     http: aiohttp.ClientSession,
 ) -> None:
     config = UltraMsgSandboxConfig(latency_ms=1000, tokens=frozenset({SECRET_TOKEN}))
     async with ultramsg_emulator(config) as base_url:
         provider = provider_for(base_url, http, token=SECRET_TOKEN, request_timeout_s=0.1)
-        with pytest.raises(TransientError) as caught:
+        with pytest.raises(UncertainOutcomeError) as caught:
             await provider.send(text_to())
     assert (caught.value.code, caught.value.text) == ("timeout", "no answer within 0.1 s")
     assert_no_token(caught.value)

@@ -424,3 +424,62 @@ def test_module_entry_point_announces_its_port_and_serves() -> None:
 def test_module_entry_point_refuses_an_impossible_probability() -> None:
     with pytest.raises(SystemExit, match="invalid sandbox flags"):
         sandbox_main(["--transient-p", "2"])
+
+
+@pytest.mark.parametrize(
+    ("knobs", "expected"),
+    [
+        ({"webhook_reorder": True}, ["read", "delivered", "sent"]),
+        ({"webhook_duplicate_p": 1.0}, ["sent", "sent", "delivered", "delivered", "read", "read"]),
+    ],
+    ids=["reordered", "duplicated"],
+)
+async def test_status_webhooks_can_come_reordered_or_twice(
+    http: aiohttp.ClientSession, knobs: dict[str, Any], expected: list[str]
+) -> None:
+    receiver = Receiver(expected_statuses=len(expected))
+    async with running_receiver(receiver) as url:
+        config = SandboxConfig(webhook_url=url, **knobs)
+        async with cloud_api_emulator(config) as base_url:
+            await post_send(http, base_url, text_message(biz_opaque_callback_data="blastd:7"))
+            async with asyncio.timeout(10):
+                await receiver.done.wait()
+    statuses = [status for raw, _ in receiver.posts for status in statuses_of(raw)]
+    assert [s["status"] for s in statuses] == expected
+    assert {s["biz_opaque_callback_data"] for s in statuses} == {"blastd:7"}
+
+
+async def test_status_webhooks_can_omit_our_opaque_field(http: aiohttp.ClientSession) -> None:
+    receiver = Receiver(expected_statuses=3)
+    async with running_receiver(receiver) as url:
+        config = SandboxConfig(webhook_url=url, webhook_omit_callback_data=True)
+        async with cloud_api_emulator(config) as base_url:
+            await post_send(http, base_url, text_message(biz_opaque_callback_data="blastd:7"))
+            async with asyncio.timeout(10):
+                await receiver.done.wait()
+    statuses = [status for raw, _ in receiver.posts for status in statuses_of(raw)]
+    assert len(statuses) == 3
+    assert all("biz_opaque_callback_data" not in s for s in statuses)
+    assert len({s["id"] for s in statuses}) == 1
+
+
+async def test_a_withheld_answer_is_still_accepted_and_counted(
+    http: aiohttp.ClientSession,
+) -> None:
+    config = SandboxConfig(withhold_answer_p=1.0, withhold_answer_ms=3_600_000)
+    async with cloud_api_emulator(config) as base_url:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await post_send(http, base_url, text_message())
+        stats = await sandbox_json(http, base_url, "stats")
+    assert (stats["requests"], stats["accepted"], stats["answers_withheld"]) == (1, 1, 1)
+
+
+def test_module_entry_point_documents_the_fate_knobs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        sandbox_main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--withhold-answer-p", "--withhold-answer-ms", "--webhook-duplicate-p"):
+        assert flag in text
+    assert "--webhook-reorder" in text
+    assert "--webhook-omit-callback-data" in text
