@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 import click
@@ -459,28 +459,29 @@ def recipients(
     text, skip reason, attempts, times. Streamed: any size runs in bounded memory."""
     settings = _settings(ctx)
     which = exports.RecipientFilter(campaign_id, states, classes, unmask)
-    try:
-        found = _run(
-            _with_pool(settings, lambda pool: _write_recipients(pool, which, fmt or "text"))
-        )
-    except BrokenPipeError:
+    written = _run(_with_pool(settings, lambda pool: _write_recipients(pool, which, fmt or "text")))
+    if written == "reader_gone":
         # The reader stopped early (`| head`): not an error; stdout is closed so the
         # interpreter's own last flush does not fail on the same pipe again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return
-    if not found:
+    elif written == "no_campaign":
         click.echo(f"blastd: no campaign {campaign_id!r}", err=True)
         sys.exit(1)
 
 
-async def _write_recipients(pool: ledger.Pool, which: exports.RecipientFilter, fmt: str) -> bool:
+async def _write_recipients(
+    pool: ledger.Pool, which: exports.RecipientFilter, fmt: str
+) -> Literal["written", "no_campaign", "reader_gone"]:
     if not await ledger.campaign_exists(pool, which.campaign_id):
-        return False
+        return "no_campaign"
     out = sys.stdout.buffer
-    async for chunk in exports.export_chunks(pool, which, fmt):
-        out.write(chunk)
-    out.flush()
-    return True
+    try:
+        async for chunk in exports.export_chunks(pool, which, fmt):
+            out.write(chunk)
+        out.flush()
+    except BrokenPipeError:  # an OSError, which must not pass for a PostgreSQL outage
+        return "reader_gone"
+    return "written"
 
 
 @main.command()
