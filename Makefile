@@ -69,6 +69,7 @@ bench: install
 	$(BIN)/python bench/wablas_bulk.py
 	$(BIN)/python bench/status_broadcast.py
 	$(BIN)/python bench/video.py
+	$(BIN)/python bench/chaos.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
