@@ -34,9 +34,9 @@ import asyncpg
 import uvloop
 from rich.console import Console
 from rich.table import Table
-
-from bench.stack import (
+from stack import (
     ACCOUNT,
+    Daemon,
     Stack,
     account_settings,
     phone_numbers,
@@ -162,13 +162,20 @@ async def count_fate(stack: Stack, fate: Fate, campaign_id: str, numbers: list[s
     fate.stuck = sum(1 for row in rows if row["state"] in ("pending", "sending"))
 
 
-async def run_kills(stack: Stack, count: int, kills: int) -> Fate:
-    fate = Fate("SIGKILL x daemon", kills, count)
+async def start_scenario(
+    stack: Stack, campaign_id: str, count: int, **knobs: object
+) -> tuple[Daemon, list[str], float]:
+    """A ready daemon, the sandbox posting webhooks to it, and the campaign pushed."""
     daemon = spawn_daemon(stack, account(stack), extra_env=SETTLE_ENV)
     await daemon.wait_ready()
-    await configure_sandbox(stack, daemon.admin_port)
+    await configure_sandbox(stack, daemon.admin_port, **knobs)
     started = time.monotonic()
-    numbers = await start_campaign(stack, "chaos-kills", count)
+    return daemon, await start_campaign(stack, campaign_id, count), started
+
+
+async def run_kills(stack: Stack, count: int, kills: int) -> Fate:
+    fate = Fate("SIGKILL x daemon", kills, count)
+    daemon, numbers, started = await start_scenario(stack, "chaos-kills", count)
     step = count // (kills + 2)
     for kill in range(kills):
         await wait_for_progress(stack, step * (kill + 1))
@@ -189,11 +196,7 @@ async def run_kills(stack: Stack, count: int, kills: int) -> Fate:
 
 async def run_restarts(stack: Stack, count: int, restarts: int) -> Fate:
     fate = Fate("PostgreSQL fast restart", restarts, count)
-    daemon = spawn_daemon(stack, account(stack), extra_env=SETTLE_ENV)
-    await daemon.wait_ready()
-    await configure_sandbox(stack, daemon.admin_port)
-    started = time.monotonic()
-    numbers = await start_campaign(stack, "chaos-restarts", count)
+    daemon, numbers, started = await start_scenario(stack, "chaos-restarts", count)
     step = count // (restarts + 2)
     await stack.pool.close()  # the bench's own pool would hold the fast shutdown's clients
     for restart in range(restarts):
@@ -223,11 +226,9 @@ async def reopen_pool(stack: Stack) -> asyncpg.Pool:
 
 async def run_withheld(stack: Stack, count: int, share: float) -> Fate:
     fate = Fate(f"{share:.0%} answers withheld", round(count * share), count)
-    daemon = spawn_daemon(stack, account(stack), extra_env=SETTLE_ENV)
-    await daemon.wait_ready()
-    await configure_sandbox(stack, daemon.admin_port, withhold_answer_p=share)
-    started = time.monotonic()
-    numbers = await start_campaign(stack, "chaos-withheld", count)
+    daemon, numbers, started = await start_scenario(
+        stack, "chaos-withheld", count, withhold_answer_p=share
+    )
     await wait_done(stack, "chaos-withheld")
     fate.seconds = time.monotonic() - started
     await count_fate(stack, fate, "chaos-withheld", numbers)
