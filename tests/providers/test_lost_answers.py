@@ -14,8 +14,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from blastd.errors import ProviderError, TransientError, UncertainOutcomeError
 from blastd.sandbox.cloud_api import SandboxConfig
-from tests.harness import cloud_api_emulator
-from tests.providers.test_cloud_api import DIGITS, get_json, provider_for, text_to
+from tests.harness import cloud_api_emulator, get_json
+from tests.providers.test_cloud_api import DIGITS, provider_for, text_to
 
 
 class _SlowResolver(AbstractResolver):
