@@ -272,13 +272,22 @@ async def run_all(args: argparse.Namespace) -> list[Fate]:
     fates = []
     for scenario in args.scenarios:
         async with running_stack(fsync=False) as stack:
-            if scenario == "kills":
-                fates.append(await run_kills(stack, args.recipients, args.kills))
-            elif scenario == "restarts":
-                fates.append(await run_restarts(stack, args.recipients, args.restarts))
-            else:
-                fates.append(await run_withheld(stack, args.recipients, args.withheld))
+            try:
+                fates.append(await run_scenario(stack, scenario, args))
+            except RuntimeError:
+                for daemon in stack.daemons:  # what the daemon saw, before the stack goes
+                    print(daemon.log_path.read_text()[-4000:])
+                raise
+            Console(width=140).print(render(fates[-1:]))
     return fates
+
+
+async def run_scenario(stack: Stack, scenario: str, args: argparse.Namespace) -> Fate:
+    if scenario == "kills":
+        return await run_kills(stack, args.recipients, args.kills)
+    if scenario == "restarts":
+        return await run_restarts(stack, args.recipients, args.restarts)
+    return await run_withheld(stack, args.recipients, args.withheld)
 
 
 def main() -> None:
