@@ -103,6 +103,9 @@ class RecipientLine:
     provider_message_id: str | None
     next_attempt_at: datetime | None
     updated_at: datetime
+    # What a report must say beside the state: possible_duplicate (resent after doubt),
+    # delivered_after_failure (evidence of a send came after a recorded failure or doubt).
+    flags: str
 
 
 RECIPIENT_FIELDS = tuple(RecipientLine.__dataclass_fields__)
@@ -111,7 +114,8 @@ _RECIPIENT_PAGE = """
     SELECT id, seq, phone AS number, state, error_class, error_code,
            CASE WHEN state <> 'skipped' THEN error_text END AS error_text,
            CASE WHEN state = 'skipped' THEN error_text END AS skip_reason,
-           attempts, provider_message_id, next_attempt_at, updated_at
+           attempts, provider_message_id, next_attempt_at, updated_at,
+           array_to_string(flags, ' ') AS flags
     FROM recipients
     WHERE campaign_id = $1 AND id > $2
       AND (cardinality($3::text[]) = 0 OR state = ANY($3::text[]))

@@ -183,11 +183,12 @@ def _recipients(recipients: Sequence[exports.RecipientLine]) -> str:
             _text(line.error_text),
             _text(line.skip_reason),
             _text(line.attempts),
+            _text(line.flags),
             _text(line.updated_at),
         ]
         for line in recipients
     )
-    return _table((*headers, "updated"), rows)
+    return _table((*headers, "flags", "updated"), rows)
 
 
 def render_dead(entries: Sequence[queues.DeadEntry]) -> str:
