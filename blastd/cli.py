@@ -15,12 +15,12 @@ from typing import Any, TypeVar
 
 import click
 import orjson
-import redis.asyncio as aioredis
 
 from blastd import controls, enqueueing, ledger, logs, queues, reports
 from blastd.config import Settings, load_settings
 from blastd.errors import EXIT_CONFIG, BlastdError, ConfigError
 from blastd.jobs import CONTROL_SCOPES, DEFAULT_RETRY_CLASSES, RETRY_CLASSES, ControlAction
+from blastd.redis_client import RedisClient, open_redis
 
 T = TypeVar("T")
 
@@ -348,14 +348,9 @@ def demo(file: Path | None, rate_per_s: float) -> None:
     sys.exit(demo_module.run_demo(file, rate_per_s))
 
 
-async def _with_redis(settings: Settings, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
-    client = aioredis.Redis.from_url(
-        settings.redis_url, socket_timeout=settings.redis_socket_timeout_s
-    )
-    try:
+async def _with_redis(settings: Settings, fn: Callable[[RedisClient], Awaitable[T]]) -> T:
+    async with open_redis(settings) as client:
         return await fn(client)
-    finally:
-        await client.aclose()
 
 
 async def _with_pool(settings: Settings, fn: Callable[[ledger.Pool], Awaitable[T]]) -> T:

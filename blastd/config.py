@@ -8,10 +8,19 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from blastd.errors import ConfigError
+from blastd.redis_urls import parse_redis_url
 
 SECRET_FIELDS = ("token", "app_secret", "verify_token", "secret_key", "webhook_secret")
 # pydantic-settings names the field it could not decode only in its message text.
@@ -349,6 +358,12 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     mask_phones: bool = True
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, url: str) -> str:
+        parse_redis_url(url)  # one server, a Sentinel service or a Cluster (redis_urls.py)
+        return url
 
     @model_validator(mode="after")
     def _read_secret_files(self) -> Settings:

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
 from blastd.config import VIDEO_KINDS, Settings
 from blastd.errors import BlastdError, InvalidJobError
 from blastd.jobs import parse_job
 from blastd.queues import jobs_key
+from blastd.redis_client import RedisClient
 from blastd.sources import read_recipients
 from blastd.video.jobs import VIDEO_NAMES, VideoBlastJob, template_names
 
@@ -31,7 +31,7 @@ def recipients_list_key(prefix: str, job_id: str) -> str:
 
 
 async def enqueue_file(
-    redis: aioredis.Redis, settings: Settings, path: Path, options: dict[str, Any]
+    redis: RedisClient, settings: Settings, path: Path, options: dict[str, Any]
 ) -> str:
     """Push the recipients to their own list, then the job that names it; return the job id."""
     raw = path.read_bytes() if path.suffix.lower() == ".json" else b""  # noqa: ASYNC240 (CLI: nothing else runs on this loop)
@@ -50,7 +50,7 @@ async def enqueue_file(
     return str(job["id"])
 
 
-async def _push_job_file(redis: aioredis.Redis, settings: Settings, raw: bytes) -> str:
+async def _push_job_file(redis: RedisClient, settings: Settings, raw: bytes) -> str:
     """A .json file holding a whole job object goes onto the queue as it is."""
     job = orjson.loads(raw)
     await redis.lpush(jobs_key(settings.redis_prefix), raw)

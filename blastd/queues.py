@@ -10,13 +10,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 
 from blastd import metrics
 from blastd.errors import InvalidJobError
+from blastd.redis_client import RedisClient
 from blastd.resources import Dependencies
 
 log = structlog.get_logger()
@@ -84,7 +85,7 @@ class DeadEntry:
             return None
 
 
-async def list_dead(redis_client: aioredis.Redis, prefix: str, limit: int) -> list[DeadEntry]:
+async def list_dead(redis_client: RedisClient, prefix: str, limit: int) -> list[DeadEntry]:
     """The `limit` most recent dead-letter entries, newest first."""
     pipe = redis_client.pipeline(transaction=True)  # length and entries from one moment
     pipe.llen(dead_key(prefix))
@@ -93,12 +94,12 @@ async def list_dead(redis_client: aioredis.Redis, prefix: str, limit: int) -> li
     return [DeadEntry(length - 1 - position, raw) for position, raw in enumerate(raws)]
 
 
-async def read_dead(redis_client: aioredis.Redis, prefix: str, index: int) -> DeadEntry | None:
+async def read_dead(redis_client: RedisClient, prefix: str, index: int) -> DeadEntry | None:
     raw = await redis_client.lindex(dead_key(prefix), -(index + 1))
     return None if raw is None else DeadEntry(index, _as_bytes(raw))
 
 
-async def requeue_dead(redis_client: aioredis.Redis, prefix: str, index: int) -> DeadEntry | None:
+async def requeue_dead(redis_client: RedisClient, prefix: str, index: int) -> DeadEntry | None:
     """Move entry `index`'s original payload back onto {prefix}jobs and drop the entry, both or
     neither (WATCH/MULTI); None when there is no such entry."""
     async with redis_client.pipeline(transaction=True) as pipe:
@@ -112,7 +113,7 @@ async def requeue_dead(redis_client: aioredis.Redis, prefix: str, index: int) ->
             return entry
 
 
-async def _move_dead(pipe: Pipeline, prefix: str, index: int) -> DeadEntry | None:
+async def _move_dead(pipe: Pipeline | ClusterPipeline, prefix: str, index: int) -> DeadEntry | None:
     key = dead_key(prefix)
     await pipe.watch(key)
     raw = await pipe.lindex(key, -(index + 1))
@@ -133,7 +134,7 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
-async def requeue_all_dead(redis_client: aioredis.Redis, prefix: str) -> int:
+async def requeue_all_dead(redis_client: RedisClient, prefix: str) -> int:
     """Requeue the entries present now, oldest first; ones that die again are left for later."""
     count = 0
     for _ in range(await redis_client.llen(dead_key(prefix))):

@@ -8,13 +8,14 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-import redis.asyncio as aioredis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from blastd import ledger, outages
 from blastd.config import Settings
+from blastd.errors import RedisUnavailableError
+from blastd.redis_client import open_redis
 
 FOLLOW_INTERVAL_S = 0.5
 
@@ -99,16 +100,12 @@ async def check_connectivity(settings: Settings) -> CheckResult:
     """Configuration is already valid here; reach each dependency and each provider host."""
     result = CheckResult()
     result.add(True, "configuration", f"{len(settings.accounts)} account(s)")
-    client = aioredis.Redis.from_url(
-        settings.redis_url, socket_timeout=settings.redis_socket_timeout_s
-    )
     try:
-        await client.ping()
+        async with open_redis(settings) as client:
+            await outages.on_redis(client.ping)
         result.add(True, "redis")
-    except outages.REDIS_OUTAGE_ERRORS as exc:
-        result.add(False, "redis", type(exc).__name__)
-    finally:
-        await client.aclose()
+    except RedisUnavailableError as exc:
+        result.add(False, "redis", type(exc.__cause__).__name__)
     try:
         pool = await ledger.open_pool(settings.database_url, command_timeout_s=5, max_size=1)
         await pool.close()
