@@ -20,7 +20,7 @@ from blastd import controls, enqueueing, ledger, logs, queues, reports
 from blastd.config import Settings, load_settings
 from blastd.errors import EXIT_CONFIG, BlastdError, ConfigError
 from blastd.jobs import CONTROL_SCOPES, DEFAULT_RETRY_CLASSES, RETRY_CLASSES, ControlAction
-from blastd.redis_client import RedisClient, open_redis
+from blastd.redis_client import RedisClient, check_key_layout, open_redis
 
 T = TypeVar("T")
 
@@ -29,6 +29,7 @@ def _settings(ctx: click.Context) -> Settings:
     env_file: Path | None = ctx.obj["env_file"]
     try:
         settings = load_settings(env_file)
+        check_key_layout(settings)
     except ConfigError as exc:
         click.echo(f"blastd: {exc}", err=True)
         sys.exit(EXIT_CONFIG)

@@ -74,6 +74,12 @@ def _sentinel_options(options: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in options.items() if key.startswith("socket_")}
 
 
+def check_key_layout(settings: Settings) -> None:
+    """At start-up (a configuration error, exit 78): on a Cluster the prefixes need tags."""
+    if parse_redis_url(settings.redis_url).kind == "cluster":
+        check_cluster_prefixes(settings)
+
+
 def check_cluster_prefixes(settings: Settings) -> None:
     """On a Cluster, the prefixes must hold a hash tag: a queue's BLMOVE, the lease's MULTI
     and the video scripts touch several keys under one prefix, which must share a slot."""

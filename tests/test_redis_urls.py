@@ -6,7 +6,7 @@ import pytest
 
 from blastd.config import Settings
 from blastd.errors import ConfigError
-from blastd.redis_client import check_cluster_prefixes, has_hash_tag
+from blastd.redis_client import check_cluster_prefixes, check_key_layout, has_hash_tag
 from blastd.redis_urls import RedisTarget, parse_redis_url
 
 
@@ -60,3 +60,9 @@ def test_on_a_cluster_the_prefixes_need_a_hash_tag() -> None:
     with pytest.raises(ConfigError, match="BLASTD_VIDEO__KEY_PREFIX"):
         check_cluster_prefixes(Settings(redis_prefix="{b}:", video={"key_prefix": ""}))
     check_cluster_prefixes(Settings(redis_prefix="{b}:", video={"key_prefix": "{v}:"}))
+
+
+def test_only_a_cluster_url_asks_for_tagged_prefixes() -> None:
+    check_key_layout(Settings(redis_url="redis+sentinel://s:26379/blastd"))
+    with pytest.raises(ConfigError, match="hash tag"):
+        check_key_layout(Settings(redis_url="redis+cluster://n:6379"))
