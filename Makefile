@@ -70,6 +70,7 @@ bench: install
 	$(BIN)/python bench/status_broadcast.py
 	$(BIN)/python bench/video.py
 	$(BIN)/python bench/chaos.py
+	$(BIN)/python bench/backend_cost.py --concurrency 256 --rates 0 2000
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

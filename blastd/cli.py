@@ -18,7 +18,6 @@ from typing import Any, Literal, TypeVar
 import asyncpg
 import click
 import orjson
-import redis.asyncio as aioredis
 
 from blastd import controls, enqueueing, exports, ledger, logs, outages, queues, reports
 from blastd.config import Settings, load_settings
@@ -30,6 +29,7 @@ from blastd.errors import (
     UnavailableError,
 )
 from blastd.jobs import CONTROL_SCOPES, DEFAULT_RETRY_CLASSES, RETRY_CLASSES, ControlAction
+from blastd.redis_client import RedisClient, check_key_layout, open_redis
 
 T = TypeVar("T")
 # The servers `blastd demo` runs from wheels: the optional 'embedded' extra, not in production.
@@ -40,6 +40,7 @@ def _settings(ctx: click.Context) -> Settings:
     env_file: Path | None = ctx.obj["env_file"]
     try:
         settings = load_settings(env_file)
+        check_key_layout(settings)
     except ConfigError as exc:
         click.echo(f"blastd: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
@@ -563,17 +564,10 @@ def demo(file: Path | None, rate_per_s: float) -> None:
     sys.exit(demo_module.run_demo(file, rate_per_s))
 
 
-async def _with_redis(settings: Settings, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+async def _with_redis(settings: Settings, fn: Callable[[RedisClient], Awaitable[T]]) -> T:
     """Run `fn` with a client; Redis not answering surfaces as RedisUnavailableError."""
-    client = aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_socket_timeout_s,
-    )
-    try:
+    async with open_redis(settings) as client:
         return await outages.on_redis(fn, client)
-    finally:
-        await client.aclose()
 
 
 async def _with_pool(settings: Settings, fn: Callable[[ledger.Pool], Awaitable[T]]) -> T:
@@ -595,6 +589,6 @@ async def _with_pool(settings: Settings, fn: Callable[[ledger.Pool], Awaitable[T
 
 
 async def _with_redis_and_pool(
-    settings: Settings, fn: Callable[[aioredis.Redis, ledger.Pool], Awaitable[T]]
+    settings: Settings, fn: Callable[[RedisClient, ledger.Pool], Awaitable[T]]
 ) -> T:
     return await _with_pool(settings, lambda pool: _with_redis(settings, lambda r: fn(r, pool)))

@@ -22,12 +22,12 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from blastd.errors import ConfigError
+from blastd.redis_urls import parse_redis_url
 
 SECRET_FIELDS = ("token", "app_secret", "verify_token", "secret_key", "webhook_secret")
 ENV_PREFIX = "BLASTD_"
 # The test suite's own variables (tests/conftest.py): they point it at running servers.
 TEST_SUITE_PREFIX = "BLASTD_TEST_"
-REDIS_SCHEMES = ("redis", "rediss", "unix")
 DATABASE_SCHEMES = ("postgresql", "postgres")
 DATABASE_PASSWORD_FILE = "database.password"  # in the credentials directory
 # pydantic-settings names the field it could not decode only in its message text.
@@ -401,12 +401,9 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in REDIS_SCHEMES:
-            schemes = ", ".join(f"{scheme}://" for scheme in REDIS_SCHEMES)
-            raise ValueError(f"must start with one of {schemes}")
-        _ = urlsplit(value).port  # raises ValueError for a port that is not a number
-        return value
+    def _check_redis_url(cls, url: str) -> str:
+        parse_redis_url(url)  # one server, a Sentinel service or a Cluster (redis_urls.py)
+        return url
 
     @field_validator("database_url")
     @classmethod
@@ -414,7 +411,8 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in DATABASE_SCHEMES:
             raise ValueError("must start with postgresql:// or postgres://")
-        _ = parts.port  # raises ValueError for a port that is not a number
+        if "," not in parts.netloc:  # several hosts (a standby) are asyncpg's to read
+            _ = parts.port  # raises ValueError for a port that is not a number
         return value
 
     @model_validator(mode="after")

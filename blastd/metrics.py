@@ -25,6 +25,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from redis.asyncio.cluster import RedisCluster
 
 from blastd import outages
 from blastd.errors import ProviderError
@@ -202,7 +203,9 @@ def count_recipients(account: str, state: str, count: int) -> None:
         RECIPIENTS.labels(account, state).inc(count)
 
 
-async def sample_queue_depths(client: aioredis.Redis, keys: Mapping[str, str]) -> None:
+async def sample_queue_depths(
+    client: aioredis.Redis | RedisCluster, keys: Mapping[str, str]
+) -> None:
     """Read the length of each list (queue name -> key) into blastd_queue_depth; during a Redis
     outage the gauges keep their last values (/readyz reports the outage)."""
     pipe = client.pipeline(transaction=False)

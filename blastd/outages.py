@@ -17,9 +17,16 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 REDIS_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
+    redis.exceptions.ConnectionError,  # includes Sentinel's MasterNotFoundError
     redis.exceptions.TimeoutError,
     OSError,
+    # A master demoted to replica answers writes with READONLY until the client reconnects.
+    redis.exceptions.ReadOnlyError,
+    # A Cluster while a master fails over: CLUSTERDOWN (and MASTERDOWN), TRYAGAIN, a slot
+    # that no node serves for a moment.
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
 )
 
 # What a PostgreSQL outage or restart looks like to asyncpg: wait and try again, never give up.
@@ -32,7 +39,11 @@ DB_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     # A connection cut by a server shutdown in the middle of an operation can be handed out
     # again before the pool notices; its next query fails with "cannot switch to state ...;
     # another operation is in progress" (asyncpg 0.32). Seen in tests/test_outages.py.
-    asyncpg.InternalClientError,
+    asyncpg.InternalClientError,  # also TargetServerAttributeNotMatched: no primary yet
+    # A write reached a standby: with a multi-host DSN, a connection made while the primary
+    # was away may have landed on a standby that is not promoted yet. The pool's connections
+    # are dropped (resources.Db) and the next ones go to whichever host is primary then.
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 
@@ -42,6 +53,18 @@ async def on_redis(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwa
         return await fn(*args, **kwargs)
     except REDIS_OUTAGE_ERRORS as exc:
         raise RedisUnavailableError(describe(exc)) from exc
+    except redis.exceptions.RedisClusterException as exc:
+        if is_cluster_unreachable(exc):
+            raise RedisUnavailableError(describe(exc)) from exc
+        raise
+
+
+def is_cluster_unreachable(exc: redis.exceptions.RedisClusterException) -> bool:
+    """The Cluster client found no node to ask, or a slot map with holes (a failover under
+    way); its other errors (a cross-slot transaction) are bugs and propagate."""
+    return isinstance(exc.__cause__, REDIS_OUTAGE_ERRORS) or str(exc).startswith(
+        "All slots are not covered"
+    )
 
 
 async def on_postgres(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -63,6 +86,10 @@ async def on_either(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kw
         if isinstance(exc, redis.exceptions.RedisError):
             raise RedisUnavailableError(describe(exc)) from exc
         raise UnavailableError(describe(exc)) from exc
+    except redis.exceptions.RedisClusterException as exc:
+        if is_cluster_unreachable(exc):
+            raise RedisUnavailableError(describe(exc)) from exc
+        raise
     except DB_OUTAGE_ERRORS as exc:
         raise PostgresUnavailableError(describe(exc)) from exc
 

@@ -32,14 +32,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 
 from blastd import metrics
 from blastd.errors import InvalidJobError
 from blastd.job_fields import id_problem
+from blastd.redis_client import RedisClient
 from blastd.resources import Dependencies
 
 log = structlog.get_logger()
@@ -78,7 +79,7 @@ class Take:
 _current_take: ContextVar[Take | None] = ContextVar("blastd_current_take", default=None)
 
 
-async def count_take(redis_client: aioredis.Redis, prefix: str, raw: bytes) -> Take:
+async def count_take(redis_client: RedisClient, prefix: str, raw: bytes) -> Take:
     """Record a new take of `raw` and say how many takes count against it (module docstring)."""
     key = progress_key(prefix, raw)
     left = await redis_client.get(key)
@@ -129,7 +130,7 @@ def taking(take: Take) -> Iterator[None]:
         _current_take.reset(token)
 
 
-async def record_progress(redis_client: aioredis.Redis, pages: int) -> None:
+async def record_progress(redis_client: RedisClient, pages: int) -> None:
     """Mark that the current take has staged `pages` pages; nothing outside a take."""
     take = _current_take.get()
     if take is not None:
@@ -137,7 +138,7 @@ async def record_progress(redis_client: aioredis.Redis, pages: int) -> None:
         await redis_client.set(take.progress_key, value, ex=TAKE_TTL_S)
 
 
-async def finish_take(redis_client: aioredis.Redis, prefix: str, instance: str, raw: bytes) -> None:
+async def finish_take(redis_client: RedisClient, prefix: str, instance: str, raw: bytes) -> None:
     """The job is in the ledger or dead: drop it from the processing list and forget its takes."""
     pipe = redis_client.pipeline(transaction=True)
     pipe.lrem(processing_key(prefix, instance), 1, raw)  # type: ignore[arg-type]  # bytes are sent as they are
@@ -210,7 +211,7 @@ class DeadEntry:
             return None
 
 
-async def list_dead(redis_client: aioredis.Redis, prefix: str, limit: int) -> list[DeadEntry]:
+async def list_dead(redis_client: RedisClient, prefix: str, limit: int) -> list[DeadEntry]:
     """The `limit` most recent dead-letter entries, newest first."""
     pipe = redis_client.pipeline(transaction=True)  # length and entries from one moment
     pipe.llen(dead_key(prefix))
@@ -219,12 +220,12 @@ async def list_dead(redis_client: aioredis.Redis, prefix: str, limit: int) -> li
     return [DeadEntry(length - 1 - position, raw) for position, raw in enumerate(raws)]
 
 
-async def read_dead(redis_client: aioredis.Redis, prefix: str, index: int) -> DeadEntry | None:
+async def read_dead(redis_client: RedisClient, prefix: str, index: int) -> DeadEntry | None:
     raw = await redis_client.lindex(dead_key(prefix), -(index + 1))
     return None if raw is None else DeadEntry(index, _as_bytes(raw))
 
 
-async def requeue_dead(redis_client: aioredis.Redis, prefix: str, index: int) -> DeadEntry | None:
+async def requeue_dead(redis_client: RedisClient, prefix: str, index: int) -> DeadEntry | None:
     """Move entry `index`'s original payload back onto {prefix}jobs and drop the entry, both or
     neither (WATCH/MULTI); None when there is no such entry."""
     async with redis_client.pipeline(transaction=True) as pipe:
@@ -238,7 +239,7 @@ async def requeue_dead(redis_client: aioredis.Redis, prefix: str, index: int) ->
             return entry
 
 
-async def _move_dead(pipe: Pipeline, prefix: str, index: int) -> DeadEntry | None:
+async def _move_dead(pipe: Pipeline | ClusterPipeline, prefix: str, index: int) -> DeadEntry | None:
     key = dead_key(prefix)
     await pipe.watch(key)
     raw = await pipe.lindex(key, -(index + 1))
@@ -259,7 +260,7 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
-async def requeue_all_dead(redis_client: aioredis.Redis, prefix: str) -> int:
+async def requeue_all_dead(redis_client: RedisClient, prefix: str) -> int:
     """Requeue the entries present now, oldest first; ones that die again are left for later."""
     count = 0
     for _ in range(await redis_client.llen(dead_key(prefix))):
@@ -280,7 +281,7 @@ async def recover_processing(deps: Dependencies, instance_id: str) -> int:
     return moved
 
 
-async def find_dead(redis_client: aioredis.Redis, prefix: str, job_id: str) -> DeadEntry | None:
+async def find_dead(redis_client: RedisClient, prefix: str, job_id: str) -> DeadEntry | None:
     """The newest dead-letter entry of the job with this id, if any."""
     raws = await redis_client.lrange(dead_key(prefix), 0, -1)
     for position, raw in enumerate(raws):

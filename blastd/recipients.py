@@ -17,6 +17,7 @@ from phonenumbers import timezone as phone_time_zones
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
+from redis.asyncio.cluster import RedisCluster
 
 from blastd.errors import InvalidJobError, InvalidNumberError
 
@@ -177,7 +178,7 @@ def _is_known_zone(name: str) -> bool:
 
 
 async def stream_recipients_key(
-    redis_client: redis.asyncio.Redis, key: str, page_size: int
+    redis_client: redis.asyncio.Redis | RedisCluster, key: str, page_size: int
 ) -> AsyncIterator[list[RecipientIn | BadEntry]]:
     """Yield the list at `key` in LRANGE pages of `page_size`, never the whole list at once.
 
@@ -199,7 +200,7 @@ async def stream_recipients_key(
 
 
 async def _changed_while_read(
-    redis_client: redis.asyncio.Redis, key: str, read: int, expected: int
+    redis_client: redis.asyncio.Redis | RedisCluster, key: str, read: int, expected: int
 ) -> InvalidJobError:
     now = await redis_client.llen(key)
     return InvalidJobError(

@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 import aiohttp
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 import redis.exceptions
 from rich.console import Console
 from rich.progress import (
@@ -38,12 +37,15 @@ from blastd.config import (
     UltraMsgAccount,
     WablasAccount,
 )
+from blastd.errors import RedisUnavailableError
+from blastd.redis_client import open_redis
 
 FOLLOW_INTERVAL_S = 0.5
 # Redis away, or answering with an error (a password it refuses): either fails the check.
 CHECK_REDIS_ERRORS: tuple[type[BaseException], ...] = (
     *outages.REDIS_OUTAGE_ERRORS,
     redis.exceptions.RedisError,
+    RedisUnavailableError,  # open_redis and on_redis translate what they see
 )
 D = TypeVar("D")  # what a lookup of a dead-lettered job returns
 
@@ -240,19 +242,14 @@ async def check_connectivity(settings: Settings) -> CheckResult:
 
 
 async def _check_redis(settings: Settings, result: CheckResult) -> None:
-    client = aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_socket_timeout_s,
-    )
     try:
-        await client.ping()
+        async with open_redis(settings) as client:
+            await outages.on_redis(client.ping)
         result.add(True, "redis")
     except CHECK_REDIS_ERRORS as exc:
         hint = "is redis-server running and BLASTD_REDIS_URL right?"
-        result.add(False, "redis", f"{outages.describe(exc)} ({hint})")
-    finally:
-        await client.aclose()
+        cause = exc.__cause__ if isinstance(exc, RedisUnavailableError) else exc
+        result.add(False, "redis", f"{outages.describe(cause or exc)} ({hint})")
 
 
 async def _check_postgres(settings: Settings, result: CheckResult) -> None:

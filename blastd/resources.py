@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiohttp
-import redis.asyncio as aioredis
+import asyncpg
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
@@ -27,6 +27,7 @@ from blastd.errors import UnavailableError
 from blastd.pacing import AccountPacer, Pacer
 from blastd.providers.registry import build_provider
 from blastd.providers.video.accounts import VideoAccount, open_video_account
+from blastd.redis_client import RedisClient, open_redis
 from blastd.sender import Sender
 from blastd.shared_pacing import SharedPacer
 
@@ -49,9 +50,8 @@ class Db:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        return await wait_out_outage(
-            self._retry_s, outages.on_postgres, fn, self.pool, *args, **kwargs
-        )
+        translated = on_primary(self.pool, outages.on_postgres)
+        return await wait_out_outage(self._retry_s, translated, fn, self.pool, *args, **kwargs)
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Dependencies:
     """Everything the services share, opened in order and closed in reverse."""
 
     settings: Settings
-    redis: aioredis.Redis
+    redis: RedisClient
     db: Db
     senders: dict[str, Sender]  # the messaging accounts
     video_accounts: dict[str, VideoAccount]  # the video-generation accounts
@@ -86,7 +86,28 @@ class Dependencies:
         """Run work that uses Redis and PostgreSQL both, waiting out an outage of either; the
         work must leave nothing behind when cut short (a transaction), so it can run again."""
         retry_s = self.settings.dependency_retry_s
-        return await wait_out_outage(retry_s, outages.on_either, fn, *args, **kwargs)
+        translated = on_primary(self.pool, outages.on_either)
+        return await wait_out_outage(retry_s, translated, fn, *args, **kwargs)
+
+
+def on_primary(
+    pool: ledger.Pool, translated: Callable[..., Awaitable[T]]
+) -> Callable[..., Awaitable[T]]:
+    """`translated`, which also drops the pool's connections when a write reached a standby:
+    the pool makes new ones, and a multi-host DSN with target_session_attrs=read-write (or
+    the next try after a promotion) finds the primary. Without this, the retries would reuse
+    the same standby connections for ever."""
+
+    async def call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await translated(fn, *args, **kwargs)
+        except UnavailableError as exc:
+            if isinstance(exc.__cause__, asyncpg.ReadOnlySQLTransactionError):
+                log.warning("postgres_standby_dropped", error=outages.describe(exc.__cause__))
+                await pool.expire_connections()
+            raise
+
+    return call
 
 
 async def wait_out_outage(
@@ -181,13 +202,13 @@ async def open_dependencies(
 ) -> Dependencies:
     """Connect to Redis and PostgreSQL (waiting for them), migrate, build the senders;
     `report` hears what start-up waits for."""
-    client = aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_socket_timeout_s,
-        health_check_interval=10,
+    client = await stack.enter_async_context(
+        open_redis(
+            settings,
+            socket_connect_timeout=settings.redis_socket_timeout_s,
+            health_check_interval=10,
+        )
     )
-    stack.push_async_callback(client.aclose)
     retry_s = settings.dependency_retry_s
     report("starting: waiting for redis")
     await wait_out_outage(retry_s, outages.on_redis, client.ping)
@@ -258,7 +279,7 @@ def _writer(
 ) -> BatchWriter[Any]:
     return BatchWriter(
         name,
-        lambda items: outages.on_postgres(write, pool, items),
+        lambda items: on_primary(pool, outages.on_postgres)(write, pool, items),
         flush_rows=settings.outcome_flush_rows,
         flush_interval_s=settings.outcome_flush_interval_s,
         retry_s=settings.dependency_retry_s,

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import ParamSpec, Protocol, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from blastd.pacing import CLOCK_GUARD_S, MAX_RETURN_LAG_S, MIN_SLEEP_S, WINDOW_S
 
@@ -173,11 +174,19 @@ class _Slot:
 
 
 def rate_state_key(prefix: str, account: str) -> str:
-    return f"{prefix}rate:{account}:state"
+    return f"{_account_tag(prefix, account)}:state"
 
 
 def rate_ring_key(prefix: str, account: str) -> str:
-    return f"{prefix}rate:{account}:ring"
+    return f"{_account_tag(prefix, account)}:ring"
+
+
+def _account_tag(prefix: str, account: str) -> str:
+    """`blastd:rate:{main}`: the script's two keys share the account's hash slot on a Redis
+    Cluster, and accounts spread over the slots. The prefix's own hash tag (a Cluster needs
+    one for the queues) is unbraced here, or it would put every account on its slot."""
+    bare = prefix.replace("{", "").replace("}", "")
+    return f"{bare}rate:{{{account}}}"
 
 
 class SharedPacer:
@@ -186,7 +195,7 @@ class SharedPacer:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: aioredis.Redis | RedisCluster,
         redis_call: RedisCall,
         *,
         prefix: str,

@@ -1,0 +1,60 @@
+"""A campaign on a three-master Redis Cluster: the queue, lease, pacer and dead letters work
+when every multi-key operation has to stay within one hash slot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from blastd import ledger, queues
+from blastd.embedded import EmbeddedClusterNode, form_cluster
+from blastd.shared_pacing import rate_ring_key, rate_state_key
+from tests.failover_harness import (
+    RunningDaemon,
+    admin_port,
+    blast,
+    figures,
+    paced_env,
+    wait_done,
+)
+from tests.harness import ACCOUNT, SandboxHandle, Servers, wait_until
+
+PREFIX = "{blastd}:"  # the hash tag keeps the queue and lease keys on one slot
+
+
+@pytest.mark.slow
+async def test_campaign_on_a_three_master_cluster(
+    servers: Servers, pool: ledger.Pool, sandbox: SandboxHandle, tmp_path: Path
+) -> None:
+    nodes = [EmbeddedClusterNode(tmp_path / f"node-{n}") for n in range(3)]
+    for node in nodes:
+        node.start()
+    client = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", n.port) for n in nodes])
+    try:
+        form_cluster(nodes)
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes[:2])
+        env = paced_env(
+            servers, sandbox, admin_port(), BLASTD_REDIS_URL=url, BLASTD_REDIS_PREFIX=PREFIX
+        )
+        async with RunningDaemon(env, tmp_path / "daemon.log"):
+            await client.lpush(queues.jobs_key(PREFIX), blast("cluster"), b"not a job")
+            await wait_done(pool, "cluster")
+            await wait_until(lambda: client.llen(queues.dead_key(PREFIX)))
+            requeued = await queues.requeue_dead(client, PREFIX, 0)  # WATCH/MULTI on a slot
+            pacer_slots = {
+                client.keyslot(k(PREFIX, ACCOUNT)) for k in (rate_state_key, rate_ring_key)
+            }
+            pacer_keys = await client.exists(rate_state_key(PREFIX, ACCOUNT))
+        result = await figures(pool, sandbox, "cluster", None)
+    finally:
+        await client.aclose()
+        for node in nodes:
+            node.kill()
+    print(result.report("campaign on a 3-master cluster"))
+    assert (result.lost, result.unflagged_duplicates) == (0, 0)
+    assert requeued is not None
+    assert requeued.payload() == b"not a job"
+    assert len(pacer_slots) == 1  # the pacer script's two keys share the account's slot
+    assert pacer_keys == 1  # and the account was paced through the cluster
