@@ -256,16 +256,20 @@ async def test_debug_shows_each_request_with_status_and_masked_number(
     sandbox: SandboxHandle,
     redis: aioredis.Redis,
     pool: ledger.Pool,
-    restore_structlog: None,
+    tmp_path: Path,
 ) -> None:
-    stream = io.StringIO()
-    logs.configure(level="debug", fmt="json", stream=stream, secrets=[TOKEN])
-    async with running_daemon(make_settings(servers, sandbox.url)):
+    """A real daemon at level debug: configuring structlog in this process would leave the
+    services' loggers bound to that set-up for every later test."""
+    admin_port = free_port()
+    env = daemon_env(servers, sandbox.url, admin_port, BLASTD_LOG_LEVEL="debug")
+    stdout_path = tmp_path / "daemon.log"
+    async with daemon_process(env, stdout_path, tmp_path / "daemon.err"):
+        await wait_until(lambda: is_ready(admin_port), timeout_s=30)
         await redis.lpush("blastd:jobs", blast("debug-1", NUMBERS[:1]))
-        await wait_until(lambda: _is_done(pool, "debug-1"))
+        await wait_until(lambda: is_done(pool, "debug-1"))
 
-    output = stream.getvalue()
-    lines = [orjson.loads(line) for line in output.splitlines()]
+    output = stdout_path.read_text()
+    lines = [orjson.loads(line) for line in output.splitlines() if line.startswith("{")]
     [request] = [e for e in lines if e["event"] == "provider_request"]
     assert (request["method"], request["status"]) == ("POST", 200)
     assert isinstance(request["duration_ms"], float)
