@@ -167,7 +167,7 @@ async def _load_state(deps: Dependencies, keys: VideoKeys, job_id: str) -> PollS
         if isinstance(data, dict) and "ledger_id" not in data:
             # Written by an external producer, not by blastd: take it as a
             # video_poll job, whose campaign then follows it.
-            return await video_intake.adopt_seed_job(deps, job_id, raw)
+            return await video_intake.adopt_external_job(deps, job_id, raw)
         return PollState.model_validate(data)
     except (orjson.JSONDecodeError, ValidationError, InvalidJobError) as exc:
         reason = exc.reason if isinstance(exc, InvalidJobError) else "unreadable video job state"
