@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from blastd import controls, ledger
+from blastd import controls, ledger, queues
 from tests.conftest import Servers
 from tests.harness import (
     ACCOUNT,
@@ -412,25 +412,38 @@ async def test_a_worker_record_started_over_five_minutes_ago_times_out_with_the_
     assert (row["state"], row["error_code"]) == ("video_failed", "timeout")
 
 
-async def test_a_worker_record_whose_conversation_is_unknown_is_dead_lettered_with_every_problem(
+async def test_an_unresolved_worker_record_is_dead_and_requeued_onto_the_video_queue(
     servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
 ) -> None:
+    """Dead-lettered with the reason; once the conversation is known, `blastd dead requeue`
+    puts the record back onto the video poll queue, where the producer put it."""
+    (number,) = numbers_from(970, 1)
     async with video_sandbox() as sandbox:
         resolver = {"kind": "redis_hash", "key": CHATS}
         video = {
             "key_prefix": "",
             "conversation_resolver": resolver,
             "external_account": DID_ACCOUNT,
+            "timeout_s": 300,
         }
         settings = make_video_settings(servers, sandbox, video=video)
+        clip_id = await _create_clip(sandbox, "worker-unknown")
+        raw = _worker_record(clip_id, "conv-late", int(time.time() * 1000))
         async with running_daemon(settings):
-            raw = _worker_record("clip-x", "conv-unknown", int(time.time() * 1000))
-            await redis.set("video:job:clip-x", raw, ex=600)
-            await redis.lpush("video:poll:queue", "clip-x")
+            await redis.set(f"video:job:{clip_id}", raw, ex=600)
+            await redis.lpush("video:poll:queue", clip_id)
             dead = await wait_until(lambda: redis.lindex(DEAD, 0))
+            await redis.hset(CHATS, "conv-late", orjson.dumps({"to": number, "account": ACCOUNT}))
+            requeued = await queues.requeue_dead(redis, "blastd:", 0)
+            await wait_until(lambda: is_done(pool, clip_id), timeout_s=60)
+            assert await redis.llen(JOBS) == 0
+        delivered = await sandbox.cloud.recipients()
     entry = orjson.loads(dead)
-    assert entry["reason"] == "video:job:clip-x: conversation 'conv-unknown' is not known"
+    assert entry["reason"] == f"video:job:{clip_id}: conversation 'conv-late' is not known"
     assert entry["payload"].encode() == raw
+    assert requeued is not None
+    assert await redis.llen(DEAD) == 0
+    assert delivered == {number.removeprefix("+"): 1}
 
 
 async def test_an_external_record_that_is_not_a_video_poll_is_dead_lettered_with_its_reason(
