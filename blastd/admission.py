@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Sequence
 
 import structlog
@@ -9,7 +10,9 @@ from structlog.contextvars import bound_contextvars
 
 from blastd import ledger, metrics, queues
 from blastd.errors import InvalidJobError, InvalidNumberError
-from blastd.jobs import BlastJob, missing_variables
+from blastd.job_fields import MAX_CAPTION_CHARS, MAX_TEXT_CHARS
+from blastd.jobs import BlastJob, missing_variables, render
+from blastd.providers.base import Body, TemplateBody, TextBody, VideoBody
 from blastd.recipients import (
     BadEntry,
     RecipientIn,
@@ -21,6 +24,9 @@ from blastd.resources import Dependencies
 from blastd.video.jobs import VideoBlastJob
 
 log = structlog.get_logger()
+
+# WhatsApp refuses a template parameter holding a newline, a tab or more than four spaces in a row.
+_PARAM_SPACING = re.compile(r"[\n\t]| {5,}")
 
 
 async def accept_campaign(
@@ -120,6 +126,40 @@ def stage_recipient(
     if missing:
         reason = "missing variable: " + ", ".join(sorted(missing))
         return ledger.StagedRecipient(seq, phone, recipient.vars or None, reason)
+    if isinstance(job, BlastJob):
+        problem = rendered_problem(render(job.message, recipient.vars))
+        if problem:
+            return ledger.StagedRecipient(seq, phone, recipient.vars or None, problem)
     window = job.options.window if isinstance(job, BlastJob) else None
     time_zone = time_zone_of(phone) if window else None
     return ledger.StagedRecipient(seq, phone, recipient.vars or None, None, time_zone)
+
+
+def rendered_problem(body: Body) -> str | None:
+    """Why WhatsApp would refuse the message once this recipient's values are filled in."""
+    if isinstance(body, TextBody):
+        return _length_problem("text", body.text, MAX_TEXT_CHARS, blank_allowed=False)
+    if isinstance(body, VideoBody):
+        caption = body.caption or ""
+        return _length_problem("caption", caption, MAX_CAPTION_CHARS, blank_allowed=True)
+    return _params_problem(body)
+
+
+def _length_problem(what: str, text: str, limit: int, *, blank_allowed: bool) -> str | None:
+    if len(text) > limit:
+        return f"rendered {what} is {len(text)} characters, over {limit}"
+    if not blank_allowed and not text.strip():
+        return f"rendered {what} is blank"
+    return None
+
+
+def _params_problem(body: TemplateBody) -> str | None:
+    for number, param in enumerate(body.body_params, start=1):
+        if not param.strip():
+            return f"rendered template parameter {number} is empty"
+        if _PARAM_SPACING.search(param):
+            return (
+                f"rendered template parameter {number} has a newline, a tab "
+                "or more than four spaces in a row"
+            )
+    return None

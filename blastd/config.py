@@ -292,6 +292,30 @@ ACCOUNT_KINDS = ("cloud_api", "wablas", "ultramsg", "status_gateway", "did", "vi
 VIDEO_KINDS = ("did", "video_api")
 
 
+class RedisHashResolver(BaseModel):
+    """A conversation's chat from a Redis hash: HGET key {conversation_id} holds JSON
+    {"to": number, "account": messaging account}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["redis_hash"]
+    key: str = Field(min_length=1)
+
+
+class HttpResolver(BaseModel):
+    """A conversation's chat from an HTTP service: GET url (with {conversation_id} filled in,
+    URL-quoted) answers JSON {"to": number, "account": messaging account}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["http"]
+    url: str = Field(min_length=1, pattern=r"^https?://.*\{conversation_id\}")
+    timeout_s: float = Field(5.0, gt=0)
+
+
+ConversationResolver = Annotated[RedisHashResolver | HttpResolver, Field(discriminator="kind")]
+
+
 class VideoSettings(BaseModel):
     """The video pipeline: submission progress, the polling schedule and the Redis TTLs, with
     the defaults of the systems blastd replaces (docs/video.md)."""
@@ -320,6 +344,10 @@ class VideoSettings(BaseModel):
     completed_ttl_s: int = Field(7200, ge=1)  # video:completed:{id}
     recovery_interval_s: float = Field(15.0, gt=0)  # how often orphaned jobs are looked for
     rerender_unknown_errors: int = Field(1, ge=0, le=5)  # D-ID: re-create an UnknownError job
+    # An external record that names a conversation, not a chat, is resolved through this.
+    conversation_resolver: ConversationResolver | None = None
+    # The video account of an external record that names none; None: the only one configured.
+    external_account: str | None = None
 
 
 class AdminSettings(BaseModel):

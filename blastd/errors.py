@@ -18,6 +18,7 @@
         ├── PermanentError      fail this recipient, never retry
         │   └── BatchTooLargeError  a status gateway refused a batch's size: split, retry
         ├── CampaignFatalError  stop the campaign at once
+        ├── ConfigurationError  the endpoint, API version or sender id is wrong: stop the campaign
         └── UncertainOutcomeError  unreadable 2xx: the provider may have accepted it
 
 Foreign exceptions are translated where they enter: the provider adapters turn HTTP statuses,
@@ -125,6 +126,14 @@ class BatchTooLargeError(PermanentError):
 
 class CampaignFatalError(ProviderError):
     error_class = "campaign_fatal"
+
+
+class ConfigurationError(ProviderError):
+    """The provider says the request went to something that does not exist (a wrong API
+    version, sender id or path): no message can succeed until the settings are fixed, and the
+    recipient is not at fault."""
+
+    error_class = "configuration"
 
 
 class UncertainOutcomeError(ProviderError):

@@ -31,6 +31,7 @@ MAX_TEXT_CHARS = 4096  # Cloud API text body limit
 MAX_CAPTION_CHARS = 1024  # Cloud API media caption limit
 MAX_URL_CHARS = 2048
 MAX_NAME_CHARS = 512
+MAX_PROBLEMS = 10  # validation problems named in one reason
 MAX_LOCATION_CHARS = 80  # a field path in a reason; longer (hostile keys) is cut by preview()
 JSON_MAX_DEPTH = 1024  # orjson's fixed nesting limit
 
@@ -197,18 +198,21 @@ def require_a_valid_number(recipients: list[RecipientIn], default_region: str) -
 
 
 def describe(exc: ValidationError) -> str:
-    """The first error as one line: 'message.template.name: String should have at least…'."""
+    """Every problem on one line: 'missing account; missing notify'. A hostile job can hold
+    thousands; past MAX_PROBLEMS the rest are counted, so the reason stays readable."""
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    first = errors[0]
-    where = location(first)
-    if first["type"] == "missing":
-        reason = f"missing {where}"
-    elif first["type"] == "extra_forbidden":
-        reason = f"unknown field {where}"
-    else:
-        reason = f"{where}: {first['msg']}" if where else first["msg"]
-    more = len(errors) - 1
-    return reason + (f" (and {more} more)" if more else "")
+    reasons = [_problem(error) for error in errors[:MAX_PROBLEMS]]
+    more = len(errors) - len(reasons)
+    return "; ".join(reasons) + (f" (and {more} more)" if more else "")
+
+
+def _problem(error: ErrorDetails) -> str:
+    where = location(error)
+    if error["type"] == "missing":
+        return f"missing {where}"
+    if error["type"] == "extra_forbidden":
+        return f"unknown field {where}"
+    return f"{where}: {error['msg']}" if where else error["msg"]
 
 
 def location(error: ErrorDetails) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -161,9 +162,23 @@ def readable_job_id(raw: bytes, max_bytes: int) -> str | None:
     return None
 
 
-async def dead_letter(deps: Dependencies, raw: bytes, reason: str, job_id: str | None) -> None:
+@dataclass(frozen=True, slots=True)
+class Requeue:
+    """Where a requeue puts a payload that did not come from {prefix}jobs: SET `key` (for
+    `ttl_s`) to the payload, then LPUSH `member` onto `queue`. A video:job record goes back to
+    its key and the video poll queue, where the producer put it."""
+
+    key: str
+    queue: str
+    member: str
+    ttl_s: int
+
+
+async def dead_letter(
+    deps: Dependencies, raw: bytes, reason: str, job_id: str | None, requeue: Requeue | None = None
+) -> None:
     """Keep the original payload with a one-line reason in {prefix}dead, and the job's id
-    whenever the payload has a readable one."""
+    whenever the payload has a readable one; `requeue` when it came from elsewhere."""
     if job_id is None:
         job_id = readable_job_id(raw, deps.settings.max_job_bytes)
     entry: dict[str, object] = {
@@ -172,6 +187,8 @@ async def dead_letter(deps: Dependencies, raw: bytes, reason: str, job_id: str |
         "dead_at": datetime.now(UTC).isoformat(),
         "instance": deps.settings.instance_id,
     }
+    if requeue is not None:
+        entry["requeue"] = dataclasses.asdict(requeue)
     try:
         entry["payload"] = raw.decode()
     except UnicodeDecodeError:
@@ -208,6 +225,18 @@ class DeadEntry:
         try:
             return base64.b64decode(str(fields["payload_base64"]), validate=True)
         except (KeyError, binascii.Error):
+            return None
+
+    def requeue(self) -> Requeue | None:
+        """Where the payload goes back to when not {prefix}jobs; None for a job from there."""
+        value = self.fields.get("requeue")
+        if not isinstance(value, dict):
+            return None
+        try:
+            return Requeue(
+                str(value["key"]), str(value["queue"]), str(value["member"]), int(value["ttl_s"])
+            )
+        except (KeyError, TypeError, ValueError):
             return None
 
 
@@ -249,8 +278,13 @@ async def _move_dead(pipe: Pipeline | ClusterPipeline, prefix: str, index: int) 
     payload = entry.payload()
     if payload is None:
         raise InvalidJobError(f"dead-letter entry {index} holds no payload")
+    requeue = entry.requeue()
     pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-    pipe.lpush(jobs_key(prefix), payload)
+    if requeue is None:
+        pipe.lpush(jobs_key(prefix), payload)
+    else:
+        pipe.set(requeue.key, payload, ex=requeue.ttl_s)
+        pipe.lpush(requeue.queue, requeue.member)
     pipe.lrem(key, -1, entry.raw)  # type: ignore[arg-type]  # sent as they are; -1: oldest end
     await pipe.execute()
     return entry

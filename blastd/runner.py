@@ -25,7 +25,7 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from blastd import ledger
-from blastd.errors import CampaignFatalError, QualityError
+from blastd.errors import CampaignFatalError, ConfigurationError, QualityError
 
 if TYPE_CHECKING:
     from blastd.resources import Dependencies
@@ -35,8 +35,12 @@ log = structlog.get_logger()
 
 # The stop policy: what a campaign becomes when a provider answers with these error classes.
 # A quality warning waits for an operator's resume; a campaign-fatal answer (credentials, a
-# missing template) ends the campaign.
-STOP_STATES = {QualityError.error_class: "paused", CampaignFatalError.error_class: "stopped"}
+# missing template) or a wrong endpoint, API version or sender id ends the campaign.
+STOP_STATES = {
+    QualityError.error_class: "paused",
+    CampaignFatalError.error_class: "stopped",
+    ConfigurationError.error_class: "stopped",
+}
 
 
 def stop_state_of(error_class: str | None) -> str | None:

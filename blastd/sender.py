@@ -26,6 +26,7 @@ from blastd.backoff import backoff_s
 from blastd.config import AccountSettings
 from blastd.errors import (
     CampaignFatalError,
+    ConfigurationError,
     NotSentError,
     PairLimitError,
     PermanentError,
@@ -191,7 +192,7 @@ def outcome_of(ledger_id: int, result: SendResult, attempts: int, requests: int)
         # Meta's advice for 131056: wait 4^n seconds before writing to this user again.
         delay_s = backoff_s(attempts, 4.0, MAX_PAIR_DELAY_S, factor=4.0)
         state, later = "pending", datetime.now(UTC) + timedelta(seconds=delay_s)
-    elif isinstance(result, QualityError | CampaignFatalError):
+    elif isinstance(result, QualityError | CampaignFatalError | ConfigurationError):
         state = "pending"  # not sent; the campaign stops around it
     elif isinstance(result, UncertainOutcomeError):
         state = "uncertain"

@@ -152,3 +152,31 @@ async def test_a_campaign_whose_account_is_gone_is_stopped_with_the_reason(
     assert reason in (stopped.state_reason or "")
     assert await ledger.count_states(pool, "gone-1") == {"pending": 2}
     assert await sandbox.recipients() == {}
+
+
+async def test_a_base_url_that_leads_nowhere_stops_the_campaign_and_fails_no_recipient(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool, sandbox: SandboxHandle
+) -> None:
+    """The sandbox answers a path it does not serve with a bare 404."""
+    settings = make_settings(servers, sandbox.url, account={"base_url": f"{sandbox.url}/nowhere"})
+    async with running_daemon(settings):
+        await redis.lpush("blastd:jobs", blast("nowhere-1", NUMBERS[:5]))
+        await wait_until(lambda: has_state(pool, "nowhere-1", "stopped"))
+    stopped = await ledger.load_campaign(pool, "nowhere-1")
+    assert stopped is not None
+    assert (stopped.state_reason or "").startswith("http_404: ")
+    assert await ledger.count_states(pool, "nowhere-1") == {"pending": 5}
+
+
+async def test_an_api_version_graph_does_not_serve_stops_the_campaign_and_fails_no_recipient(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool, sandbox: SandboxHandle
+) -> None:
+    settings = make_settings(servers, sandbox.url, account={"api_version": "v99.0"})
+    async with running_daemon(settings):
+        await redis.lpush("blastd:jobs", blast("old-version-1", NUMBERS[:5]))
+        await wait_until(lambda: has_state(pool, "old-version-1", "stopped"))
+    stopped = await ledger.load_campaign(pool, "old-version-1")
+    assert stopped is not None
+    assert stopped.state_reason == "2500: v99.0 is not an API version"
+    assert await ledger.count_states(pool, "old-version-1") == {"pending": 5}
+    assert await sandbox.recipients() == {}

@@ -290,3 +290,49 @@ async def test_recipients_key_campaign_keeps_bad_entries_as_skipped_and_deletes_
     assert "invalid" in rows[3]["error_text"]
     assert not await redis.exists(key)
     assert await sandbox.recipients() == {n.lstrip("+"): 1 for n in good}
+
+
+def _one_message_job(
+    job_id: str, message: dict[str, Any], values: list[dict[str, str]], first: int
+) -> bytes:
+    numbers = numbers_from(first, len(values))
+    recipients = [{"to": n, "vars": v} for n, v in zip(numbers, values, strict=True)]
+    job = {"type": "blast", "id": job_id, "account": "cloud-main", "message": message}
+    return orjson.dumps(job | {"recipients": recipients})
+
+
+async def test_a_recipient_whose_rendered_message_whatsapp_would_refuse_is_skipped_with_why(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool, sandbox: SandboxHandle
+) -> None:
+    text = {"text": "Halo {name}"}
+    caption = {"video": {"link": "https://cdn.example.com/v.mp4", "caption": "{name}"}}
+    template = {"template": {"name": "promo_nov", "language": "id", "params": ["{name}", "X"]}}
+    spacing = "rendered template parameter 1 has a newline, a tab or more than four spaces in a row"
+    cases = {
+        "text": (text, [("x" * 5000, "rendered text is 5005 characters, over 4096"), (" ", None)]),
+        "blank": ({"text": "{name}"}, [("  ", "rendered text is blank"), ("A", None)]),
+        "cap": (caption, [("y" * 1025, "rendered caption is 1025 characters, over 1024")]),
+        "tpl": (
+            template,
+            [
+                ("", "rendered template parameter 1 is empty"),
+                ("a\nb", spacing),
+                ("a\tb", spacing),
+                ("a     b", spacing),
+                ("a    b", None),
+            ],
+        ),
+    }
+    cases["cap"][1].append(("z" * 1024, None))
+    async with running_daemon(make_settings(servers, sandbox.url)):
+        for i, (job_id, (message, outcomes)) in enumerate(cases.items()):
+            values = [{"name": name} for name, _ in outcomes]
+            await redis.lpush(JOBS, _one_message_job(job_id, message, values, 10_000_600 + 10 * i))
+        for job_id in cases:
+            await wait_until(lambda job_id=job_id: is_done(pool, job_id))
+    for job_id, (_message, outcomes) in cases.items():
+        rows = await pool.fetch(
+            "SELECT state, error_text FROM recipients WHERE campaign_id = $1 ORDER BY seq", job_id
+        )
+        expected = [("skipped", why) if why else ("sent", None) for _, why in outcomes]
+        assert [(r["state"], r["error_text"]) for r in rows] == expected, job_id

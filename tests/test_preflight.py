@@ -18,6 +18,7 @@ from blastd.sandbox.__main__ import provider_apps
 from blastd.sandbox.cloud_api import SandboxConfig, build_app, listening
 from tests.harness import (
     ACCOUNT,
+    PHONE_NUMBER_ID,
     SandboxHandle,
     Servers,
     daemon_env,
@@ -282,11 +283,16 @@ async def test_check_proves_each_account_s_credentials_against_the_sandbox(
     async with listening(app, "127.0.0.1", 0) as url:
         good = "sandbox-token"
         accounts = {
-            "cloud": {"kind": "cloud_api", "base_url": url, "phone_number_id": "1", "token": good},
+            "cloud": {
+                "kind": "cloud_api",
+                "base_url": url,
+                "phone_number_id": PHONE_NUMBER_ID,
+                "token": good,
+            },
             "cloud-bad": {
                 "kind": "cloud_api",
                 "base_url": url,
-                "phone_number_id": "1",
+                "phone_number_id": PHONE_NUMBER_ID,
                 "token": "wrong",
             },
             "ultra": {

@@ -4,12 +4,16 @@ retries by scope, video_poll jobs and the key layout of an external producer (do
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
-from blastd import controls, ledger
+from blastd import controls, ledger, queues
 from tests.conftest import Servers
 from tests.harness import (
     ACCOUNT,
@@ -19,6 +23,7 @@ from tests.harness import (
     numbers_from,
     recipient_rows,
     running_daemon,
+    serving,
     wait_until,
 )
 from tests.video_harness import (
@@ -321,19 +326,139 @@ async def test_bare_keys_with_an_empty_prefix_work_for_an_existing_producer(
     assert delivered == {number.removeprefix("+"): 1}
 
 
+CHATS = "producer:conversations"
+
+
+def _worker_record(clip_id: str, conversation_id: str, started_ms: int) -> bytes:
+    """The bytes the earlier worker's producer writes: JSON.stringify of its record."""
+    metadata = {"prompt": "a cat", "model": "did", "aspectRatio": "16:9"}
+    record = {
+        "jobId": clip_id,
+        "conversationId": conversation_id,
+        "startTime": started_ms,
+        "metadata": metadata,
+    }
+    return orjson.dumps(record)
+
+
+@pytest.mark.parametrize("kind", ["redis_hash", "http"])
+async def test_the_earlier_workers_producer_works_unchanged_through_a_conversation_resolver(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool, kind: str
+) -> None:
+    (number,) = numbers_from(950, 1)
+    chat = orjson.dumps({"to": number, "account": ULTRAMSG_ACCOUNT})
+
+    async def lookup(request: web.Request) -> web.Response:
+        known = request.match_info["conversation_id"] == "conv-7"
+        return web.Response(body=chat, status=200 if known else 404)
+
+    app = web.Application()
+    app.router.add_get("/chats/{conversation_id}", lookup)
+    async with video_sandbox() as sandbox, serving(app) as chats_url:
+        resolver = (
+            {"kind": "redis_hash", "key": CHATS}
+            if kind == "redis_hash"
+            else {"kind": "http", "url": chats_url + "/chats/{conversation_id}"}
+        )
+        video = {
+            "key_prefix": "",
+            "conversation_resolver": resolver,
+            "external_account": DID_ACCOUNT,
+            "timeout_s": 300,  # the earlier worker's five minutes, from the record's startTime
+        }
+        settings = make_video_settings(servers, sandbox, video=video)
+        await redis.hset(CHATS, "conv-7", chat)
+        clip_id = await _create_clip(sandbox, "worker-record")
+        started_ms = int(time.time() * 1000) - 120_000  # the render began two minutes ago
+        async with running_daemon(settings):
+            await redis.set(
+                f"video:job:{clip_id}", _worker_record(clip_id, "conv-7", started_ms), ex=600
+            )
+            await redis.lpush("video:poll:queue", clip_id)
+            await wait_until(lambda: is_done(pool, clip_id), timeout_s=60)
+            delivered_ms = int(time.time() * 1000)
+        async with sandbox.http.get(sandbox.ultramsg.url + "/_sandbox/messages") as response:
+            messages = orjson.loads(await response.read())
+    (message,) = messages
+    assert message["type"] == "video"
+    elapsed = re.search(r"generated in (\d+) seconds", message["caption"])
+    assert elapsed is not None, message["caption"]
+    assert 120 <= int(elapsed.group(1)) <= (delivered_ms - started_ms) // 1000 + 1
+    (row,) = await recipient_rows(pool, clip_id)
+    assert (row["state"], row["video_job_id"]) == ("sent", clip_id)
+
+
+async def test_a_worker_record_started_over_five_minutes_ago_times_out_with_the_notice(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    (number,) = numbers_from(960, 1)
+    async with video_sandbox() as sandbox:
+        resolver = {"kind": "redis_hash", "key": CHATS}
+        video = {
+            "key_prefix": "",
+            "conversation_resolver": resolver,
+            "external_account": DID_ACCOUNT,
+            "timeout_s": 300,
+        }
+        settings = make_video_settings(servers, sandbox, video=video)
+        await redis.hset(CHATS, "conv-8", orjson.dumps({"to": number, "account": ACCOUNT}))
+        clip_id = await _create_clip(sandbox, "worker-late")
+        started_ms = int(time.time() * 1000) - 301_000
+        async with running_daemon(settings):
+            await redis.set(f"video:job:{clip_id}", _worker_record(clip_id, "conv-8", started_ms))
+            await redis.lpush("video:poll:queue", clip_id)
+            await wait_until(lambda: is_done(pool, clip_id), timeout_s=60)
+    (row,) = await recipient_rows(pool, clip_id)
+    assert (row["state"], row["error_code"]) == ("video_failed", "timeout")
+
+
+async def test_an_unresolved_worker_record_is_dead_and_requeued_onto_the_video_queue(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    """Dead-lettered with the reason; once the conversation is known, `blastd dead requeue`
+    puts the record back onto the video poll queue, where the producer put it."""
+    (number,) = numbers_from(970, 1)
+    async with video_sandbox() as sandbox:
+        resolver = {"kind": "redis_hash", "key": CHATS}
+        video = {
+            "key_prefix": "",
+            "conversation_resolver": resolver,
+            "external_account": DID_ACCOUNT,
+            "timeout_s": 300,
+        }
+        settings = make_video_settings(servers, sandbox, video=video)
+        clip_id = await _create_clip(sandbox, "worker-unknown")
+        raw = _worker_record(clip_id, "conv-late", int(time.time() * 1000))
+        async with running_daemon(settings):
+            await redis.set(f"video:job:{clip_id}", raw, ex=600)
+            await redis.lpush("video:poll:queue", clip_id)
+            dead = await wait_until(lambda: redis.lindex(DEAD, 0))
+            await redis.hset(CHATS, "conv-late", orjson.dumps({"to": number, "account": ACCOUNT}))
+            requeued = await queues.requeue_dead(redis, "blastd:", 0)
+            await wait_until(lambda: is_done(pool, clip_id), timeout_s=60)
+            assert await redis.llen(JOBS) == 0
+        delivered = await sandbox.cloud.recipients()
+    entry = orjson.loads(dead)
+    assert entry["reason"] == f"video:job:{clip_id}: conversation 'conv-late' is not known"
+    assert entry["payload"].encode() == raw
+    assert requeued is not None
+    assert await redis.llen(DEAD) == 0
+    assert delivered == {number.removeprefix("+"): 1}
+
+
 async def test_an_external_record_that_is_not_a_video_poll_is_dead_lettered_with_its_reason(
     servers: Servers, redis: aioredis.Redis, pool: ledger.Pool
 ) -> None:
     async with video_sandbox() as sandbox:
         settings = make_video_settings(servers, sandbox, video={"key_prefix": ""})
         async with running_daemon(settings):
-            await redis.set("video:job:bad-1", b'{"account": "nope"}', ex=600)
+            await redis.set("video:job:bad-1", b'{"metadata": {}}', ex=600)
             await redis.lpush("video:poll:queue", "bad-1")
             raw = await wait_until(lambda: redis.lindex(DEAD, 0))
             assert await redis.exists("video:job:bad-1") == 0
     entry = orjson.loads(raw)
     assert entry["reason"].startswith("video:job:bad-1: ")
-    assert "notify" in entry["reason"]
+    assert entry["reason"] == "video:job:bad-1: missing account; missing notify"
 
 
 async def test_a_generic_video_api_renders_with_its_own_dialect_and_failures(

@@ -17,6 +17,7 @@ from blastd.config import CloudApiAccount
 from blastd.errors import (
     CampaignFatalError,
     ConfigError,
+    ConfigurationError,
     PairLimitError,
     PermanentError,
     ProviderError,
@@ -71,6 +72,14 @@ PERMANENT_CODES = (
 # for good (132016), auth and permission (0, 3, 10, 190, 200-299), account locked (131031),
 # payment (131042, the Graph twin of HTTP 402). Pausing would only resume into the same wall.
 CAMPAIGN_FATAL_CODES = (0, 3, 10, 190, 131031, 131042, 132001, 132016, *range(200, 300))
+
+# Answers that say the request went to something that does not exist: Graph 100 with subcode 33
+# (no such object: the phone-number id), 2635 (an API version Graph no longer serves), a path
+# Graph cannot parse (a version it never had), or a bare 400/404 (not Graph at all).
+UNKNOWN_OBJECT = (100, 33)
+UNSUPPORTED_VERSION_CODES = (2635,)
+WRONG_PATH_PHRASES = ("unknown path components", "unsupported version", "deprecated version")
+BARE_WRONG_PATH_STATUSES = (400, 404)
 
 ERROR_CLASS_BY_CODE: dict[int, type[ProviderError]] = {
     **dict.fromkeys(TRANSIENT_CODES, TransientError),
@@ -175,9 +184,24 @@ def classify_failure(
     if error_class is None:
         error_class = _error_class_for_status(status)
     code = str(graph_code) if graph_code is not None else f"http_{status}"
+    if _is_wrong_endpoint(status, raw_body):
+        return ConfigurationError(code, text)
     if error_class is ThrottledError:
         return throttled_error(code, text, retry_after)
     return error_class(code, text)
+
+
+def _is_wrong_endpoint(status: int, raw_body: bytes) -> bool:
+    """Whether the answer proves the version, the phone-number id or the base URL is wrong."""
+    try:
+        error = orjson.loads(raw_body)["error"]
+        key = (error.get("code"), error.get("error_subcode"))
+        message = str(error.get("message", "")).lower()
+    except (orjson.JSONDecodeError, LookupError, TypeError, AttributeError):
+        return status in BARE_WRONG_PATH_STATUSES
+    if key == UNKNOWN_OBJECT or key[0] in UNSUPPORTED_VERSION_CODES:
+        return True
+    return any(phrase in message for phrase in WRONG_PATH_PHRASES)
 
 
 def _error_class_for_status(status: int) -> type[ProviderError]:

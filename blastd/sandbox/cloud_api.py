@@ -25,6 +25,8 @@ from blastd.sandbox.cloud_api_requests import (
     UNKNOWN_ERROR,
     Rejection,
     SendRequest,
+    check_phone_number_id,
+    check_version,
     read_message,
 )
 from blastd.sandbox.cloud_api_webhooks import SignedStatuses, Status, status_event
@@ -38,6 +40,8 @@ from blastd.sandbox.emulator import (
 )
 
 DEFAULT_TEMPLATES = {("promo_nov", "id"): 2, ("hello_world", "en_US"): 0}
+DEFAULT_API_VERSIONS = ("v21.0", "v22.0", "v23.0", "v24.0")
+DEFAULT_PHONE_NUMBER_IDS = frozenset({"100000000000001"})
 RATE_WINDOW_S = 1.0
 
 
@@ -63,6 +67,8 @@ class SandboxConfig(EmulatorConfig):
     """Every knob of the Cloud API emulator; POST /_sandbox/config replaces any subset."""
 
     templates: dict[tuple[str, str], int] = Field(default_factory=lambda: dict(DEFAULT_TEMPLATES))
+    api_versions: tuple[str, ...] = DEFAULT_API_VERSIONS  # others: Graph's version errors
+    phone_number_ids: frozenset[str] = DEFAULT_PHONE_NUMBER_IDS  # the numbers this sandbox hosts
     rate_per_s: float = Field(0.0, ge=0)  # accepted sends per phone_number_id; 0 means no limit
     pair_limit: bool = False
     pair_interval_s: float = Field(6.0, gt=0)  # one token per interval for each recipient
@@ -152,6 +158,7 @@ class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
         withheld = False
         try:
             authorization = request.headers.get("Authorization")
+            self._check_path(request.match_info["version"], phone_number_id, authorization)
             response, withheld = self._accept(phone_number_id, authorization, raw_body, arrived_s)
         except Rejection as rejection:
             response = self._reject(rejection)
@@ -164,12 +171,17 @@ class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
             await asyncio.sleep(self._latency_s())
         return response
 
+    def _check_path(self, version: str, phone_number_id: str, authorization: str | None) -> None:
+        """Graph reads the path before the token, and looks the object up after it."""
+        check_version(version, phone_number_id, self._config.api_versions)
+        if not self._is_authorized(authorization):
+            raise Rejection(190, "the access token is not valid")
+        check_phone_number_id(phone_number_id, self._config.phone_number_ids)
+
     def _accept(
         self, phone_number_id: str, authorization: str | None, raw_body: bytes, now_s: float
     ) -> tuple[web.Response, bool]:
         """The answer to an accepted message, and whether to withhold it."""
-        if not self._is_authorized(authorization):
-            raise Rejection(190, "the access token is not valid")
         message = read_message(raw_body, self._config.templates)
         self._inject_faults(message.wa_id)
         video_code = self._config.fail_video_numbers.get(message.wa_id)
@@ -194,9 +206,13 @@ class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
     async def handle_phone_number(self, request: web.Request) -> web.Response:
         """GET /{version}/{phone_number_id}: the number's profile, as `blastd check` reads it
         to prove the token works without sending anything."""
-        if not self._is_authorized(request.headers.get("Authorization")):
-            return self._reject(Rejection(190, "the access token is not valid"))
         number_id = request.match_info["phone_number_id"]
+        try:
+            self._check_path(
+                request.match_info["version"], number_id, request.headers.get("Authorization")
+            )
+        except Rejection as rejection:
+            return self._reject(rejection)
         profile = {
             "id": number_id,
             "display_phone_number": "+1 555 0100",
@@ -285,16 +301,16 @@ class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
         headers = {}
         if code == 130429 and self._config.retry_after_s is not None:
             headers["Retry-After"] = f"{self._config.retry_after_s:g}"
-        envelope = {
-            "error": {
-                "message": f"(#{code}) {title}",
-                "type": "OAuthException",
-                "code": code,
-                "error_data": {"messaging_product": "whatsapp", "details": rejection.details},
-                "fbtrace_id": f"A{self._rng.getrandbits(64):016x}",
-            }
+        error: dict[str, object] = {
+            "message": rejection.message or f"(#{code}) {title}",
+            "type": "GraphMethodException" if rejection.subcode else "OAuthException",
+            "code": code,
+            "error_data": {"messaging_product": "whatsapp", "details": rejection.details},
+            "fbtrace_id": f"A{self._rng.getrandbits(64):016x}",
         }
-        body = orjson.dumps(envelope)
+        if rejection.subcode is not None:
+            error["error_subcode"] = rejection.subcode
+        body = orjson.dumps({"error": error})
         return web.Response(
             status=http_status, body=body, headers=headers, content_type="application/json"
         )

@@ -14,6 +14,7 @@ from blastd import admission, ledger
 from blastd.errors import InvalidJobError
 from blastd.job_fields import Limits
 from blastd.recipients import normalize_number
+from blastd.video import conversations
 from blastd.video import ledger as video_ledger
 from blastd.video import schedule as video_schedule
 from blastd.video.jobs import VideoBlastJob, VideoPollJob, parse_video_poll
@@ -79,12 +80,20 @@ async def accept_video_poll(deps: Dependencies, job: VideoPollJob) -> int | None
         return ledger_id
 
 
-async def adopt_seed_job(deps: Dependencies, job_id: str, raw: bytes) -> video_schedule.PollState:
-    """A `video:job:{id}` written by an external producer (docs/video.md): its JSON is a
-    video_poll job (type and id may be left out; job_id defaults to the key's id). It becomes
-    a campaign like a video_poll taken from the jobs list; raises InvalidJobError if it is not
-    one. Returns the state to poll it with now."""
+async def adopt_external_job(
+    deps: Dependencies, job_id: str, raw: bytes
+) -> video_schedule.PollState:
+    """A `video:job:{id}` written by an external producer (docs/video.md) becomes a campaign
+    like a video_poll taken from the jobs list. Its JSON is a video_poll job (type and id may
+    be left out; job_id defaults to the key's id), or the earlier worker's record
+    {"jobId", "conversationId", "startTime" (epoch ms), "metadata"}, whose chat the
+    conversation resolver names. Raises InvalidJobError if it is neither. Returns the state to
+    poll it with now."""
     data: dict[str, Any] = orjson.loads(raw)
+    if not isinstance(data, dict):
+        raise InvalidJobError("the record is not a JSON object")
+    if "conversationId" in data:
+        data = await _from_worker_record(deps, data)
     data = {"type": "video_poll", "id": job_id, "job_id": job_id, **data}
     settings = deps.settings
     limits = Limits(
@@ -105,6 +114,37 @@ async def adopt_seed_job(deps: Dependencies, job_id: str, raw: bytes) -> video_s
         deps.redis.set, keys.job(job_id), state.model_dump_json(), ex=settings.video.job_ttl_s
     )
     return state
+
+
+async def _from_worker_record(deps: Dependencies, record: dict[str, Any]) -> dict[str, Any]:
+    """The earlier worker's record as a video_poll job: its conversation resolved to a chat,
+    its startTime (epoch ms) the start of the give-up clock and of the caption's elapsed time."""
+    conversation_id = record["conversationId"]
+    if not isinstance(conversation_id, str) or not conversation_id:
+        raise InvalidJobError("conversationId must be a non-empty string")
+    chat = await conversations.resolve(deps, conversation_id)
+    data: dict[str, Any] = {
+        "account": record.get("account") or _external_account(deps),
+        "notify": {"account": chat.account, "to": chat.to},
+    }
+    if isinstance(record.get("jobId"), str):
+        data["job_id"] = record["jobId"]
+    start_ms = record.get("startTime")
+    if isinstance(start_ms, int | float) and not isinstance(start_ms, bool):
+        data["started_at"] = datetime.fromtimestamp(start_ms / 1000, UTC)
+    elif start_ms is not None:
+        raise InvalidJobError("startTime must be epoch milliseconds")
+    return data
+
+
+def _external_account(deps: Dependencies) -> str:
+    """The video account of a record that names none: the configured one, or the only one."""
+    configured = deps.settings.video.external_account
+    if configured is not None:
+        return configured
+    if len(deps.video_accounts) == 1:
+        return next(iter(deps.video_accounts))
+    raise InvalidJobError("the record names no video account and video.external_account is not set")
 
 
 def _poll_state(

@@ -167,11 +167,14 @@ async def _load_state(deps: Dependencies, keys: VideoKeys, job_id: str) -> PollS
         if isinstance(data, dict) and "ledger_id" not in data:
             # Written by an external producer, not by blastd: take it as a
             # video_poll job, whose campaign then follows it.
-            return await video_intake.adopt_seed_job(deps, job_id, raw)
+            return await video_intake.adopt_external_job(deps, job_id, raw)
         return PollState.model_validate(data)
     except (orjson.JSONDecodeError, ValidationError, InvalidJobError) as exc:
         reason = exc.reason if isinstance(exc, InvalidJobError) else "unreadable video job state"
-        await queues.dead_letter(deps, raw, f"video:job:{job_id}: {reason}", job_id)
+        # A requeue puts the record back where its producer put it, not onto the jobs list.
+        ttl_s = deps.settings.video.job_ttl_s
+        back = queues.Requeue(keys.job(job_id), keys.queue, job_id, ttl_s)
+        await queues.dead_letter(deps, raw, f"video:job:{job_id}: {reason}", job_id, back)
         await deps.redis_call(deps.redis.delete, keys.job(job_id))
         return None
 

@@ -16,6 +16,7 @@ from pydantic import SecretStr
 from blastd.config import CloudApiAccount
 from blastd.errors import (
     CampaignFatalError,
+    ConfigurationError,
     PairLimitError,
     PermanentError,
     ProviderError,
@@ -191,7 +192,9 @@ async def test_graph_error_code_decides_the_error_class(
         (429, ThrottledError),
         (401, CampaignFatalError),
         (402, CampaignFatalError),
-        (404, PermanentError),
+        (400, ConfigurationError),  # not Graph at all: the base URL or path is wrong
+        (404, ConfigurationError),
+        (405, PermanentError),
     ],
 )
 async def test_http_status_decides_when_the_body_is_not_a_graph_error(
@@ -343,6 +346,45 @@ async def test_error_text_never_contains_the_token_and_is_cut_to_300_chars(
     assert secret not in caught.value.text
     assert secret[:8] not in caught.value.text
     assert len(caught.value.text) == 300
+
+
+WRONG_ENDPOINT_ANSWERS: list[tuple[dict[str, Any], type[ProviderError]]] = [
+    (
+        {
+            "code": 100,
+            "error_subcode": 33,
+            "type": "GraphMethodException",
+            "message": "Unsupported post request. Object with ID '1' does not exist",
+        },
+        ConfigurationError,
+    ),
+    (
+        {"code": 2635, "type": "OAuthException", "message": "(#2635) deprecated version"},
+        ConfigurationError,
+    ),
+    (
+        {"code": 2500, "type": "OAuthException", "message": "Unknown path components: /v9.0"},
+        ConfigurationError,
+    ),
+    ({"code": 100, "message": "(#100) Invalid parameter"}, PermanentError),
+    ({"code": 100, "error_subcode": 2494010, "message": "(#100) Invalid"}, PermanentError),
+]
+
+
+@pytest.mark.parametrize(("error", "error_class"), WRONG_ENDPOINT_ANSWERS)
+async def test_an_answer_proving_the_endpoint_wrong_is_a_configuration_error(
+    http: aiohttp.ClientSession, error: dict[str, Any], error_class: type[ProviderError]
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"error": error}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/{version}/{phone_number_id}/messages", answer)
+    async with serving(app) as base_url:
+        with pytest.raises(ProviderError) as caught:
+            await provider_for(base_url, http).send(text_to())
+    assert type(caught.value) is error_class
+    assert caught.value.code == str(error["code"])
 
 
 NOW = datetime(2026, 11, 22, 9, 0, 0, tzinfo=UTC)

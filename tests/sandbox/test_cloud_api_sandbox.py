@@ -171,7 +171,8 @@ async def test_rate_limit_refuses_sends_beyond_rate_within_one_second(
 
 
 async def test_rate_limit_is_counted_per_phone_number_id(http: aiohttp.ClientSession) -> None:
-    async with cloud_api_emulator(SandboxConfig(rate_per_s=1), Clock()) as base_url:
+    config = SandboxConfig(rate_per_s=1, phone_number_ids=frozenset({PHONE_NUMBER_ID, "999"}))
+    async with cloud_api_emulator(config, Clock()) as base_url:
         await post_send(http, base_url, text_message())
         async with http.post(
             base_url + "/v23.0/999/messages",
@@ -483,3 +484,96 @@ def test_module_entry_point_documents_the_fate_knobs(capsys: pytest.CaptureFixtu
         assert flag in text
     assert "--webhook-reorder" in text
     assert "--webhook-omit-callback-data" in text
+
+
+async def post_to_path(
+    http: aiohttp.ClientSession, base_url: str, path: str, token: str = TOKEN
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with http.post(base_url + path, data=orjson.dumps(text_message()), headers=headers) as r:
+        return r.status, orjson.loads(await r.read())
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "subcode", "words"),
+    [
+        (f"/v17.0/{PHONE_NUMBER_ID}/messages", 2635, None, "deprecated version"),
+        (f"/v99.0/{PHONE_NUMBER_ID}/messages", 2500, None, "Unknown path components"),
+        (f"/latest/{PHONE_NUMBER_ID}/messages", 2500, None, "Unknown path components"),
+        ("/v23.0/123456/messages", 100, 33, "Object with ID '123456' does not exist"),
+    ],
+)
+async def test_a_version_or_phone_number_id_graph_does_not_serve_is_refused_like_meta(
+    http: aiohttp.ClientSession, path: str, code: int, subcode: int | None, words: str
+) -> None:
+    async with cloud_api_emulator() as base_url:
+        status, body = await post_to_path(http, base_url, path)
+        accepted = await sandbox_json(http, base_url, "stats")
+    assert status == 400
+    error = body["error"]
+    assert (error["code"], error.get("error_subcode")) == (code, subcode)
+    assert words in error["message"]
+    assert accepted["accepted"] == 0
+
+
+async def test_the_versions_and_phone_number_ids_served_are_configurable(
+    http: aiohttp.ClientSession,
+) -> None:
+    config = SandboxConfig(api_versions=("v19.0",), phone_number_ids=frozenset({"42"}))
+    async with cloud_api_emulator(config) as base_url:
+        old, _ = await post_to_path(http, base_url, "/v19.0/42/messages")
+        default, body = await post_to_path(http, base_url, SEND_PATH)
+    assert old == 200
+    assert (default, body["error"]["code"]) == (400, 2500)
+
+
+async def test_a_wrong_version_is_refused_before_the_token_and_a_wrong_id_after_it(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with cloud_api_emulator() as base_url:
+        _, version = await post_to_path(http, base_url, "/v99.0/1/messages", token="bad")
+        _, number = await post_to_path(http, base_url, "/v23.0/1/messages", token="bad")
+    assert version["error"]["code"] == 2500
+    assert number["error"]["code"] == 190
+
+
+@pytest.mark.parametrize(
+    ("document", "code", "details"),
+    [
+        (text_message(priority="high"), 100, "unknown parameter 'priority'"),
+        ({**text_message(), "text": {"body": "x" * 4097}}, 100, "longer than 4096"),
+        ({**text_message(), "text": {"body": " \n "}}, 100, "must not be blank"),
+        (
+            {
+                **text_message(),
+                "type": "video",
+                "video": {"link": "https://cdn.example.com/v.mp4", "caption": "c" * 1025},
+            },
+            100,
+            "longer than 1024",
+        ),
+    ],
+    ids=["unknown-key", "long-text", "blank-text", "long-caption"],
+)
+async def test_a_body_meta_would_refuse_is_refused_with_its_code(
+    http: aiohttp.ClientSession, document: dict[str, object], code: int, details: str
+) -> None:
+    async with cloud_api_emulator() as base_url:
+        status, body, _ = await post_send(http, base_url, document)
+    assert status == 400
+    assert body["error"]["code"] == code
+    assert details in body["error"]["error_data"]["details"]
+
+
+async def test_a_text_of_exactly_4096_characters_and_a_caption_of_1024_are_accepted(
+    http: aiohttp.ClientSession,
+) -> None:
+    video = {"link": "https://cdn.example.com/v.mp4", "caption": "c" * 1024}
+    async with cloud_api_emulator() as base_url:
+        text, _, _ = await post_send(
+            http, base_url, {**text_message(), "text": {"body": "x" * 4096}}
+        )
+        caption, _, _ = await post_send(
+            http, base_url, {**text_message(), "type": "video", "video": video}
+        )
+    assert (text, caption) == (200, 200)
