@@ -44,6 +44,10 @@ DB_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     # was away may have landed on a standby that is not promoted yet. The pool's connections
     # are dropped (resources.Db) and the next ones go to whichever host is primary then.
     asyncpg.ReadOnlySQLTransactionError,
+    # Two batched writes (outcomes, receipts, intents) that lock the same recipients in
+    # different orders: PostgreSQL aborts one of them, which leaves nothing behind, and the
+    # same write succeeds when run again. Seen in bench/chaos.py under PostgreSQL restarts.
+    asyncpg.exceptions.DeadlockDetectedError,
 )
 
 
