@@ -16,6 +16,7 @@
         ├── PairLimitError      resend this recipient later: not a failure
         ├── QualityError        pause the campaign and wait for an operator
         ├── PermanentError      fail this recipient, never retry
+        │   ├── OptedOutError   the person stopped these messages: fail, and suppress the number
         │   └── BatchTooLargeError  a status gateway refused a batch's size: split, retry
         ├── CampaignFatalError  stop the campaign at once
         └── UncertainOutcomeError  unreadable 2xx: the provider may have accepted it
@@ -116,6 +117,13 @@ class QualityError(ProviderError):
 
 class PermanentError(ProviderError):
     error_class = "permanent"
+
+
+class OptedOutError(PermanentError):
+    """The recipient turned these messages off: the recipient fails with class 'opted_out' and
+    the ledger adds the number to the opt-out list in the same write."""
+
+    error_class = "opted_out"
 
 
 class BatchTooLargeError(PermanentError):

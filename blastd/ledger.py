@@ -554,9 +554,12 @@ ANSWER_APPLIES = (
 
 
 async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
-    """Write a batch of outcomes in one statement; receipts already recorded are kept."""
+    """Write a batch of outcomes in one statement; receipts already recorded are kept. A
+    recipient that failed as opted out puts its number on the opt-out list in the same
+    statement, so the list never misses a refusal the ledger recorded."""
     await pool.execute(
         f"""
+        WITH written AS (
         UPDATE recipients r SET
             state = CASE WHEN {ANSWER_APPLIES} THEN o.state ELSE r.state END,
             provider_message_id = COALESCE(o.message_id, r.provider_message_id),
@@ -571,6 +574,12 @@ async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
                     $7::timestamptz[], $8::integer[])
              AS o(id, state, message_id, error_class, error_code, error_text, next_at, requests)
         WHERE r.id = o.id
+        RETURNING r.phone, r.state, r.error_class, r.error_text
+        )
+        INSERT INTO optouts (phone, source, reason)
+        SELECT DISTINCT ON (phone) phone, 'provider', error_text FROM written
+        WHERE state = 'failed' AND error_class = 'opted_out'
+        ON CONFLICT (phone) DO NOTHING
         """,
         [o.id for o in outcomes],
         [o.state for o in outcomes],

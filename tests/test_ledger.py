@@ -379,3 +379,20 @@ async def test_an_answer_of_any_kind_keeps_a_receipt_that_came_first(pool: ledge
     rows = await pool.fetch("SELECT state, owner, error_class FROM recipients ORDER BY id")
     assert [tuple(r) for r in rows] == [("delivered", None, None), ("read", None, None)]
     assert await ledger.claim_recipients(pool, CAMPAIGN, "owner-b", 2) == []
+
+
+async def test_an_opted_out_failure_puts_the_number_on_the_opt_out_list(pool: ledger.Pool) -> None:
+    stopped, other = await insert(pool, phones(2, first=30_000_000))
+    await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 2)
+    await ledger.record_outcomes(
+        pool,
+        [
+            Outcome(stopped, "failed", None, "opted_out", "131050", "user stopped marketing"),
+            Outcome(other, "failed", None, "permanent", "131026", "undeliverable"),
+        ],
+    )
+    rows = await pool.fetch("SELECT phone, source, reason FROM optouts")
+    assert [tuple(r) for r in rows] == [
+        (phones(1, first=30_000_000)[0], "provider", "user stopped marketing")
+    ]
+    assert await state_of(pool, stopped) == "failed"

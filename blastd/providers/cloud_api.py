@@ -17,6 +17,7 @@ from blastd.config import CloudApiAccount
 from blastd.errors import (
     CampaignFatalError,
     ConfigError,
+    OptedOutError,
     PairLimitError,
     PermanentError,
     ProviderError,
@@ -63,10 +64,11 @@ PERMANENT_CODES = (
     131026,
     131047,
     131049,
-    131050,
     131051,
     132000,
 )
+# 131050: the user stopped marketing messages from this business.
+OPTED_OUT_CODES = (131050,)
 # Nothing on the account can succeed until a human acts: template gone (132001) or disabled
 # for good (132016), auth and permission (0, 3, 10, 190, 200-299), account locked (131031),
 # payment (131042, the Graph twin of HTTP 402). Pausing would only resume into the same wall.
@@ -78,6 +80,7 @@ ERROR_CLASS_BY_CODE: dict[int, type[ProviderError]] = {
     **dict.fromkeys(PAIR_LIMIT_CODES, PairLimitError),
     **dict.fromkeys(QUALITY_CODES, QualityError),
     **dict.fromkeys(PERMANENT_CODES, PermanentError),
+    **dict.fromkeys(OPTED_OUT_CODES, OptedOutError),
     **dict.fromkeys(CAMPAIGN_FATAL_CODES, CampaignFatalError),
 }
 
