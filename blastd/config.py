@@ -387,6 +387,10 @@ class Settings(BaseSettings):
     reconcile_window_s: float = Field(900.0, ge=0)
     reconcile_interval_s: float = Field(30.0, gt=0)  # how often the window is checked
     max_job_deliveries: int = Field(3, ge=1)  # a job that crashed the daemon this often is dead
+    # Opt-outs: the categories whose sends skip numbers on the opt-out list, and the inbound
+    # messages (whole text, trimmed, any case) that put their sender on it.
+    optout_applies_to: list[Literal["marketing", "utility", "authentication"]] = ["marketing"]
+    optout_keywords: list[str] = ["STOP", "BERHENTI", "UNSUBSCRIBE", "STOP PROMO"]
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -115,12 +115,14 @@ async def insert_campaign(
     conn: asyncpg.Connection,
     campaign: NewCampaign,
     pages: AsyncIterator[Sequence[StagedRecipient]],
+    skip_opted_out: bool = False,
 ) -> CampaignCounts | None:
     """Insert a campaign and all its recipients inside the caller's transaction.
 
     Returns None when a campaign with this id exists already (the job id is an idempotency
     key). Recipients are staged page by page with COPY, so a million of them never sit in
-    memory at once; duplicates of a number become 'skipped' rows with reason 'duplicate'.
+    memory at once; duplicates of a number become 'skipped' rows with reason 'duplicate', and
+    with `skip_opted_out` numbers on the opt-out list become 'skipped' with reason 'opted_out'.
     """
     inserted = await conn.fetchval(
         "INSERT INTO campaigns (id, type, account, message, options) VALUES ($1, $2, $3, $4, $5) "
@@ -145,6 +147,8 @@ async def insert_campaign(
                 (r.seq, r.phone, _vars_json(r.vars), r.skip_reason, r.time_zone) for r in page
             ],
         )
+    if skip_opted_out:
+        await conn.execute(SKIP_OPTED_OUT, timeout=BULK_STATEMENT_TIMEOUT_S)
     row = await conn.fetchrow(
         INSERT_STAGED_RECIPIENTS, campaign.id, timeout=BULK_STATEMENT_TIMEOUT_S
     )
@@ -155,6 +159,11 @@ def _vars_json(vars: dict[str, str] | None) -> str | None:
     # Staged as text: COPY's binary format has no encoder for the connection's jsonb text codec.
     return orjson.dumps(vars).decode() if vars else None
 
+
+SKIP_OPTED_OUT = """
+UPDATE staged_recipients s SET skip_reason = 'opted_out'
+FROM optouts o WHERE o.phone = s.phone AND s.skip_reason IS NULL
+"""
 
 INSERT_STAGED_RECIPIENTS = """
 WITH ranked AS (
