@@ -1,5 +1,5 @@
 """Subcommands: run, enqueue, status, campaigns, recipients, pause, resume, cancel, retry, dead,
-purge, migrate, check, sandbox, demo.
+optout, purge, migrate, check, sandbox, demo.
 
 pause, resume, cancel and retry act on the ledger directly, through the same functions that
 `control` jobs use (blastd.controls): the operator sees the result at once, and a daemon running
@@ -26,10 +26,12 @@ from blastd.errors import (
     EXIT_CONFIG,
     BlastdError,
     ConfigError,
+    InvalidNumberError,
     PostgresUnavailableError,
     UnavailableError,
 )
 from blastd.jobs import CONTROL_SCOPES, DEFAULT_RETRY_CLASSES, RETRY_CLASSES, ControlAction
+from blastd.recipients import normalize_number
 
 T = TypeVar("T")
 # The servers `blastd demo` runs from wheels: the optional 'embedded' extra, not in production.
@@ -402,6 +404,77 @@ def dead_requeue(ctx: click.Context, index: int | None, every: bool) -> None:
         click.echo(f"blastd: no dead-letter entry {index}", err=True)
         sys.exit(1)
     click.echo(f"requeued entry {index} (job {entry.fields.get('job_id') or '-'})")
+
+
+# --- opt-outs --------------------------------------------------------------------------------
+
+
+@main.group()
+def optout() -> None:
+    """The opt-out list: numbers that sends of the categories in BLASTD_OPTOUT_APPLIES_TO skip."""
+
+
+@optout.command("add")
+@click.argument("numbers", nargs=-1, required=True)
+@click.option("--reason", default=None, help="Why, kept with the number.")
+@click.pass_context
+def optout_add(ctx: click.Context, numbers: tuple[str, ...], reason: str | None) -> None:
+    """Put NUMBERS on the list."""
+    settings = _settings(ctx)
+    phones = _normalized(numbers, settings.default_region)
+    added = _run(_with_pool(settings, lambda p: ledger.add_optouts(p, phones, "operator", reason)))
+    click.echo(f"added {added} number(s); {len(phones) - added} already listed")
+
+
+@optout.command("remove")
+@click.argument("numbers", nargs=-1, required=True)
+@click.pass_context
+def optout_remove(ctx: click.Context, numbers: tuple[str, ...]) -> None:
+    """Take NUMBERS off the list."""
+    settings = _settings(ctx)
+    phones = _normalized(numbers, settings.default_region)
+    removed = _run(_with_pool(settings, lambda p: ledger.remove_optouts(p, phones)))
+    click.echo(f"removed {removed} number(s)")
+
+
+@optout.command("list")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@click.pass_context
+def optout_list(ctx: click.Context, limit: int) -> None:
+    """Print the most recent opt-outs: created_at, number, source, reason."""
+    settings = _settings(ctx)
+    entries = _run(_with_pool(settings, lambda p: ledger.list_optouts(p, limit)))
+    for entry in entries:
+        click.echo(
+            f"{entry.created_at.isoformat()}  {entry.phone}  {entry.source}  {entry.reason or '-'}"
+        )
+
+
+@optout.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--reason", default=None, help="Why, kept with every number.")
+@click.pass_context
+def optout_import(ctx: click.Context, file: Path, reason: str | None) -> None:
+    """Put every number in FILE on the list: one a line, or the first column of a CSV line."""
+    settings = _settings(ctx)
+    lines = file.read_text(encoding="utf-8-sig").splitlines()
+    raw = [line.split(",")[0].strip().strip('"') for line in lines]
+    # A first cell without a digit is a header (phone, number, ...), not a bad number.
+    raw = [cell for i, cell in enumerate(raw) if cell and (i > 0 or any(map(str.isdigit, cell)))]
+    phones = _normalized(raw, settings.default_region)
+    added = _run(_with_pool(settings, lambda p: ledger.add_optouts(p, phones, "import", reason)))
+    click.echo(f"added {added} number(s); {len(phones) - added} already listed")
+
+
+def _normalized(numbers: Sequence[str], region: str) -> list[str]:
+    """E.164 numbers; an unreadable one stops the command with its reason, nothing written."""
+    phones = []
+    for number in numbers:
+        try:
+            phones.append(normalize_number(number, region))
+        except InvalidNumberError as exc:
+            raise click.BadParameter(f"{number!r}: {exc.reason}") from exc
+    return phones
 
 
 # --- results: campaigns, recipients, purge ----------------------------------------------------

@@ -898,3 +898,47 @@ async def phones_in_states(pool: Pool, campaign_id: str, states: Sequence[str]) 
         list(states),
     )
     return [r["phone"] for r in rows]
+
+
+# --- opt-outs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OptOut:
+    """A number on the opt-out list, how it got there and when."""
+
+    phone: str
+    source: str
+    reason: str | None
+    created_at: datetime
+
+
+async def add_optouts(pool: Pool, phones: Sequence[str], source: str, reason: str | None) -> int:
+    """Put numbers on the opt-out list; one already there keeps its first source. Returns how
+    many were new."""
+    result: str = await pool.execute(
+        "INSERT INTO optouts (phone, source, reason) SELECT DISTINCT p, $2, $3 "
+        "FROM unnest($1::text[]) AS p ON CONFLICT (phone) DO NOTHING",
+        list(phones),
+        source,
+        reason,
+    )
+    return int(result.split()[-1])
+
+
+async def remove_optouts(pool: Pool, phones: Sequence[str]) -> int:
+    """Take numbers off the opt-out list; returns how many were on it."""
+    result: str = await pool.execute(
+        "DELETE FROM optouts WHERE phone = ANY($1::text[])", list(phones)
+    )
+    return int(result.split()[-1])
+
+
+async def list_optouts(pool: Pool, limit: int) -> list[OptOut]:
+    """The most recent opt-outs first."""
+    rows = await pool.fetch(
+        "SELECT phone, source, reason, created_at FROM optouts "
+        "ORDER BY created_at DESC, phone LIMIT $1",
+        limit,
+    )
+    return [OptOut(r["phone"], r["source"], r["reason"], r["created_at"]) for r in rows]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import redis.asyncio as aioredis
 
 from blastd import ledger
@@ -12,6 +15,7 @@ from tests.harness import (
     is_done,
     make_settings,
     numbers_from,
+    run_cli,
     running_daemon,
     wait_until,
 )
@@ -64,3 +68,38 @@ async def test_the_categories_the_list_applies_to_are_a_setting(
         await wait_until(lambda: is_done(pool, "receipt"))
     assert await skipped_reasons(pool, "promo") == {}
     assert await skipped_reasons(pool, "receipt") == {numbers[1]: "opted_out"}
+
+
+async def test_the_optout_verbs_add_import_list_and_remove_numbers(
+    cli_env: dict[str, str], pool: ledger.Pool, tmp_path: Path
+) -> None:
+    numbers = numbers_from(42_000_000, 4)
+    added = await run_cli(
+        cli_env, "optout", "add", numbers[0], "0812 4200 0001", "--reason", "asked"
+    )
+    assert added.code == 0, added.stderr
+    assert "added 2 number(s)" in added.stdout
+    listing = tmp_path / "stops.csv"
+    listing.write_text(f"phone,name\n{numbers[1]},Sari\n{numbers[2]},Tono\n{numbers[3]}\n")
+    imported = await run_cli(cli_env, "optout", "import", str(listing))
+    assert imported.code == 0, imported.stderr
+    assert "added 2 number(s); 1 already listed" in imported.stdout
+    listed = await run_cli(cli_env, "optout", "list")
+    assert sorted(re.findall(r"\+62812\d{8}", listed.stdout)) == numbers
+    removed = await run_cli(cli_env, "optout", "remove", numbers[0])
+    assert "removed 1 number(s)" in removed.stdout
+    rows = await pool.fetch("SELECT phone, source, reason FROM optouts ORDER BY phone")
+    assert [tuple(r) for r in rows] == [
+        (numbers[1], "operator", "asked"),
+        (numbers[2], "import", None),
+        (numbers[3], "import", None),
+    ]
+
+
+async def test_optout_refuses_an_unreadable_number_and_writes_nothing(
+    cli_env: dict[str, str], pool: ledger.Pool
+) -> None:
+    result = await run_cli(cli_env, "optout", "add", numbers_from(43_000_000, 1)[0], "12")
+    assert result.code == 2
+    assert "'12'" in result.stderr
+    assert await pool.fetchval("SELECT count(*) FROM optouts") == 0
