@@ -22,6 +22,7 @@ from blastd.providers.cloud_api import (
     answer_verification,
     count_system_errors,
     is_valid_signature,
+    parse_inbound_texts,
     parse_status_webhook,
 )
 from blastd.providers.ultramsg import is_valid_secret, parse_ack_webhook
@@ -149,12 +150,23 @@ async def receive_cloud_api_webhook(request: web.Request) -> web.Response:
     ]
     # Errors about the app or the account, outside any status: no recipient to apply them to.
     metrics.UNMATCHED_RECEIPTS.count(name, "system_error", count_system_errors(raw))
+    await _record_stop_keywords(deps, name, raw)
     if receipts:
         # A status may overtake the answer it follows: answers already in hand are written
         # first, so a status without our opaque field still finds the message id it names.
         await deps.outcomes.synced()
         await deps.receipts.add_durably(receipts)
     return web.Response(text="ok")
+
+
+async def _record_stop_keywords(deps: Dependencies, account: str, raw: bytes) -> None:
+    """A person who writes one of the stop keywords (the whole message, trimmed, any case) goes
+    on the opt-out list before Meta hears our 200."""
+    keywords = {k.strip().casefold() for k in deps.settings.optout_keywords}
+    for phone, text in parse_inbound_texts(raw):
+        if text.strip().casefold() in keywords:
+            added = await deps.db(ledger.add_optouts, [phone], "inbound", text.strip()[:100])
+            log.info("opted_out", account=account, phone=phone, new=bool(added))
 
 
 async def receive_ultramsg_webhook(request: web.Request) -> web.Response:

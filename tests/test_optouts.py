@@ -5,19 +5,23 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
 from blastd import ledger
+from blastd.embedded import free_port
 from tests.harness import (
     SandboxHandle,
     Servers,
     blast_job,
     is_done,
+    is_ready,
     make_settings,
     numbers_from,
     run_cli,
     running_daemon,
     wait_until,
+    webhook_url,
 )
 
 JOBS = "blastd:jobs"
@@ -103,3 +107,48 @@ async def test_optout_refuses_an_unreadable_number_and_writes_nothing(
     assert result.code == 2
     assert "'12'" in result.stderr
     assert await pool.fetchval("SELECT count(*) FROM optouts") == 0
+
+
+async def listed(pool: ledger.Pool) -> dict[str, tuple[str, str | None]]:
+    rows = await pool.fetch("SELECT phone, source, reason FROM optouts")
+    return {r["phone"]: (r["source"], r["reason"]) for r in rows}
+
+
+@pytest.mark.parametrize(
+    ("text", "opts_out"),
+    [("STOP", True), ("  stop promo \n", True), ("Berhenti", True), ("stop it please", False)],
+)
+async def test_an_inbound_stop_keyword_puts_its_sender_on_the_list(
+    servers: Servers, pool: ledger.Pool, sandbox: SandboxHandle, text: str, opts_out: bool
+) -> None:
+    admin_port = free_port()
+    await sandbox.configure(webhook_url=webhook_url(admin_port))
+    sender = numbers_from(44_000_000, 1)[0]
+    async with running_daemon(make_settings(servers, sandbox.url, admin_port=admin_port)):
+        await wait_until(lambda: is_ready(admin_port))
+        inbound = {"from": sender.lstrip("+"), "text": text}
+        async with sandbox.http.post(f"{sandbox.url}/_sandbox/inbound", json=inbound) as answer:
+            assert answer.status == 200, await answer.text()
+            assert (await answer.json())["webhook_status"] == 200
+    expected = {sender: ("inbound", text.strip())} if opts_out else {}
+    assert await listed(pool) == expected
+
+
+async def test_a_recipient_meta_reports_opted_out_fails_so_and_is_listed(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool, sandbox: SandboxHandle
+) -> None:
+    numbers = numbers_from(45_000_000, 3)
+    await sandbox.configure(fail_numbers={numbers[1].lstrip("+"): 131050})
+    async with running_daemon(make_settings(servers, sandbox.url)):
+        await redis.lpush(JOBS, blast_job("first", numbers))
+        await wait_until(lambda: is_done(pool, "first"))
+        await redis.lpush(JOBS, blast_job("second", numbers))
+        await wait_until(lambda: is_done(pool, "second"))
+    row = await pool.fetchrow(
+        "SELECT state, error_class, error_code FROM recipients "
+        "WHERE campaign_id = 'first' AND phone = $1",
+        numbers[1],
+    )
+    assert tuple(row) == ("failed", "opted_out", "131050")
+    assert list(await listed(pool)) == [numbers[1]]
+    assert await skipped_reasons(pool, "second") == {numbers[1]: "opted_out"}

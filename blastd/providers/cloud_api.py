@@ -314,3 +314,34 @@ def _status_error(status: Mapping[str, object]) -> tuple[str | None, str | None]
         str(code) if isinstance(code, int | str) else None,
         title[:MAX_ERROR_TEXT_CHARS] if isinstance(title, str) else None,
     )
+
+
+def parse_inbound_texts(raw_body: bytes) -> list[tuple[str, str]]:
+    """(sender in E.164, text) of each message a person sent us in a webhook body: typed text
+    and the text of a tapped quick-reply button (a marketing template's "Stop promotions").
+    Other kinds and malformed entries are skipped; a body that is not JSON gives none."""
+    try:
+        document: object = orjson.loads(raw_body)
+    except orjson.JSONDecodeError:
+        return []
+    return [
+        inbound
+        for entry in _list_at(document, "entry")
+        for change in _list_at(entry, "changes")
+        for message in _list_at(
+            change.get("value") if isinstance(change, dict) else None, "messages"
+        )
+        if (inbound := _read_inbound(message)) is not None
+    ]
+
+
+def _read_inbound(message: object) -> tuple[str, str] | None:
+    if not isinstance(message, dict):
+        return None
+    sender = message.get("from")
+    kind = message.get("type")
+    part = message.get(kind) if isinstance(kind, str) and kind in ("text", "button") else None
+    text = part.get("body" if kind == "text" else "text") if isinstance(part, dict) else None
+    if not isinstance(sender, str) or not sender.isdigit() or not isinstance(text, str):
+        return None
+    return f"+{sender}", text

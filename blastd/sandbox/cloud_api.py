@@ -27,7 +27,12 @@ from blastd.sandbox.cloud_api_requests import (
     SendRequest,
     read_message,
 )
-from blastd.sandbox.cloud_api_webhooks import SignedStatuses, Status, status_event
+from blastd.sandbox.cloud_api_webhooks import (
+    SignedStatuses,
+    Status,
+    post_inbound,
+    status_event,
+)
 from blastd.sandbox.emulator import (
     ByNumber,
     Emulator,
@@ -299,6 +304,9 @@ class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
             status=http_status, body=body, headers=headers, content_type="application/json"
         )
 
+    async def handle_inbound(self, request: web.Request) -> web.Response:
+        return await post_inbound(request, self._config.webhook_url, self._config.app_secret)
+
     def _webhook_format(self, url: str) -> SignedStatuses:
         return SignedStatuses(url, self._config.app_secret, self._config.webhook_batch_max)
 
@@ -349,6 +357,7 @@ def build_app(config: SandboxConfig, now: Callable[[], float] = time.monotonic) 
     app.router.add_post("/{version}/{phone_number_id}/messages", sandbox.handle_send)
     app.router.add_get("/{version}/{phone_number_id}", sandbox.handle_phone_number)
     sandbox.add_control_routes(app)
+    app.router.add_post("/_sandbox/inbound", sandbox.handle_inbound)
     return app
 
 
