@@ -120,6 +120,11 @@ def _job_options(fn: Callable[..., None]) -> Callable[..., None]:
         click.option(
             "--param", "params", multiple=True, help="Template body parameter (repeatable)."
         ),
+        click.option(
+            "--category",
+            type=click.Choice(["marketing", "utility", "authentication"]),
+            help="The template's category (default marketing): decides the opt-out list.",
+        ),
         click.option("--video", help="Video link for a video message."),
         click.option(
             "--caption", help="Video caption (--video or --video-script); {column} allowed."
@@ -181,15 +186,16 @@ def enqueue(ctx: click.Context, /, file: Path, dry_run: bool, **options: Any) ->
 @click.pass_context
 def plan(ctx: click.Context, /, file: Path, **options: Any) -> None:
     """Check a job as `enqueue FILE` would build it, and push nothing: the counts of valid,
-    invalid, duplicate and missing-variable rows with examples, a few rendered messages and
-    the time the sending would take."""
+    invalid, duplicate, missing-variable and opted-out rows with examples, a few rendered
+    messages and the time the sending would take."""
     _plan(ctx, file, options)
 
 
 def _plan(ctx: click.Context, file: Path, options: dict[str, Any]) -> None:
     _check_enqueue_options(ctx, options)
     settings = _settings(ctx)
-    plan = _run(asyncio.to_thread(enqueueing.plan_file, settings, file, options))
+    optouts = _run(_with_pool(settings, ledger.load_optouts))
+    plan = _run(asyncio.to_thread(enqueueing.plan_file, settings, file, options, optouts))
     for line in enqueueing.plan_lines(plan):
         click.echo(line)
 

@@ -926,6 +926,12 @@ async def add_optouts(pool: Pool, phones: Sequence[str], source: str, reason: st
     return int(result.split()[-1])
 
 
+async def load_optouts(pool: Pool) -> frozenset[str]:
+    """Every number on the opt-out list, for a plan to count against."""
+    rows = await pool.fetch("SELECT phone FROM optouts")
+    return frozenset(r["phone"] for r in rows)
+
+
 async def remove_optouts(pool: Pool, phones: Sequence[str]) -> int:
     """Take numbers off the opt-out list; returns how many were on it."""
     result: str = await pool.execute(

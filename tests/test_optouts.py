@@ -152,3 +152,18 @@ async def test_a_recipient_meta_reports_opted_out_fails_so_and_is_listed(
     assert tuple(row) == ("failed", "opted_out", "131050")
     assert list(await listed(pool)) == [numbers[1]]
     assert await skipped_reasons(pool, "second") == {numbers[1]: "opted_out"}
+
+
+@pytest.mark.parametrize(("category", "skipped"), [("marketing", 1), ("utility", 0)])
+async def test_plan_counts_the_opted_out_rows_of_the_categories_the_list_applies_to(
+    cli_env: dict[str, str], pool: ledger.Pool, tmp_path: Path, category: str, skipped: int
+) -> None:
+    numbers = numbers_from(46_000_000, 3)
+    await pool.execute("INSERT INTO optouts (phone, source) VALUES ($1, 'operator')", numbers[1])
+    path = tmp_path / "people.csv"
+    path.write_text("phone;name\n" + "".join(f"{n};N{i}\n" for i, n in enumerate(numbers)))
+    template = ["--template", "promo_nov", "--language", "id", "--param", "{name}"]
+    result = await run_cli(cli_env, "plan", str(path), *template, "--category", category)
+    assert result.code == 0, result.stderr
+    assert f"  valid: {3 - skipped}\n" in result.stdout
+    assert f"  opted out: {skipped}\n" in result.stdout
