@@ -948,3 +948,43 @@ async def list_optouts(pool: Pool, limit: int) -> list[OptOut]:
         limit,
     )
     return [OptOut(r["phone"], r["source"], r["reason"], r["created_at"]) for r in rows]
+
+
+# --- messaging limit --------------------------------------------------------------------------
+
+
+async def recipients_in_window(pool: Pool, accounts: Sequence[str], window_s: float) -> int:
+    """Unique numbers the accounts messaged within the window, with those reserved or in
+    flight now (they will be messaged): what the messaging limit has used."""
+    used: int = await pool.fetchval(
+        """
+        SELECT count(DISTINCT r.phone) FROM recipients r JOIN campaigns c ON c.id = r.campaign_id
+        WHERE c.account = ANY($1::text[]) AND (
+            (r.state IN ('sent', 'delivered', 'read')
+             AND r.updated_at > now() - make_interval(secs => $2))
+            OR r.state IN ('sending', 'uncertain')
+            OR (r.state = 'pending' AND r.owner IS NOT NULL))
+        """,
+        list(accounts),
+        window_s,
+    )
+    return used
+
+
+async def campaigns_paused_for(pool: Pool, reason: str) -> list[tuple[str, str]]:
+    """(id, account) of the campaigns paused with this reason."""
+    rows = await pool.fetch(
+        "SELECT id, account FROM campaigns WHERE state = 'paused' AND state_reason = $1", reason
+    )
+    return [(r["id"], r["account"]) for r in rows]
+
+
+async def resume_paused_for(pool: Pool, campaign_id: str, reason: str) -> bool:
+    """Run a campaign again if it is still paused for this reason (not by an operator since)."""
+    result: str = await pool.execute(
+        "UPDATE campaigns SET state = 'running', state_reason = NULL, updated_at = now() "
+        "WHERE id = $1 AND state = 'paused' AND state_reason = $2",
+        campaign_id,
+        reason,
+    )
+    return result.endswith(" 1")
