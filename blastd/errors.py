@@ -14,6 +14,7 @@
         ├── TransientError      retry with backoff and jitter, bounded attempts
         ├── ThrottledError      slow the account, honour retry_after_s, try again: not a failure
         ├── PairLimitError      resend this recipient later: not a failure
+        ├── MarketingCapError   this person got enough marketing today: resend in 24 h, once
         ├── QualityError        pause the campaign and wait for an operator
         ├── PermanentError      fail this recipient, never retry
         │   ├── OptedOutError   the person stopped these messages: fail, and suppress the number
@@ -109,6 +110,13 @@ class ThrottledError(ProviderError):
 
 class PairLimitError(ProviderError):
     error_class = "pair_limit"
+
+
+class MarketingCapError(ProviderError):
+    """The person's cap on marketing messages from all businesses is reached: the recipient
+    waits 24 h, once; a second such answer fails it."""
+
+    error_class = "marketing_cap"
 
 
 class QualityError(ProviderError):

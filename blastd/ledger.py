@@ -562,6 +562,10 @@ ANSWER_APPLIES = (
 )
 
 
+# A recipient deferred for the marketing cap meets it again: it fails instead of waiting more.
+CAPPED_AGAIN = "(o.error_class = 'marketing_cap' AND r.error_class = 'marketing_cap')"
+
+
 async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
     """Write a batch of outcomes in one statement; receipts already recorded are kept. A
     recipient that failed as opted out puts its number on the opt-out list in the same
@@ -570,12 +574,14 @@ async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
         f"""
         WITH written AS (
         UPDATE recipients r SET
-            state = CASE WHEN {ANSWER_APPLIES} THEN o.state ELSE r.state END,
+            state = CASE WHEN {ANSWER_APPLIES}
+                         THEN CASE WHEN {CAPPED_AGAIN} THEN 'failed' ELSE o.state END
+                         ELSE r.state END,
             provider_message_id = COALESCE(o.message_id, r.provider_message_id),
             error_class = CASE WHEN {ANSWER_APPLIES} THEN o.error_class ELSE r.error_class END,
             error_code = CASE WHEN {ANSWER_APPLIES} THEN o.error_code ELSE r.error_code END,
             error_text = CASE WHEN {ANSWER_APPLIES} THEN o.error_text ELSE r.error_text END,
-            next_attempt_at = o.next_at,
+            next_attempt_at = CASE WHEN {CAPPED_AGAIN} THEN NULL ELSE o.next_at END,
             attempts = r.attempts + o.requests,
             owner = NULL,
             updated_at = now()

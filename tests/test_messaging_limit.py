@@ -49,3 +49,24 @@ async def test_a_campaign_pauses_at_the_messaging_limit_and_resumes_when_the_win
     counts = await ledger.count_states(pool, "limited")
     assert counts == {"sent": 50}
     assert (await sandbox.stats())["accepted"] == 50
+
+
+async def test_the_marketing_cap_defers_its_recipient_a_day_instead_of_failing_it(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool, sandbox: SandboxHandle
+) -> None:
+    numbers = numbers_from(48_000_000, 3)
+    await sandbox.configure(fail_numbers={numbers[0].lstrip("+"): 131049})
+    async with running_daemon(make_settings(servers, sandbox.url)):
+        await redis.lpush(JOBS, blast_job("capped", numbers))
+        await wait_until(lambda: _sent_count_is(pool, "capped", 2))
+        row = await pool.fetchrow(
+            "SELECT state, error_class, next_attempt_at > now() + interval '23 hours' AS later "
+            "FROM recipients WHERE phone = $1",
+            numbers[0],
+        )
+    assert tuple(row) == ("pending", "marketing_cap", True)
+
+
+async def _sent_count_is(pool: ledger.Pool, campaign_id: str, count: int) -> bool:
+    counts = await ledger.count_states(pool, campaign_id)
+    return counts.get("sent") == count and counts.get("pending") == 1

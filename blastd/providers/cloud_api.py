@@ -17,6 +17,7 @@ from blastd.config import CloudApiAccount
 from blastd.errors import (
     CampaignFatalError,
     ConfigError,
+    MarketingCapError,
     OptedOutError,
     PairLimitError,
     PermanentError,
@@ -54,7 +55,6 @@ THROTTLED_CODES = (4, 80007, 130429)
 PAIR_LIMIT_CODES = (131056,)
 # 132015 (template paused for low quality) is lifted by Meta after hours: an operator resumes.
 QUALITY_CODES = (131048, 368, 132015)
-# 131049 (per-user marketing cap) may only be retried after 24 h, longer than a campaign waits.
 PERMANENT_CODES = (
     100,
     130472,
@@ -63,10 +63,11 @@ PERMANENT_CODES = (
     131014,
     131026,
     131047,
-    131049,
     131051,
     132000,
 )
+# 131049: the person's marketing cap (across businesses) is reached; it may be tried after 24 h.
+MARKETING_CAP_CODES = (131049,)
 # 131050: the user stopped marketing messages from this business.
 OPTED_OUT_CODES = (131050,)
 # Nothing on the account can succeed until a human acts: template gone (132001) or disabled
@@ -81,6 +82,7 @@ ERROR_CLASS_BY_CODE: dict[int, type[ProviderError]] = {
     **dict.fromkeys(QUALITY_CODES, QualityError),
     **dict.fromkeys(PERMANENT_CODES, PermanentError),
     **dict.fromkeys(OPTED_OUT_CODES, OptedOutError),
+    **dict.fromkeys(MARKETING_CAP_CODES, MarketingCapError),
     **dict.fromkeys(CAMPAIGN_FATAL_CODES, CampaignFatalError),
 }
 

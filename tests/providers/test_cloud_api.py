@@ -16,6 +16,7 @@ from pydantic import SecretStr
 from blastd.config import CloudApiAccount
 from blastd.errors import (
     CampaignFatalError,
+    MarketingCapError,
     OptedOutError,
     PairLimitError,
     PermanentError,
@@ -161,6 +162,7 @@ GRAPH_CODE_CLASSES: list[tuple[int, type[ProviderError]]] = [
     *[(code, ThrottledError) for code in (4, 80007, 130429)],
     (131056, PairLimitError),
     (131050, OptedOutError),
+    (131049, MarketingCapError),
     *[(code, QualityError) for code in (131048, 368, 132015)],
     *[
         (code, PermanentError)
