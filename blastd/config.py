@@ -87,6 +87,8 @@ class CloudApiAccount(AccountSettings):
     # Accounts with the same `portfolio` (a business portfolio) share one budget.
     messaging_limit_per_24h: int = Field(0, ge=0)
     portfolio: str | None = None
+    # Marketing templates go through the Marketing Messages API (its own endpoint) instead.
+    marketing_messages_api: bool = False
 
 
 class WablasAccount(AccountSettings):

@@ -144,7 +144,9 @@ class MessageSpec(Spec):
             return TextBody(texts[0])
         if self.template is not None:
             spec = self.template
-            return TemplateBody(spec.name, spec.language, tuple(texts), spec.header_video)
+            return TemplateBody(
+                spec.name, spec.language, tuple(texts), spec.header_video, spec.category
+            )
         assert self.video is not None  # _require_one_kind
         return VideoBody(self.video.link, texts[0] if texts else None)
 
