@@ -23,6 +23,7 @@ from blastd.providers.cloud_api import (
     count_system_errors,
     is_valid_signature,
     parse_inbound_texts,
+    parse_opted_out_statuses,
     parse_status_webhook,
 )
 from blastd.providers.ultramsg import is_valid_secret, parse_ack_webhook
@@ -150,7 +151,7 @@ async def receive_cloud_api_webhook(request: web.Request) -> web.Response:
     ]
     # Errors about the app or the account, outside any status: no recipient to apply them to.
     metrics.UNMATCHED_RECEIPTS.count(name, "system_error", count_system_errors(raw))
-    await _record_stop_keywords(deps, name, raw)
+    await _record_opt_outs(deps, name, raw)
     if receipts:
         # A status may overtake the answer it follows: answers already in hand are written
         # first, so a status without our opaque field still finds the message id it names.
@@ -159,9 +160,12 @@ async def receive_cloud_api_webhook(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-async def _record_stop_keywords(deps: Dependencies, account: str, raw: bytes) -> None:
-    """A person who writes one of the stop keywords (the whole message, trimmed, any case) goes
-    on the opt-out list before Meta hears our 200."""
+async def _record_opt_outs(deps: Dependencies, account: str, raw: bytes) -> None:
+    """Before Meta hears our 200, the opt-out list takes the numbers of statuses failed as
+    opted out, and of people who wrote one of the stop keywords (the whole message, trimmed,
+    any case)."""
+    if stopped := parse_opted_out_statuses(raw):
+        await deps.db(ledger.add_optouts, stopped, "provider", "stopped marketing messages")
     keywords = {k.strip().casefold() for k in deps.settings.optout_keywords}
     for phone, text in parse_inbound_texts(raw):
         if text.strip().casefold() in keywords:

@@ -966,9 +966,9 @@ async def recipients_in_window(pool: Pool, accounts: Sequence[str], window_s: fl
         """
         SELECT count(DISTINCT r.phone) FROM recipients r JOIN campaigns c ON c.id = r.campaign_id
         WHERE c.account = ANY($1::text[]) AND (
-            (r.state IN ('sent', 'delivered', 'read')
+            (r.state IN ('sent', 'delivered', 'read', 'uncertain')
              AND r.updated_at > now() - make_interval(secs => $2))
-            OR r.state IN ('sending', 'uncertain')
+            OR r.state = 'sending'
             OR (r.state = 'pending' AND r.owner IS NOT NULL))
         """,
         list(accounts),

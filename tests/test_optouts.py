@@ -167,3 +167,22 @@ async def test_plan_counts_the_opted_out_rows_of_the_categories_the_list_applies
     assert result.code == 0, result.stderr
     assert f"  valid: {3 - skipped}\n" in result.stdout
     assert f"  opted out: {skipped}\n" in result.stdout
+
+
+async def test_a_status_failed_as_opted_out_puts_the_number_on_the_list(
+    servers: Servers, redis: aioredis.Redis, pool: ledger.Pool, sandbox: SandboxHandle
+) -> None:
+    admin_port = free_port()
+    numbers = numbers_from(50_000_000, 2)
+    await sandbox.configure(
+        webhook_url=webhook_url(admin_port), async_fail_numbers={numbers[0].lstrip("+"): 131050}
+    )
+    async with running_daemon(make_settings(servers, sandbox.url, admin_port=admin_port)):
+        await redis.lpush(JOBS, blast_job("late", numbers))
+        await wait_until(lambda: is_done(pool, "late"))
+        await wait_until(lambda: _listed_count_is(pool, 1))
+    assert await listed(pool) == {numbers[0]: ("provider", "stopped marketing messages")}
+
+
+async def _listed_count_is(pool: ledger.Pool, count: int) -> bool:
+    return await pool.fetchval("SELECT count(*) FROM optouts") == count
