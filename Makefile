@@ -69,6 +69,7 @@ bench: install
 	$(BIN)/python bench/wablas_bulk.py
 	$(BIN)/python bench/status_broadcast.py
 	$(BIN)/python bench/video.py
+	$(BIN)/python bench/messaging_limit.py
 	$(BIN)/python bench/chaos.py
 	$(BIN)/python bench/backend_cost.py --concurrency 256 --rates 0 2000
 

@@ -22,6 +22,8 @@ from blastd.providers.cloud_api import (
     answer_verification,
     count_system_errors,
     is_valid_signature,
+    parse_inbound_texts,
+    parse_opted_out_statuses,
     parse_status_webhook,
 )
 from blastd.providers.ultramsg import is_valid_secret, parse_ack_webhook
@@ -149,12 +151,26 @@ async def receive_cloud_api_webhook(request: web.Request) -> web.Response:
     ]
     # Errors about the app or the account, outside any status: no recipient to apply them to.
     metrics.UNMATCHED_RECEIPTS.count(name, "system_error", count_system_errors(raw))
+    await _record_opt_outs(deps, name, raw)
     if receipts:
         # A status may overtake the answer it follows: answers already in hand are written
         # first, so a status without our opaque field still finds the message id it names.
         await deps.outcomes.synced()
         await deps.receipts.add_durably(receipts)
     return web.Response(text="ok")
+
+
+async def _record_opt_outs(deps: Dependencies, account: str, raw: bytes) -> None:
+    """Before Meta hears our 200, the opt-out list takes the numbers of statuses failed as
+    opted out, and of people who wrote one of the stop keywords (the whole message, trimmed,
+    any case)."""
+    if stopped := parse_opted_out_statuses(raw):
+        await deps.db(ledger.add_optouts, stopped, "provider", "stopped marketing messages")
+    keywords = {k.strip().casefold() for k in deps.settings.optout_keywords}
+    for phone, text in parse_inbound_texts(raw):
+        if text.strip().casefold() in keywords:
+            added = await deps.db(ledger.add_optouts, [phone], "inbound", text.strip()[:100])
+            log.info("opted_out", account=account, phone=phone, new=bool(added))
 
 
 async def receive_ultramsg_webhook(request: web.Request) -> web.Response:

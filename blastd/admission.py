@@ -52,10 +52,17 @@ async def _insert_campaign(
     deps: Dependencies, job: BlastJob | VideoBlastJob, campaign: ledger.NewCampaign
 ) -> ledger.CampaignCounts | None:
     async with ledger.transaction(deps.pool) as conn:
-        counts = await ledger.insert_campaign(conn, campaign, staged_pages(deps, job))
+        skip = skips_opted_out(job, deps.settings.optout_applies_to)
+        counts = await ledger.insert_campaign(conn, campaign, staged_pages(deps, job), skip)
         if counts is not None and counts.pending == 0:
             raise InvalidJobError("no valid recipient", job.id)  # rolls the campaign back
         return counts
+
+
+def skips_opted_out(job: BlastJob | VideoBlastJob, applies_to: Sequence[str]) -> bool:
+    """Whether this job's sends leave out numbers on the opt-out list: by its category."""
+    category = job.message.category if isinstance(job, BlastJob) else "marketing"
+    return category in applies_to
 
 
 async def staged_pages(

@@ -18,6 +18,7 @@ import structlog
 
 from blastd import controls, events, ledger, metrics, runner
 from blastd.claims import Claims
+from blastd.config import CloudApiAccount, Settings
 from blastd.job_fields import BlastOptions
 from blastd.jobs import MessageSpec, render
 from blastd.ledger import ClaimedRecipient, Outcome
@@ -36,6 +37,9 @@ log = structlog.get_logger()
 
 # How much sending time one claim covers: reserved recipients wait this long at most for
 # their turn, and a stop releases them.
+# The state reason of a campaign paused by its account's messaging limit: the scheduler runs
+# it again once the rolling window has room.
+MESSAGING_LIMIT = "messaging_limit"
 CLAIM_AHEAD_S = 0.02
 
 
@@ -77,6 +81,7 @@ async def _schedule(deps: Dependencies, claims: Claims, shutdown: Shutdown) -> N
     async with asyncio.TaskGroup() as group:
         while not shutdown.is_requested:
             deps.campaigns_changed.clear()
+            await _resume_within_limit(deps)
             running = await deps.db(ledger.running_campaign_ids)
             active = {cid: entry for cid, entry in active.items() if not entry.task.done()}
             for campaign_id in running:
@@ -92,6 +97,49 @@ async def _schedule(deps: Dependencies, claims: Claims, shutdown: Shutdown) -> N
             departed = _halt_departed(active, running)
             paused_by_operator |= await controls.notice_departed(deps, departed)
             await shutdown.wait(deps.campaigns_changed, deps.settings.campaign_poll_interval_s)
+
+
+async def _resume_within_limit(deps: Dependencies) -> None:
+    """Campaigns paused by their messaging limit run again once the window has room."""
+    for campaign_id, account in await deps.db(ledger.campaigns_paused_for, MESSAGING_LIMIT):
+        room = await _messaging_room(deps, account)
+        if (room is None or room > 0) and await deps.db(
+            ledger.resume_paused_for, campaign_id, MESSAGING_LIMIT
+        ):
+            log.info("campaign_resumed", campaign_id=campaign_id, reason=MESSAGING_LIMIT)
+
+
+async def _messaging_room(deps: Dependencies, account: str) -> int | None:
+    """How many more unique people the account may message in the window now; None: no
+    limit. Accounts of one portfolio share the budget."""
+    settings = deps.settings
+    limit = _limited_accounts(settings, account)
+    if limit is None:
+        return None
+    budget, names = limit
+    used = await deps.db(ledger.recipients_in_window, names, settings.messaging_limit_window_s)
+    return max(0, budget - used)
+
+
+def _limited_accounts(settings: Settings, account: str) -> tuple[int, list[str]] | None:
+    """The account's messaging limit and the accounts that share it; None without a limit."""
+    own = settings.accounts.get(account)
+    if not isinstance(own, CloudApiAccount) or not own.messaging_limit_per_24h:
+        return None
+    names = [
+        name
+        for name, other in settings.accounts.items()
+        if name == account or _same_portfolio(own, other)
+    ]
+    return own.messaging_limit_per_24h, names
+
+
+def _same_portfolio(own: CloudApiAccount, other: object) -> bool:
+    return (
+        own.portfolio is not None
+        and isinstance(other, CloudApiAccount)
+        and other.portfolio == own.portfolio
+    )
 
 
 def _halt_departed(active: dict[str, _Active], running: list[str]) -> list[str]:
@@ -276,11 +324,19 @@ async def _claim(run: BlastRun) -> tuple[int, list[ClaimedRecipient]]:
     if time_zones is not None and not time_zones:
         claims.hold(token, [])
         return token, []  # the window has closed in every zone left
+    size = run.claim_size
+    room = await _messaging_room(deps, run.campaign.account)
+    if room is not None and room < size:
+        size = room
+        if room == 0:
+            run.stop("paused", MESSAGING_LIMIT)
+            claims.hold(token, [])
+            return token, []
     claimed = await deps.db(
         ledger.reserve_recipients,
         run.campaign.id,
         deps.settings.instance_id,
-        run.claim_size,
+        size,
         token,
         time_zones,
     )

@@ -1,5 +1,5 @@
 """Subcommands: run, enqueue, status, campaigns, recipients, pause, resume, cancel, retry, dead,
-purge, migrate, check, sandbox, demo.
+optout, purge, migrate, check, sandbox, demo.
 
 pause, resume, cancel and retry act on the ledger directly, through the same functions that
 `control` jobs use (blastd.controls): the operator sees the result at once, and a daemon running
@@ -25,10 +25,12 @@ from blastd.errors import (
     EXIT_CONFIG,
     BlastdError,
     ConfigError,
+    InvalidNumberError,
     PostgresUnavailableError,
     UnavailableError,
 )
 from blastd.jobs import CONTROL_SCOPES, DEFAULT_RETRY_CLASSES, RETRY_CLASSES, ControlAction
+from blastd.recipients import normalize_number
 from blastd.redis_client import RedisClient, check_key_layout, open_redis
 
 T = TypeVar("T")
@@ -119,6 +121,11 @@ def _job_options(fn: Callable[..., None]) -> Callable[..., None]:
         click.option(
             "--param", "params", multiple=True, help="Template body parameter (repeatable)."
         ),
+        click.option(
+            "--category",
+            type=click.Choice(["marketing", "utility", "authentication"]),
+            help="The template's category (default marketing): decides the opt-out list.",
+        ),
         click.option("--video", help="Video link for a video message."),
         click.option(
             "--caption", help="Video caption (--video or --video-script); {column} allowed."
@@ -180,15 +187,16 @@ def enqueue(ctx: click.Context, /, file: Path, dry_run: bool, **options: Any) ->
 @click.pass_context
 def plan(ctx: click.Context, /, file: Path, **options: Any) -> None:
     """Check a job as `enqueue FILE` would build it, and push nothing: the counts of valid,
-    invalid, duplicate and missing-variable rows with examples, a few rendered messages and
-    the time the sending would take."""
+    invalid, duplicate, missing-variable and opted-out rows with examples, a few rendered
+    messages and the time the sending would take."""
     _plan(ctx, file, options)
 
 
 def _plan(ctx: click.Context, file: Path, options: dict[str, Any]) -> None:
     _check_enqueue_options(ctx, options)
     settings = _settings(ctx)
-    plan = _run(asyncio.to_thread(enqueueing.plan_file, settings, file, options))
+    optouts = _run(_with_pool(settings, ledger.load_optouts))
+    plan = _run(asyncio.to_thread(enqueueing.plan_file, settings, file, options, optouts))
     for line in enqueueing.plan_lines(plan):
         click.echo(line)
 
@@ -403,6 +411,77 @@ def dead_requeue(ctx: click.Context, index: int | None, every: bool) -> None:
         click.echo(f"blastd: no dead-letter entry {index}", err=True)
         sys.exit(1)
     click.echo(f"requeued entry {index} (job {entry.fields.get('job_id') or '-'})")
+
+
+# --- opt-outs --------------------------------------------------------------------------------
+
+
+@main.group()
+def optout() -> None:
+    """The opt-out list: numbers that sends of the categories in BLASTD_OPTOUT_APPLIES_TO skip."""
+
+
+@optout.command("add")
+@click.argument("numbers", nargs=-1, required=True)
+@click.option("--reason", default=None, help="Why, kept with the number.")
+@click.pass_context
+def optout_add(ctx: click.Context, numbers: tuple[str, ...], reason: str | None) -> None:
+    """Put NUMBERS on the list."""
+    settings = _settings(ctx)
+    phones = _normalized(numbers, settings.default_region)
+    added = _run(_with_pool(settings, lambda p: ledger.add_optouts(p, phones, "operator", reason)))
+    click.echo(f"added {added} number(s); {len(phones) - added} already listed")
+
+
+@optout.command("remove")
+@click.argument("numbers", nargs=-1, required=True)
+@click.pass_context
+def optout_remove(ctx: click.Context, numbers: tuple[str, ...]) -> None:
+    """Take NUMBERS off the list."""
+    settings = _settings(ctx)
+    phones = _normalized(numbers, settings.default_region)
+    removed = _run(_with_pool(settings, lambda p: ledger.remove_optouts(p, phones)))
+    click.echo(f"removed {removed} number(s)")
+
+
+@optout.command("list")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@click.pass_context
+def optout_list(ctx: click.Context, limit: int) -> None:
+    """Print the most recent opt-outs: created_at, number, source, reason."""
+    settings = _settings(ctx)
+    entries = _run(_with_pool(settings, lambda p: ledger.list_optouts(p, limit)))
+    for entry in entries:
+        click.echo(
+            f"{entry.created_at.isoformat()}  {entry.phone}  {entry.source}  {entry.reason or '-'}"
+        )
+
+
+@optout.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--reason", default=None, help="Why, kept with every number.")
+@click.pass_context
+def optout_import(ctx: click.Context, file: Path, reason: str | None) -> None:
+    """Put every number in FILE on the list: one a line, or the first column of a CSV line."""
+    settings = _settings(ctx)
+    lines = file.read_text(encoding="utf-8-sig").splitlines()
+    raw = [line.split(",")[0].strip().strip('"') for line in lines]
+    # A first cell without a digit is a header (phone, number, ...), not a bad number.
+    raw = [cell for i, cell in enumerate(raw) if cell and (i > 0 or any(map(str.isdigit, cell)))]
+    phones = _normalized(raw, settings.default_region)
+    added = _run(_with_pool(settings, lambda p: ledger.add_optouts(p, phones, "import", reason)))
+    click.echo(f"added {added} number(s); {len(phones) - added} already listed")
+
+
+def _normalized(numbers: Sequence[str], region: str) -> list[str]:
+    """E.164 numbers; an unreadable one stops the command with its reason, nothing written."""
+    phones = []
+    for number in numbers:
+        try:
+            phones.append(normalize_number(number, region))
+        except InvalidNumberError as exc:
+            raise click.BadParameter(f"{number!r}: {exc.reason}") from exc
+    return phones
 
 
 # --- results: campaigns, recipients, purge ----------------------------------------------------

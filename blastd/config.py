@@ -83,6 +83,12 @@ class CloudApiAccount(AccountSettings):
     app_secret: SecretStr | None = None  # checks X-Hub-Signature-256 on status webhooks
     verify_token: SecretStr | None = None  # answers Meta's GET verification handshake
     rate_per_s: float = Field(80.0, ge=0)  # the default throughput tier of a number
+    # Meta's messaging limit: unique people messaged in a rolling window (24 h); 0: no limit.
+    # Accounts with the same `portfolio` (a business portfolio) share one budget.
+    messaging_limit_per_24h: int = Field(0, ge=0)
+    portfolio: str | None = None
+    # Marketing templates go through the Marketing Messages API (its own endpoint) instead.
+    marketing_messages_api: bool = False
 
 
 class WablasAccount(AccountSettings):
@@ -415,6 +421,12 @@ class Settings(BaseSettings):
     reconcile_window_s: float = Field(900.0, ge=0)
     reconcile_interval_s: float = Field(30.0, gt=0)  # how often the window is checked
     max_job_deliveries: int = Field(3, ge=1)  # a job that crashed the daemon this often is dead
+    # Opt-outs: the categories whose sends skip numbers on the opt-out list, and the inbound
+    # messages (whole text, trimmed, any case) that put their sender on it.
+    optout_applies_to: list[Literal["marketing", "utility", "authentication"]] = ["marketing"]
+    # The messaging limit's rolling window: 24 h as Meta counts it (shorter only in tests).
+    messaging_limit_window_s: float = Field(86_400.0, gt=0)
+    optout_keywords: list[str] = ["STOP", "BERHENTI", "UNSUBSCRIBE", "STOP PROMO"]
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

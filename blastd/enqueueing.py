@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from blastd import ledger, logs
-from blastd.admission import stage_recipient
+from blastd.admission import skips_opted_out, stage_recipient
 from blastd.config import VIDEO_KINDS, Settings
 from blastd.errors import BlastdError, InvalidJobError
 from blastd.jobs import BlastJob, Job, parse_job, placeholders, render
@@ -52,6 +52,7 @@ class Tally:
     invalid: int = 0
     duplicate: int = 0
     missing_variable: int = 0
+    opted_out: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
     rendered: list[str] = field(default_factory=list)
 
@@ -73,9 +74,12 @@ class Plan:
     campaign_rate_per_s: float | None
 
 
-def plan_file(settings: Settings, path: Path, options: dict[str, Any]) -> Plan:
+def plan_file(
+    settings: Settings, path: Path, options: dict[str, Any], optouts: frozenset[str] = frozenset()
+) -> Plan:
     """Validate the job with the daemon's own parser and stage every row with the daemon's own
-    admission code, without pushing anything; raise BlastdError for what the daemon refuses."""
+    admission code, without pushing anything; raise BlastdError for what the daemon refuses.
+    `optouts` is the opt-out list, skipped when the job's category is one it applies to."""
     job = build_job(settings, path, options)
     job["recipients_key"] = recipients_list_key(settings.redis_prefix, job["id"])
     parsed = parse_as_daemon(settings, orjson.dumps(job))
@@ -86,7 +90,8 @@ def plan_file(settings: Settings, path: Path, options: dict[str, Any]) -> Plan:
         _check_placeholders(
             path, {_MESSAGE_FLAGS[_message_kind(parsed)]: placeholders(parsed.message)}
         )
-    tally = tally_rows(parsed, path, settings.default_region)
+    skipped = optouts if skips_opted_out(parsed, settings.optout_applies_to) else frozenset()
+    tally = tally_rows(parsed, path, settings.default_region, skipped)
     if tally.valid == 0:
         raise JobRefusedError(f"no recipient of {path.name} can be sent: {_why_none(tally)}")
     account = settings.accounts[parsed.account]
@@ -106,7 +111,7 @@ async def enqueue_file(
     raw = path.read_bytes() if path.suffix.lower() == ".json" else b""  # noqa: ASYNC240 (CLI: nothing else runs on this loop)
     if raw.lstrip().startswith(b"{"):
         return await _push_job_file(redis, settings, raw)
-    plan = plan_file(settings, path, options)
+    plan = plan_file(settings, path, options, await ledger.load_optouts(pool))
     await check_id_is_free(pool, plan.parsed)
     job, key = plan.job, plan.job["recipients_key"]
     await redis.delete(key)
@@ -140,7 +145,9 @@ def parse_as_daemon(settings: Settings, raw: bytes) -> Job:
         raise JobRefusedError(f"the daemon would refuse this job: {exc.reason}") from None
 
 
-def tally_rows(job: BlastJob | VideoBlastJob, path: Path, region: str) -> Tally:
+def tally_rows(
+    job: BlastJob | VideoBlastJob, path: Path, region: str, optouts: frozenset[str] = frozenset()
+) -> Tally:
     """Each row through the daemon's reading of a list entry and its staging of a recipient;
     a number seen before among the sendable ones is a duplicate, as the ledger counts them."""
     tally, seen = Tally(), set[str]()
@@ -151,6 +158,9 @@ def tally_rows(job: BlastJob | VideoBlastJob, path: Path, region: str) -> Tally:
         where = f"{unit} {seq + first}: {staged.phone}"
         if staged.skip_reason is None and staged.phone in seen:
             tally.note("duplicate", where)
+        elif staged.skip_reason is None and staged.phone in optouts:
+            seen.add(staged.phone)
+            tally.note("opted_out", where)
         elif staged.skip_reason is None:
             seen.add(staged.phone)
             tally.note("valid", where)
@@ -195,7 +205,7 @@ def plan_lines(plan: Plan) -> list[str]:
     """What `blastd plan` prints: the counts with examples, rendered messages, the ETA."""
     tally, job = plan.tally, plan.parsed
     lines = [f"{job.type} {job.id} on {job.account}: {tally.valid} to send"]
-    for kind in ("valid", "invalid", "duplicate", "missing_variable"):
+    for kind in ("valid", "invalid", "duplicate", "missing_variable", "opted_out"):
         count = getattr(tally, kind)
         lines.append(f"  {kind.replace('_', ' ')}: {count}")
         lines.extend(f"    {example}" for example in tally.examples.get(kind, ()) if count)
@@ -219,6 +229,8 @@ def _why_none(tally: Tally) -> str:
     if tally.missing_variable:
         first = tally.examples["missing_variable"][0]
         parts.append(f"{tally.missing_variable} row(s) lack a variable (first: {first})")
+    if tally.opted_out:
+        parts.append(f"{tally.opted_out} opted out")
     if tally.invalid:
         parts.append(f"{tally.invalid} invalid (first: {tally.examples['invalid'][0]})")
     return "; ".join(parts) or "the file has no rows"
@@ -320,6 +332,10 @@ def _message(options: dict[str, Any]) -> dict[str, Any]:
             "language": options["language"],
             "params": list(options.get("params") or ()),
         }
+        if options.get("category"):
+            message["template"]["category"] = options["category"]
+    elif options.get("category"):
+        raise BlastdError("--category belongs to --template")
     if options.get("video"):
         video = {"link": options["video"]}
         if options.get("caption"):

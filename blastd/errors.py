@@ -14,8 +14,10 @@
         ├── TransientError      retry with backoff and jitter, bounded attempts
         ├── ThrottledError      slow the account, honour retry_after_s, try again: not a failure
         ├── PairLimitError      resend this recipient later: not a failure
+        ├── MarketingCapError   this person got enough marketing today: resend in 24 h, once
         ├── QualityError        pause the campaign and wait for an operator
         ├── PermanentError      fail this recipient, never retry
+        │   ├── OptedOutError   the person stopped these messages: fail, and suppress the number
         │   └── BatchTooLargeError  a status gateway refused a batch's size: split, retry
         ├── CampaignFatalError  stop the campaign at once
         ├── ConfigurationError  the endpoint, API version or sender id is wrong: stop the campaign
@@ -111,12 +113,26 @@ class PairLimitError(ProviderError):
     error_class = "pair_limit"
 
 
+class MarketingCapError(ProviderError):
+    """The person's cap on marketing messages from all businesses is reached: the recipient
+    waits 24 h, once; a second such answer fails it."""
+
+    error_class = "marketing_cap"
+
+
 class QualityError(ProviderError):
     error_class = "quality"
 
 
 class PermanentError(ProviderError):
     error_class = "permanent"
+
+
+class OptedOutError(PermanentError):
+    """The recipient turned these messages off: the recipient fails with class 'opted_out' and
+    the ledger adds the number to the opt-out list in the same write."""
+
+    error_class = "opted_out"
 
 
 class BatchTooLargeError(PermanentError):

@@ -63,6 +63,8 @@ RetryClass = Literal[
     "transient", "throttled", "pair_limit", "quality", "permanent", "campaign_fatal", "uncertain"
 ]
 RETRY_CLASSES: tuple[RetryClass, ...] = get_args(RetryClass)
+# Meta's template categories; a text or video message counts as marketing.
+MessageCategory = Literal["marketing", "utility", "authentication"]
 # The provider could not take these then; sending again later is what they call for.
 DEFAULT_RETRY_CLASSES: tuple[RetryClass, ...] = ("transient", "throttled")
 
@@ -84,6 +86,7 @@ class TemplateSpec(Spec):
     language: Annotated[str, Field(pattern=r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})*$")]
     params: Annotated[tuple[MessageText, ...], BeforeValidator(list_as_tuple)] = ()
     header_video: HttpUrl | None = None
+    category: MessageCategory = "marketing"
 
 
 class VideoSpec(Spec):
@@ -122,6 +125,11 @@ class MessageSpec(Spec):
         parts = tuple(tuple(PLACEHOLDER.split(text)) for text in self._texts())
         return Compiled(parts, frozenset(name for split in parts for name in split[1::2]))
 
+    @property
+    def category(self) -> MessageCategory:
+        """The category the opt-out list is checked against."""
+        return self.template.category if self.template is not None else "marketing"
+
     def _texts(self) -> tuple[str, ...]:
         """The texts that may hold placeholders, in the order _body takes them back."""
         if self.text is not None:
@@ -136,7 +144,9 @@ class MessageSpec(Spec):
             return TextBody(texts[0])
         if self.template is not None:
             spec = self.template
-            return TemplateBody(spec.name, spec.language, tuple(texts), spec.header_video)
+            return TemplateBody(
+                spec.name, spec.language, tuple(texts), spec.header_video, spec.category
+            )
         assert self.video is not None  # _require_one_kind
         return VideoBody(self.video.link, texts[0] if texts else None)
 

@@ -115,12 +115,14 @@ async def insert_campaign(
     conn: asyncpg.Connection,
     campaign: NewCampaign,
     pages: AsyncIterator[Sequence[StagedRecipient]],
+    skip_opted_out: bool = False,
 ) -> CampaignCounts | None:
     """Insert a campaign and all its recipients inside the caller's transaction.
 
     Returns None when a campaign with this id exists already (the job id is an idempotency
     key). Recipients are staged page by page with COPY, so a million of them never sit in
-    memory at once; duplicates of a number become 'skipped' rows with reason 'duplicate'.
+    memory at once; duplicates of a number become 'skipped' rows with reason 'duplicate', and
+    with `skip_opted_out` numbers on the opt-out list become 'skipped' with reason 'opted_out'.
     """
     inserted = await conn.fetchval(
         "INSERT INTO campaigns (id, type, account, message, options) VALUES ($1, $2, $3, $4, $5) "
@@ -145,6 +147,8 @@ async def insert_campaign(
                 (r.seq, r.phone, _vars_json(r.vars), r.skip_reason, r.time_zone) for r in page
             ],
         )
+    if skip_opted_out:
+        await conn.execute(SKIP_OPTED_OUT, timeout=BULK_STATEMENT_TIMEOUT_S)
     row = await conn.fetchrow(
         INSERT_STAGED_RECIPIENTS, campaign.id, timeout=BULK_STATEMENT_TIMEOUT_S
     )
@@ -155,6 +159,11 @@ def _vars_json(vars: dict[str, str] | None) -> str | None:
     # Staged as text: COPY's binary format has no encoder for the connection's jsonb text codec.
     return orjson.dumps(vars).decode() if vars else None
 
+
+SKIP_OPTED_OUT = """
+UPDATE staged_recipients s SET skip_reason = 'opted_out'
+FROM optouts o WHERE o.phone = s.phone AND s.skip_reason IS NULL
+"""
 
 INSERT_STAGED_RECIPIENTS = """
 WITH ranked AS (
@@ -553,17 +562,26 @@ ANSWER_APPLIES = (
 )
 
 
+# A recipient deferred for the marketing cap meets it again: it fails instead of waiting more.
+CAPPED_AGAIN = "(o.error_class = 'marketing_cap' AND r.error_class = 'marketing_cap')"
+
+
 async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
-    """Write a batch of outcomes in one statement; receipts already recorded are kept."""
+    """Write a batch of outcomes in one statement; receipts already recorded are kept. A
+    recipient that failed as opted out puts its number on the opt-out list in the same
+    statement, so the list never misses a refusal the ledger recorded."""
     await pool.execute(
         f"""
+        WITH written AS (
         UPDATE recipients r SET
-            state = CASE WHEN {ANSWER_APPLIES} THEN o.state ELSE r.state END,
+            state = CASE WHEN {ANSWER_APPLIES}
+                         THEN CASE WHEN {CAPPED_AGAIN} THEN 'failed' ELSE o.state END
+                         ELSE r.state END,
             provider_message_id = COALESCE(o.message_id, r.provider_message_id),
             error_class = CASE WHEN {ANSWER_APPLIES} THEN o.error_class ELSE r.error_class END,
             error_code = CASE WHEN {ANSWER_APPLIES} THEN o.error_code ELSE r.error_code END,
             error_text = CASE WHEN {ANSWER_APPLIES} THEN o.error_text ELSE r.error_text END,
-            next_attempt_at = o.next_at,
+            next_attempt_at = CASE WHEN {CAPPED_AGAIN} THEN NULL ELSE o.next_at END,
             attempts = r.attempts + o.requests,
             owner = NULL,
             updated_at = now()
@@ -571,6 +589,12 @@ async def record_outcomes(pool: Pool, outcomes: Sequence[Outcome]) -> None:
                     $7::timestamptz[], $8::integer[])
              AS o(id, state, message_id, error_class, error_code, error_text, next_at, requests)
         WHERE r.id = o.id
+        RETURNING r.phone, r.state, r.error_class, r.error_text
+        )
+        INSERT INTO optouts (phone, source, reason)
+        SELECT DISTINCT ON (phone) phone, 'provider', error_text FROM written
+        WHERE state = 'failed' AND error_class = 'opted_out'
+        ON CONFLICT (phone) DO NOTHING
         """,
         [o.id for o in outcomes],
         [o.state for o in outcomes],
@@ -880,3 +904,93 @@ async def phones_in_states(pool: Pool, campaign_id: str, states: Sequence[str]) 
         list(states),
     )
     return [r["phone"] for r in rows]
+
+
+# --- opt-outs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OptOut:
+    """A number on the opt-out list, how it got there and when."""
+
+    phone: str
+    source: str
+    reason: str | None
+    created_at: datetime
+
+
+async def add_optouts(pool: Pool, phones: Sequence[str], source: str, reason: str | None) -> int:
+    """Put numbers on the opt-out list; one already there keeps its first source. Returns how
+    many were new."""
+    result: str = await pool.execute(
+        "INSERT INTO optouts (phone, source, reason) SELECT DISTINCT p, $2, $3 "
+        "FROM unnest($1::text[]) AS p ON CONFLICT (phone) DO NOTHING",
+        list(phones),
+        source,
+        reason,
+    )
+    return int(result.split()[-1])
+
+
+async def load_optouts(pool: Pool) -> frozenset[str]:
+    """Every number on the opt-out list, for a plan to count against."""
+    rows = await pool.fetch("SELECT phone FROM optouts")
+    return frozenset(r["phone"] for r in rows)
+
+
+async def remove_optouts(pool: Pool, phones: Sequence[str]) -> int:
+    """Take numbers off the opt-out list; returns how many were on it."""
+    result: str = await pool.execute(
+        "DELETE FROM optouts WHERE phone = ANY($1::text[])", list(phones)
+    )
+    return int(result.split()[-1])
+
+
+async def list_optouts(pool: Pool, limit: int) -> list[OptOut]:
+    """The most recent opt-outs first."""
+    rows = await pool.fetch(
+        "SELECT phone, source, reason, created_at FROM optouts "
+        "ORDER BY created_at DESC, phone LIMIT $1",
+        limit,
+    )
+    return [OptOut(r["phone"], r["source"], r["reason"], r["created_at"]) for r in rows]
+
+
+# --- messaging limit --------------------------------------------------------------------------
+
+
+async def recipients_in_window(pool: Pool, accounts: Sequence[str], window_s: float) -> int:
+    """Unique numbers the accounts messaged within the window, with those reserved or in
+    flight now (they will be messaged): what the messaging limit has used."""
+    used: int = await pool.fetchval(
+        """
+        SELECT count(DISTINCT r.phone) FROM recipients r JOIN campaigns c ON c.id = r.campaign_id
+        WHERE c.account = ANY($1::text[]) AND (
+            (r.state IN ('sent', 'delivered', 'read', 'uncertain')
+             AND r.updated_at > now() - make_interval(secs => $2))
+            OR r.state = 'sending'
+            OR (r.state = 'pending' AND r.owner IS NOT NULL))
+        """,
+        list(accounts),
+        window_s,
+    )
+    return used
+
+
+async def campaigns_paused_for(pool: Pool, reason: str) -> list[tuple[str, str]]:
+    """(id, account) of the campaigns paused with this reason."""
+    rows = await pool.fetch(
+        "SELECT id, account FROM campaigns WHERE state = 'paused' AND state_reason = $1", reason
+    )
+    return [(r["id"], r["account"]) for r in rows]
+
+
+async def resume_paused_for(pool: Pool, campaign_id: str, reason: str) -> bool:
+    """Run a campaign again if it is still paused for this reason (not by an operator since)."""
+    result: str = await pool.execute(
+        "UPDATE campaigns SET state = 'running', state_reason = NULL, updated_at = now() "
+        "WHERE id = $1 AND state = 'paused' AND state_reason = $2",
+        campaign_id,
+        reason,
+    )
+    return result.endswith(" 1")

@@ -27,6 +27,7 @@ from blastd.config import AccountSettings
 from blastd.errors import (
     CampaignFatalError,
     ConfigurationError,
+    MarketingCapError,
     NotSentError,
     PairLimitError,
     PermanentError,
@@ -45,6 +46,7 @@ log = structlog.get_logger()
 
 DEFAULT_THROTTLE_HOLD_S = 1.0  # when a throttling answer names no Retry-After
 MAX_PAIR_DELAY_S = 3600.0
+MARKETING_CAP_DELAY_S = 86_400.0  # Meta's advice for 131049: try that person again in 24 h
 RECOVERY_STEPS = 100  # after a cut, the rate climbs back to the ceiling over this many successes
 
 
@@ -192,6 +194,9 @@ def outcome_of(ledger_id: int, result: SendResult, attempts: int, requests: int)
         # Meta's advice for 131056: wait 4^n seconds before writing to this user again.
         delay_s = backoff_s(attempts, 4.0, MAX_PAIR_DELAY_S, factor=4.0)
         state, later = "pending", datetime.now(UTC) + timedelta(seconds=delay_s)
+    elif isinstance(result, MarketingCapError):
+        # Once: the ledger fails a recipient that meets the cap a second time.
+        state, later = "pending", datetime.now(UTC) + timedelta(seconds=MARKETING_CAP_DELAY_S)
     elif isinstance(result, QualityError | CampaignFatalError | ConfigurationError):
         state = "pending"  # not sent; the campaign stops around it
     elif isinstance(result, UncertainOutcomeError):

@@ -59,7 +59,7 @@ async def migrated_pool(servers: Servers) -> AsyncIterator[ledger.Pool]:
 
 @pytest.fixture
 async def pool(migrated_pool: ledger.Pool) -> ledger.Pool:
-    await migrated_pool.execute("TRUNCATE campaigns, recipients RESTART IDENTITY CASCADE")
+    await migrated_pool.execute("TRUNCATE campaigns, recipients, optouts RESTART IDENTITY CASCADE")
     return migrated_pool
 
 

@@ -379,3 +379,35 @@ async def test_an_answer_of_any_kind_keeps_a_receipt_that_came_first(pool: ledge
     rows = await pool.fetch("SELECT state, owner, error_class FROM recipients ORDER BY id")
     assert [tuple(r) for r in rows] == [("delivered", None, None), ("read", None, None)]
     assert await ledger.claim_recipients(pool, CAMPAIGN, "owner-b", 2) == []
+
+
+async def test_an_opted_out_failure_puts_the_number_on_the_opt_out_list(pool: ledger.Pool) -> None:
+    stopped, other = await insert(pool, phones(2, first=30_000_000))
+    await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 2)
+    await ledger.record_outcomes(
+        pool,
+        [
+            Outcome(stopped, "failed", None, "opted_out", "131050", "user stopped marketing"),
+            Outcome(other, "failed", None, "permanent", "131026", "undeliverable"),
+        ],
+    )
+    rows = await pool.fetch("SELECT phone, source, reason FROM optouts")
+    assert [tuple(r) for r in rows] == [
+        (phones(1, first=30_000_000)[0], "provider", "user stopped marketing")
+    ]
+    assert await state_of(pool, stopped) == "failed"
+
+
+async def test_a_recipient_meets_the_marketing_cap_once_then_fails(pool: ledger.Pool) -> None:
+    (capped,) = await insert(pool, phones(1, first=31_000_000))
+    later = datetime.now(UTC) + timedelta(hours=24)
+    cap = Outcome(capped, "pending", None, "marketing_cap", "131049", "cap", later, 1)
+    await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 1)
+    await ledger.record_outcomes(pool, [cap])
+    row = await pool.fetchrow("SELECT state, next_attempt_at FROM recipients")
+    assert (row["state"], row["next_attempt_at"]) == ("pending", later)
+    await pool.execute("UPDATE recipients SET next_attempt_at = NULL")  # the 24 h have passed
+    assert len(await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 1)) == 1
+    await ledger.record_outcomes(pool, [cap])
+    row = await pool.fetchrow("SELECT state, error_class, next_attempt_at FROM recipients")
+    assert tuple(row) == ("failed", "marketing_cap", None)

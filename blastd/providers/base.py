@@ -21,6 +21,7 @@ class TemplateBody:
     language: str
     body_params: tuple[str, ...] = ()
     header_video_link: str | None = None
+    category: str = "marketing"  # marketing, utility or authentication, as the job says
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,8 @@ from blastd.errors import (
     CampaignFatalError,
     ConfigError,
     ConfigurationError,
+    MarketingCapError,
+    OptedOutError,
     PairLimitError,
     PermanentError,
     ProviderError,
@@ -54,7 +56,6 @@ THROTTLED_CODES = (4, 80007, 130429)
 PAIR_LIMIT_CODES = (131056,)
 # 132015 (template paused for low quality) is lifted by Meta after hours: an operator resumes.
 QUALITY_CODES = (131048, 368, 132015)
-# 131049 (per-user marketing cap) may only be retried after 24 h, longer than a campaign waits.
 PERMANENT_CODES = (
     100,
     130472,
@@ -63,11 +64,13 @@ PERMANENT_CODES = (
     131014,
     131026,
     131047,
-    131049,
-    131050,
     131051,
     132000,
 )
+# 131049: the person's marketing cap (across businesses) is reached; it may be tried after 24 h.
+MARKETING_CAP_CODES = (131049,)
+# 131050: the user stopped marketing messages from this business.
+OPTED_OUT_CODES = (131050,)
 # Nothing on the account can succeed until a human acts: template gone (132001) or disabled
 # for good (132016), auth and permission (0, 3, 10, 190, 200-299), account locked (131031),
 # payment (131042, the Graph twin of HTTP 402). Pausing would only resume into the same wall.
@@ -87,6 +90,8 @@ ERROR_CLASS_BY_CODE: dict[int, type[ProviderError]] = {
     **dict.fromkeys(PAIR_LIMIT_CODES, PairLimitError),
     **dict.fromkeys(QUALITY_CODES, QualityError),
     **dict.fromkeys(PERMANENT_CODES, PermanentError),
+    **dict.fromkeys(OPTED_OUT_CODES, OptedOutError),
+    **dict.fromkeys(MARKETING_CAP_CODES, MarketingCapError),
     **dict.fromkeys(CAMPAIGN_FATAL_CODES, CampaignFatalError),
 }
 
@@ -100,6 +105,11 @@ class CloudApiProvider(SingleMessageProvider):
         self._token = account.token.get_secret_value()
         base_url = account.base_url.rstrip("/")
         self._url = f"{base_url}/{account.api_version}/{account.phone_number_id}/messages"
+        self._marketing_url = (
+            f"{base_url}/{account.api_version}/{account.phone_number_id}/marketing_messages"
+            if account.marketing_messages_api
+            else None
+        )
         self._headers = {
             "Authorization": f"Bearer {self._token}",
             "Content-Type": "application/json",
@@ -109,9 +119,12 @@ class CloudApiProvider(SingleMessageProvider):
 
     async def send(self, message: OutboundMessage) -> SendReceipt:
         """Send one message; return Meta's wamid or raise the ProviderError its answer means."""
-        payload = orjson.dumps(build_request_body(message))
+        url, request = self._url, build_request_body(message)
+        if self._marketing_url is not None and is_marketing_template(message):
+            url, request = self._marketing_url, marketing_request_body(request)
+        payload = orjson.dumps(request)
         answer = await post_for_answer(
-            self._http, self._url, payload, self._headers, self._timeout, self._describe
+            self._http, url, payload, self._headers, self._timeout, self._describe
         )
         if 200 <= answer.status < 300:
             return read_receipt(answer.status, answer.raw_body)
@@ -335,3 +348,70 @@ def _status_error(status: Mapping[str, object]) -> tuple[str | None, str | None]
         str(code) if isinstance(code, int | str) else None,
         title[:MAX_ERROR_TEXT_CHARS] if isinstance(title, str) else None,
     )
+
+
+def parse_inbound_texts(raw_body: bytes) -> list[tuple[str, str]]:
+    """(sender in E.164, text) of each message a person sent us in a webhook body: typed text
+    and the text of a tapped quick-reply button (a marketing template's "Stop promotions").
+    Other kinds and malformed entries are skipped; a body that is not JSON gives none."""
+    try:
+        document: object = orjson.loads(raw_body)
+    except orjson.JSONDecodeError:
+        return []
+    return [
+        inbound
+        for entry in _list_at(document, "entry")
+        for change in _list_at(entry, "changes")
+        for message in _list_at(
+            change.get("value") if isinstance(change, dict) else None, "messages"
+        )
+        if (inbound := _read_inbound(message)) is not None
+    ]
+
+
+def _read_inbound(message: object) -> tuple[str, str] | None:
+    if not isinstance(message, dict):
+        return None
+    sender = message.get("from")
+    kind = message.get("type")
+    part = message.get(kind) if isinstance(kind, str) and kind in ("text", "button") else None
+    text = part.get("body" if kind == "text" else "text") if isinstance(part, dict) else None
+    if not isinstance(sender, str) or not sender.isdigit() or not isinstance(text, str):
+        return None
+    return f"+{sender}", text
+
+
+def is_marketing_template(message: OutboundMessage) -> bool:
+    body = message.body
+    return isinstance(body, TemplateBody) and body.category == "marketing"
+
+
+# The fields the Marketing Messages API takes: no biz_opaque_callback_data, so its status
+# webhooks are matched by the message id alone.
+MARKETING_REQUEST_FIELDS = ("messaging_product", "recipient_type", "to", "type", "template")
+
+
+def marketing_request_body(request: Mapping[str, object]) -> dict[str, object]:
+    """The /messages request of a marketing template as /marketing_messages takes it."""
+    return {key: request[key] for key in MARKETING_REQUEST_FIELDS}
+
+
+def parse_opted_out_statuses(raw_body: bytes) -> list[str]:
+    """The numbers (E.164) of `failed` statuses that say the person stopped marketing messages:
+    Meta reports 131050 this way too, after accepting the message."""
+    try:
+        document: object = orjson.loads(raw_body)
+    except orjson.JSONDecodeError:
+        return []
+    return [
+        f"+{status['recipient_id']}"
+        for entry in _list_at(document, "entry")
+        for change in _list_at(entry, "changes")
+        for status in _list_at(
+            change.get("value") if isinstance(change, dict) else None, "statuses"
+        )
+        if isinstance(status, dict)
+        and status.get("status") == "failed"
+        and _status_error(status)[0] in {str(code) for code in OPTED_OUT_CODES}
+        and str(status.get("recipient_id", "")).isdigit()
+    ]

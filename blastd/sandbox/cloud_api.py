@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 from pydantic import Field, field_validator
 
+from blastd.sandbox.cloud_api_marketing import check_marketing_request
 from blastd.sandbox.cloud_api_requests import (
     GRAPH_ERRORS,
     UNKNOWN_ERROR,
@@ -29,7 +30,12 @@ from blastd.sandbox.cloud_api_requests import (
     check_version,
     read_message,
 )
-from blastd.sandbox.cloud_api_webhooks import SignedStatuses, Status, status_event
+from blastd.sandbox.cloud_api_webhooks import (
+    SignedStatuses,
+    Status,
+    post_inbound,
+    status_event,
+)
 from blastd.sandbox.emulator import (
     ByNumber,
     Emulator,
@@ -315,6 +321,23 @@ class CloudApiSandbox(Emulator[SandboxConfig, _CloudTraffic, Status]):
             status=http_status, body=body, headers=headers, content_type="application/json"
         )
 
+    async def handle_marketing_send(self, request: web.Request) -> web.StreamResponse:
+        """POST /marketing_messages: /messages' emulation, for what this endpoint takes."""
+        try:
+            check_marketing_request(await request.read())
+        except Rejection as rejection:
+            self._traffic.requests += 1
+            return self._reject(rejection)
+        self._traffic.turns["marketing_messages"] += 1
+        return await self.handle_send(request)
+
+    def stats(self) -> dict[str, object]:
+        marketing = self._traffic.turns["marketing_messages"]
+        return {**super().stats(), "marketing_messages": marketing}
+
+    async def handle_inbound(self, request: web.Request) -> web.Response:
+        return await post_inbound(request, self._config.webhook_url, self._config.app_secret)
+
     def _webhook_format(self, url: str) -> SignedStatuses:
         return SignedStatuses(url, self._config.app_secret, self._config.webhook_batch_max)
 
@@ -363,8 +386,12 @@ def build_app(config: SandboxConfig, now: Callable[[], float] = time.monotonic) 
     sandbox = CloudApiSandbox(config, now)
     app = web.Application()
     app.router.add_post("/{version}/{phone_number_id}/messages", sandbox.handle_send)
+    app.router.add_post(
+        "/{version}/{phone_number_id}/marketing_messages", sandbox.handle_marketing_send
+    )
     app.router.add_get("/{version}/{phone_number_id}", sandbox.handle_phone_number)
     sandbox.add_control_routes(app)
+    app.router.add_post("/_sandbox/inbound", sandbox.handle_inbound)
     return app
 
 

@@ -11,7 +11,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import aiohttp
 import orjson
+from aiohttp import web
 
 from blastd.sandbox.webhooks import WebhookPost
 
@@ -92,4 +94,49 @@ def _webhook_document(batch: Sequence[Status]) -> dict[str, object]:
     return {
         "object": "whatsapp_business_account",
         "entry": [{"id": SANDBOX_WABA_ID, "changes": changes}],
+    }
+
+
+async def post_inbound(
+    request: web.Request, webhook_url: str | None, app_secret: str
+) -> web.Response:
+    """POST /_sandbox/inbound {"from": digits, "text": ..., "phone_number_id"?: ...}: a person
+    writes to the business; the signed messages[] webhook is posted before this answers, and
+    the answer carries the status the webhook endpoint gave."""
+    if webhook_url is None:
+        raise web.HTTPConflict(text="no webhook_url configured")
+    body = await request.json()
+    sender, text = body.get("from"), body.get("text")
+    if not isinstance(sender, str) or not sender.isdigit() or not isinstance(text, str):
+        raise web.HTTPBadRequest(text='needs "from" (digits) and "text"')
+    phone_number_id = str(body.get("phone_number_id", "sandbox"))
+    raw = orjson.dumps(_inbound_document(phone_number_id, sender, text))
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": sign(raw, app_secret)}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(webhook_url, data=raw, headers=headers) as answer,
+    ):
+        return web.json_response({"webhook_status": answer.status})
+
+
+def _inbound_document(phone_number_id: str, sender: str, text: str) -> dict[str, object]:
+    message = {
+        "from": sender,
+        "id": f"wamid.inbound.{time.time_ns()}",
+        "timestamp": str(int(time.time())),
+        "type": "text",
+        "text": {"body": text},
+    }
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {
+            "display_phone_number": SANDBOX_DISPLAY_NUMBER,
+            "phone_number_id": phone_number_id,
+        },
+        "contacts": [{"profile": {"name": "Sandbox"}, "wa_id": sender}],
+        "messages": [message],
+    }
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": SANDBOX_WABA_ID, "changes": [{"field": "messages", "value": value}]}],
     }

@@ -17,6 +17,8 @@ from blastd.config import CloudApiAccount
 from blastd.errors import (
     CampaignFatalError,
     ConfigurationError,
+    MarketingCapError,
+    OptedOutError,
     PairLimitError,
     PermanentError,
     ProviderError,
@@ -160,10 +162,12 @@ GRAPH_CODE_CLASSES: list[tuple[int, type[ProviderError]]] = [
     *[(code, TransientError) for code in (1, 2, 131000, 131016, 131053)],
     *[(code, ThrottledError) for code in (4, 80007, 130429)],
     (131056, PairLimitError),
+    (131050, OptedOutError),
+    (131049, MarketingCapError),
     *[(code, QualityError) for code in (131048, 368, 132015)],
     *[
         (code, PermanentError)
-        for code in (100, 130472, 131008, 131009, 131026, 131047, 131050, 131051, 132000)
+        for code in (100, 130472, 131008, 131009, 131026, 131047, 131051, 132000)
     ],
     *[
         (code, CampaignFatalError)
