@@ -443,6 +443,8 @@ class Settings(BaseSettings):
     @classmethod
     def _check_redis_url(cls, url: str) -> str:
         parse_redis_url(url)  # one server, a Sentinel service or a Cluster (redis_urls.py)
+        if "," not in urlsplit(url).netloc:
+            _ = urlsplit(url).port  # raises ValueError for a port that is not a number
         return url
 
     @field_validator("database_url")

@@ -290,7 +290,8 @@ async def test_a_pause_from_the_cli_shows_in_the_daemon_log(
         settings = make_settings(servers, sandbox.url, account={"concurrency": 1})
         async with running_daemon(settings):
             await redis.lpush("blastd:jobs", blast("paused-1", NUMBERS))
-            await wait_until(lambda: campaign_state(pool, "paused-1"))
+            # Sending, so this daemon runs the campaign when the pause lands.
+            await wait_until(lambda: _has_requests(sandbox))
             result = await controls.apply_control(pool, "paused-1", "pause")  # as the CLI does
             assert result is not None
             assert result.applied
@@ -305,6 +306,10 @@ async def test_a_pause_from_the_cli_shows_in_the_daemon_log(
         "paused",
     )
     assert sum(paused["recipients"].values()) == len(NUMBERS)
+
+
+async def _has_requests(sandbox: SandboxHandle) -> bool:
+    return bool((await sandbox.stats())["requests"])
 
 
 async def _is_done(pool: ledger.Pool, campaign_id: str) -> bool:
