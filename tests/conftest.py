@@ -86,3 +86,21 @@ def cli_env(servers: Servers, sandbox: SandboxHandle) -> dict[str, str]:
 async def wablas() -> AsyncIterator[SandboxHandle]:
     async with wablas_sandbox() as handle:
         yield handle
+
+
+@pytest.fixture(scope="module")
+def own_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    """Servers of one module's own, for tests that stop or restart them: stopping the
+    session's would break every later test's connections."""
+    root = tmp_path_factory.mktemp("own-servers")
+    redis_server = EmbeddedRedis(root / "redis")
+    postgres_server = EmbeddedPostgres(root / "postgres", fsync=False)
+    redis_server.start()
+    try:
+        postgres_server.start()
+        try:
+            yield Servers(redis_server.url, postgres_server.url, redis_server, postgres_server)
+        finally:
+            postgres_server.stop()
+    finally:
+        redis_server.stop()

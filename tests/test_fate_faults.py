@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from blastd.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from blastd.embedded import EmbeddedPostgres, free_port
 from tests.harness import (
     SandboxHandle,
     Servers,
@@ -41,22 +41,6 @@ FLUSH_INTERVAL_S = 0.05
 # Answers already back but not yet in the ledger: outcomes are written in batches, one flush
 # interval apart, and a flush may be under way while the next fills.
 UNWRITTEN_ANSWERS = round(RATE_PER_S * 2 * FLUSH_INTERVAL_S)
-
-
-@pytest.fixture(scope="module")
-def own_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    root = tmp_path_factory.mktemp("fate-servers")
-    redis_server = EmbeddedRedis(root / "redis")
-    postgres_server = EmbeddedPostgres(root / "postgres", fsync=False)
-    redis_server.start()
-    try:
-        postgres_server.start()
-        try:
-            yield Servers(redis_server.url, postgres_server.url, redis_server, postgres_server)
-        finally:
-            postgres_server.stop()
-    finally:
-        redis_server.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -44,22 +43,6 @@ OUTAGE_S = 30.0
 RECIPIENTS = 300
 RATE_PER_S = 10  # the account's, shared by both daemons: the campaign outlasts the outages
 PROGRESS = 20  # sends between the faults, so each fault hits a campaign in motion
-
-
-@pytest.fixture(scope="module")
-def own_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    root = tmp_path_factory.mktemp("outage-servers")
-    redis_server = EmbeddedRedis(root / "redis")
-    postgres_server = EmbeddedPostgres(root / "postgres", fsync=False)
-    redis_server.start()
-    try:
-        postgres_server.start()
-        try:
-            yield Servers(redis_server.url, postgres_server.url, redis_server, postgres_server)
-        finally:
-            postgres_server.stop()
-    finally:
-        redis_server.stop()
 
 
 @dataclass
