@@ -18,7 +18,6 @@ import structlog
 
 from blastd import controls, events, ledger, metrics, runner
 from blastd.claims import Claims
-from blastd.config import CloudApiAccount, Settings
 from blastd.job_fields import BlastOptions
 from blastd.jobs import MessageSpec, render
 from blastd.ledger import ClaimedRecipient, Outcome
@@ -113,33 +112,12 @@ async def _messaging_room(deps: Dependencies, account: str) -> int | None:
     """How many more unique people the account may message in the window now; None: no
     limit. Accounts of one portfolio share the budget."""
     settings = deps.settings
-    limit = _limited_accounts(settings, account)
+    limit = settings.messaging_limit_of(account)
     if limit is None:
         return None
     budget, names = limit
     used = await deps.db(ledger.recipients_in_window, names, settings.messaging_limit_window_s)
     return max(0, budget - used)
-
-
-def _limited_accounts(settings: Settings, account: str) -> tuple[int, list[str]] | None:
-    """The account's messaging limit and the accounts that share it; None without a limit."""
-    own = settings.accounts.get(account)
-    if not isinstance(own, CloudApiAccount) or not own.messaging_limit_per_24h:
-        return None
-    names = [
-        name
-        for name, other in settings.accounts.items()
-        if name == account or _same_portfolio(own, other)
-    ]
-    return own.messaging_limit_per_24h, names
-
-
-def _same_portfolio(own: CloudApiAccount, other: object) -> bool:
-    return (
-        own.portfolio is not None
-        and isinstance(other, CloudApiAccount)
-        and other.portfolio == own.portfolio
-    )
 
 
 def _halt_departed(active: dict[str, _Active], running: list[str]) -> list[str]:

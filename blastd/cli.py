@@ -197,8 +197,21 @@ def _plan(ctx: click.Context, file: Path, options: dict[str, Any]) -> None:
     settings = _settings(ctx)
     optouts = _run(_with_pool(settings, ledger.load_optouts))
     plan = _run(asyncio.to_thread(enqueueing.plan_file, settings, file, options, optouts))
-    for line in enqueueing.plan_lines(plan):
+    for line in enqueueing.plan_lines(plan, _messaging_room(settings, plan.parsed.account)):
         click.echo(line)
+
+
+def _messaging_room(settings: Settings, account: str) -> tuple[int, int] | None:
+    """The account's messaging budget and what is left of it now; None without a limit."""
+    limit = settings.messaging_limit_of(account)
+    if limit is None:
+        return None
+    budget, names = limit
+    window_s = settings.messaging_limit_window_s
+    used = _run(
+        _with_pool(settings, lambda pool: ledger.recipients_in_window(pool, names, window_s))
+    )
+    return budget, max(0, budget - used)
 
 
 # Options that shape a blast's fixed message, and options that only a video_blast uses.

@@ -477,6 +477,24 @@ class Settings(BaseSettings):
             self.admin.token = SecretStr(admin_token.read_text().strip())
         return self
 
+    def messaging_limit_of(self, account: str) -> tuple[int, list[str]] | None:
+        """The account's messaging limit and the accounts that share it (one business
+        portfolio); None without a limit."""
+        own = self.accounts.get(account)
+        if not isinstance(own, CloudApiAccount) or not own.messaging_limit_per_24h:
+            return None
+        names = [
+            name
+            for name, other in self.accounts.items()
+            if name == account
+            or (
+                own.portfolio is not None
+                and isinstance(other, CloudApiAccount)
+                and other.portfolio == own.portfolio
+            )
+        ]
+        return own.messaging_limit_per_24h, names
+
     def secret_values(self) -> list[str]:
         """Every configured secret, so the log pipeline can scrub them from any output."""
         secrets = [

@@ -201,8 +201,9 @@ def _set_fields(value: Any) -> Any:
     return value
 
 
-def plan_lines(plan: Plan) -> list[str]:
-    """What `blastd plan` prints: the counts with examples, rendered messages, the ETA."""
+def plan_lines(plan: Plan, messaging_room: tuple[int, int] | None = None) -> list[str]:
+    """What `blastd plan` prints: the counts with examples, rendered messages, the ETA, and
+    with `messaging_room` (the budget, what is left of it now) how much the campaign uses."""
     tally, job = plan.tally, plan.parsed
     lines = [f"{job.type} {job.id} on {job.account}: {tally.valid} to send"]
     for kind in ("valid", "invalid", "duplicate", "missing_variable", "opted_out"):
@@ -214,6 +215,12 @@ def plan_lines(plan: Plan) -> list[str]:
     lines.append(f"ETA at the account's rate: {_eta(tally.valid, plan.account_rate_per_s)}")
     if plan.campaign_rate_per_s is not None:
         lines.append(f"ETA at the campaign's rate: {_eta(tally.valid, plan.campaign_rate_per_s)}")
+    if messaging_room is not None:
+        budget, left = messaging_room
+        lines.append(
+            f"messaging limit: {tally.valid} of the {left} people left of {budget} in the rolling"
+            f" window{'' if tally.valid <= left else ': the campaign pauses at the limit'}"
+        )
     return lines
 
 

@@ -77,8 +77,9 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def cli_env(servers: Servers, sandbox: SandboxHandle) -> dict[str, str]:
-    """Environment for `blastd` CLI commands against the test servers and the sandbox."""
+def cli_env(servers: Servers, sandbox: SandboxHandle, migrated_pool: ledger.Pool) -> dict[str, str]:
+    """Environment for `blastd` CLI commands against the test servers and the sandbox; the
+    ledger is migrated, as verbs such as `plan` read it."""
     return daemon_env(servers, sandbox.url, 0)
 
 

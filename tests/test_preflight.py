@@ -21,6 +21,7 @@ from tests.harness import (
     PHONE_NUMBER_ID,
     SandboxHandle,
     Servers,
+    accounts_env,
     daemon_env,
     make_settings,
     run_cli,
@@ -29,11 +30,6 @@ from tests.harness import (
 )
 
 NUMBERS = ["+6281230000001", "+6281230000002", "+6281230000003"]
-
-
-@pytest.fixture
-def cli_env(servers: Servers, sandbox: SandboxHandle) -> dict[str, str]:
-    return daemon_env(servers, sandbox.url, 0)
 
 
 def people_csv(tmp_path: Path) -> Path:
@@ -69,6 +65,24 @@ async def test_plan_counts_rows_as_the_daemon_would_and_masks_numbers(
     for number in NUMBERS:
         assert number.lstrip("+") not in out
     assert await redis.dbsize() == 0
+
+
+async def test_plan_shows_how_much_of_the_messaging_limit_a_campaign_uses(
+    servers: Servers, sandbox: SandboxHandle, tmp_path: Path
+) -> None:
+    """A 2-person budget with the 3 valid rows of the file: the campaign would pause at it."""
+    env = daemon_env(
+        servers,
+        sandbox.url,
+        0,
+        BLASTD_ACCOUNTS=accounts_env(sandbox.url, messaging_limit_per_24h=2),
+    )
+
+    result = await run_cli(env, "plan", str(people_csv(tmp_path)), "--text", "Halo {name}")
+
+    assert result.code == 0, result.stderr
+    expected = "messaging limit: 3 of the 2 people left of 2 in the rolling window: the"
+    assert expected in result.stdout
 
 
 async def test_enqueue_dry_run_prints_the_plan_and_pushes_nothing(
