@@ -60,6 +60,15 @@ async def push_recipients(redis: aioredis.Redis, key: str, count: int) -> None:
         await redis.rpush(key, *(orjson.dumps({"to": n}) for n in numbers[start : start + 10_000]))
 
 
+async def queue_large_job(redis: aioredis.Redis, job_id: str, count: int) -> tuple[str, bytes]:
+    """Push `count` recipients to the job's own list, then the job; its key and raw bytes."""
+    key = f"blastd:recipients:{job_id}"
+    await push_recipients(redis, key, count)
+    raw = large_job(job_id, key)
+    await redis.lpush("blastd:jobs", raw)
+    return key, raw
+
+
 async def pages_staged(redis: aioredis.Redis, raw: bytes) -> int:
     """The pages the job's current take has staged, as blastd records them."""
     value = await redis.get(f"blastd:progress:{hashlib.sha1(raw).hexdigest()}")
@@ -125,10 +134,7 @@ async def test_a_valid_job_killed_three_times_while_read_is_committed_whole(
 ) -> None:
     """Each kill lands later in the read than the one before: an outside kill, not the job."""
     recipients = 30_000
-    key = "blastd:recipients:big"
-    await push_recipients(redis, key, recipients)
-    raw = large_job("big", key)
-    await redis.lpush("blastd:jobs", raw)
+    key, raw = await queue_large_job(redis, "big", recipients)
     admin_port = free_port()
     env = env_for(servers, sandbox, admin_port)
     killed_at = []
@@ -170,10 +176,7 @@ async def test_flushall_in_the_middle_of_the_read_commits_nothing_and_says_why(
     tmp_path: Path,
 ) -> None:
     recipients = 30_000
-    key = "blastd:recipients:wiped"
-    await push_recipients(redis, key, recipients)
-    raw = large_job("wiped", key)
-    await redis.lpush("blastd:jobs", raw)
+    _, raw = await queue_large_job(redis, "wiped", recipients)
     admin_port = free_port()
     process = spawn_daemon(env_for(servers, sandbox, admin_port), tmp_path / "daemon.log")
     try:
@@ -221,10 +224,7 @@ async def test_a_job_killed_at_the_same_point_every_time_is_poison_with_its_id(
     count: with max_job_deliveries 3 the fifth take dead-letters it. A kill that happens to
     land a page later is progress and costs one more take, hence the loop."""
     recipients = 20_000
-    key = "blastd:recipients:deadly"
-    await push_recipients(redis, key, recipients)
-    raw = large_job("deadly", key)
-    await redis.lpush("blastd:jobs", raw)
+    _, raw = await queue_large_job(redis, "deadly", recipients)
     admin_port = free_port()
     env = env_for(servers, sandbox, admin_port)
     killed_at: list[int] = []
