@@ -17,8 +17,9 @@ The independent record is the sandbox's tally of what it accepted, per number. P
 scenario: lost (accepted by nobody, yet not recorded failed), duplicates (accepted twice),
 unflagged duplicates (accepted twice without `possible_duplicate` on the row), in doubt at the
 end, stuck (still pending or sending at the end), and the largest number of recipients put in
-doubt by one kill beside its bound: the requests in flight (the account's concurrency) plus
-the answers back but not yet written (outcomes are written in batches 50 ms apart). Goals: 0,
+doubt by one kill beside its bound: the requests in flight (the account's concurrency), the
+requests whose intent was committed ahead of their turn, and the answers back but not yet
+written (outcomes are written in batches 50 ms apart). Goals: 0,
 -, 0, 0, 0 and in doubt after a kill within that bound.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import signal
 import time
@@ -48,6 +50,8 @@ from stack import (
     spawn_daemon,
 )
 
+from blastd.campaigns import CLAIM_AHEAD_S, MARKS_AHEAD_SHARE
+
 RATE_PER_S = 400
 CONCURRENCY = 20
 APP_SECRET = "sandbox-app-secret"
@@ -61,9 +65,13 @@ SETTLE_ENV = {
     "BLASTD_HEARTBEAT_INTERVAL_S": "0.5",
 }
 FLUSH_INTERVAL_S = 0.05  # the outcome writer's default
-# A kill puts in doubt the requests in flight and the answers back but not yet written (the
-# outcomes go in batches, one flush interval apart, one flush possibly under way).
-DOUBT_BOUND = CONCURRENCY + round(RATE_PER_S * 2 * FLUSH_INTERVAL_S)
+# The requests whose intent is committed ahead of their turn (blastd.campaigns.BlastRun's
+# marks_ahead for this rate).
+MARKS_AHEAD = math.ceil(math.ceil(RATE_PER_S * CLAIM_AHEAD_S) * MARKS_AHEAD_SHARE)
+# A kill puts in doubt the requests in flight, those marked ahead, and the answers back but not
+# yet written (the outcomes go in batches, one flush interval apart, one flush possibly under
+# way).
+DOUBT_BOUND = CONCURRENCY + MARKS_AHEAD + round(RATE_PER_S * 2 * FLUSH_INTERVAL_S)
 
 
 @dataclass

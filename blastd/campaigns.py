@@ -34,12 +34,25 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-# How much sending time one claim covers: reserved recipients wait this long at most for
-# their turn, and a stop releases them.
 # The state reason of a campaign paused by its account's messaging limit: the scheduler runs
 # it again once the rolling window has room.
 MESSAGING_LIMIT = "messaging_limit"
+# How much sending time one claim covers when paced: reserved recipients wait this long at
+# most for their turn, and a stop releases them.
 CLAIM_AHEAD_S = 0.02
+# A request whose intent is still being committed when its slot frees leaves that slot idle
+# for the commit (a few ms, a tenth of a provider's answer time). Intents are therefore
+# committed this share of a claim ahead of their turn, which hides the commit; the price is
+# that many more recipients in doubt after a crash (marked, never sent).
+MARKS_AHEAD_SHARE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class _Marked:
+    """One request's recipients, and the commit of their intent (the ids it may send)."""
+
+    batch: Sequence[ClaimedRecipient]
+    marking: asyncio.Future[set[int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,15 +197,24 @@ class BlastRun(CampaignRun):
         return [zone for zone in self.time_zones if window.contains(_local_time(now, zone))]
 
     @property
-    def claim_size(self) -> int:
-        """Recipients per claim: CLAIM_AHEAD_S of sending, whole requests, within the page."""
-        per_request = self.sender.account.batch_limit
+    def claim_requests(self) -> int:
+        """Requests per claim: CLAIM_AHEAD_S of sending when paced, else one per slot."""
         rates = [p.rate_per_s for p in (self.sender.pacer, self.pacer) if p and p.rate_per_s > 0]
         if rates:
-            requests = math.ceil(min(rates) * CLAIM_AHEAD_S)
-        else:
-            requests = self.sender.account.concurrency
-        return max(per_request, min(self.deps.settings.claim_page_size, requests * per_request))
+            return max(1, math.ceil(min(rates) * CLAIM_AHEAD_S))
+        return self.sender.account.concurrency
+
+    @property
+    def claim_size(self) -> int:
+        """Recipients per claim: whole requests, within the page."""
+        per_request = self.sender.account.batch_limit
+        requests = self.claim_requests * per_request
+        return max(per_request, min(self.deps.settings.claim_page_size, requests))
+
+    @property
+    def marks_ahead(self) -> int:
+        """Requests whose intent may be committed before a slot frees for them."""
+        return max(1, math.ceil(self.claim_requests * MARKS_AHEAD_SHARE))
 
 
 def _local_time(now: datetime, zone: str) -> dt_time:
@@ -217,14 +239,61 @@ async def run_campaign(
 
 
 async def _send_due(run: BlastRun) -> None:
+    """Feed marked requests to the launcher until the campaign runs out or stops."""
+    ahead: asyncio.Queue[_Marked | None] = asyncio.Queue(maxsize=run.marks_ahead)
     async with asyncio.TaskGroup() as sends:
-        token, claimed = await _claim(run)
-        while claimed and not run.should_stop():
-            # The next claim runs while this one goes out, so sends never wait for it.
-            next_claim = sends.create_task(_claim(run))
-            await _send_claimed(run, token, claimed, sends)
-            token, claimed = await next_claim
-        _release(run, claimed)  # claimed as the campaign stopped: never sent
+        sends.create_task(_feed(run, ahead, sends))
+        await _launch(run, ahead, sends)
+
+
+async def _feed(
+    run: BlastRun, ahead: asyncio.Queue[_Marked | None], sends: asyncio.TaskGroup
+) -> None:
+    """Reserve claims and start each request's intent, at most `marks_ahead` requests before
+    its turn; end the queue with None."""
+    token, claimed = await _claim(run)
+    while claimed and not run.should_stop():
+        # The next claim runs while this one is fed, so the queue never waits for it.
+        next_claim = sends.create_task(_claim(run))
+        await _feed_claim(run, token, claimed, ahead)
+        token, claimed = await next_claim
+    _release(run, claimed)  # claimed as the campaign stopped: never marked
+    # Not in a `finally`: if this fails, the task group cancels the launcher anyway.
+    await ahead.put(None)
+
+
+async def _feed_claim(
+    run: BlastRun,
+    token: int,
+    claimed: Sequence[ClaimedRecipient],
+    ahead: asyncio.Queue[_Marked | None],
+) -> None:
+    size = run.sender.account.batch_limit
+    for start in range(0, len(claimed), size):
+        if run.should_stop():
+            _release(run, claimed[start:])
+            return
+        batch = claimed[start : start + size]
+        marking = asyncio.ensure_future(run.claims.mark_sending([r.id for r in batch], token))
+        await ahead.put(_Marked(batch, marking))
+
+
+async def _launch(
+    run: BlastRun, ahead: asyncio.Queue[_Marked | None], sends: asyncio.TaskGroup
+) -> None:
+    """Launch each marked request when a slot is free and the rate allows; on a stop, put
+    back to pending what was marked and never launched."""
+    while (marked := await ahead.get()) is not None:
+        await run.sender.slots.acquire()
+        await run.sender.wait_turn(run.pacer)  # here, not in the task: only real sends fly
+        if run.should_stop():
+            run.sender.slots.release()
+            break
+        sends.create_task(_send_batch(run, marked))
+    while marked is not None:
+        await marked.marking  # the intent may still be committing: settle it after
+        _release(run, marked.batch)
+        marked = await ahead.get()
 
 
 async def _prepare(
@@ -278,22 +347,6 @@ async def _wait_for_window(run: BlastRun) -> bool:
     return False
 
 
-async def _send_claimed(
-    run: BlastRun, token: int, claimed: Sequence[ClaimedRecipient], sends: asyncio.TaskGroup
-) -> None:
-    """Launch one request per batch, each when the rate allows; release the rest on a stop."""
-    size = run.sender.account.batch_limit
-    batches = [claimed[i : i + size] for i in range(0, len(claimed), size)]
-    for index, batch in enumerate(batches):
-        await run.sender.slots.acquire()
-        await run.sender.wait_turn(run.pacer)  # here, not in the task: only real sends fly
-        if run.should_stop():
-            run.sender.slots.release()
-            _release(run, [r for b in batches[index:] for r in b])
-            return
-        sends.create_task(_send_batch(run, token, batch))
-
-
 async def _claim(run: BlastRun) -> tuple[int, list[ClaimedRecipient]]:
     """Reserve the next recipients under a new token; they stay pending until their intent."""
     deps, claims = run.deps, run.claims
@@ -329,12 +382,12 @@ def _release(run: BlastRun, recipients: Sequence[ClaimedRecipient]) -> None:
     run.claims.let_go([r.id for r in recipients])
 
 
-async def _send_batch(run: BlastRun, token: int, claimed: Sequence[ClaimedRecipient]) -> None:
-    ids = [r.id for r in claimed]
+async def _send_batch(run: BlastRun, marked: _Marked) -> None:
+    ids = [r.id for r in marked.batch]
     try:
-        marked = await run.claims.mark_sending(ids, token)
+        sendable = await marked.marking
         # The others were cancelled or expired since the claim: nothing to send or write.
-        recipients = [r for r in claimed if r.id in marked]
+        recipients = [r for r in marked.batch if r.id in sendable]
         if not recipients:
             run.claims.let_go(ids)
             return

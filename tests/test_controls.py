@@ -316,7 +316,9 @@ async def test_cli_pause_then_cancel_a_running_campaign(
     sandbox: SandboxHandle,
     cli_env: dict[str, str],
 ) -> None:
-    numbers = numbers_from(40_900_000, 300)
+    # Ten seconds of sending: the pause must land while it runs, and a CLI process can take
+    # seconds to start on a loaded machine. The test ends at the pause, not after the sends.
+    numbers = numbers_from(40_900_000, 1_000)
     settings = make_settings(servers, sandbox.url, account=SLOW)
     async with running_daemon(settings):
         await redis.lpush(JOBS, blast_job("cli-paused", numbers))
