@@ -1,10 +1,11 @@
 """This daemon's hold on recipients in the ledger: reservations, intents to send, orphans.
 
 A blast reserves pending recipients under a token (they stay 'pending', owned by this
-instance), then marks each request's recipients 'sending' just before the request leaves. The
-marks of every request launched while the previous mark was being committed go out in one
-statement, so intents cost one commit per few milliseconds, not one per message. A crash
-therefore leaves in doubt no more than the requests that were in flight.
+instance), then marks each request's recipients 'sending' shortly before the request leaves
+(a bounded number of requests ahead, so a free slot does not wait for the commit). The marks
+of every request queued while the previous mark was being committed go out in one statement,
+so intents cost one commit per few milliseconds, not one per message. A crash therefore leaves
+in doubt no more than the requests that were in flight and those marked ahead.
 
 A reservation or an intent whose commit this daemon never heard back (PostgreSQL went away
 after committing) leaves rows owned under a token no run works on: `release_orphans` finds
