@@ -50,7 +50,7 @@ from stack import (
     spawn_daemon,
 )
 
-from blastd.campaigns import CLAIM_AHEAD_S, MARKS_AHEAD_SHARE
+from blastd.campaigns import MARKS_AHEAD_S
 
 RATE_PER_S = 400
 CONCURRENCY = 20
@@ -67,7 +67,7 @@ SETTLE_ENV = {
 FLUSH_INTERVAL_S = 0.05  # the outcome writer's default
 # The requests whose intent is committed ahead of their turn (blastd.campaigns.BlastRun's
 # marks_ahead for this rate).
-MARKS_AHEAD = math.ceil(math.ceil(RATE_PER_S * CLAIM_AHEAD_S) * MARKS_AHEAD_SHARE)
+MARKS_AHEAD = math.ceil(RATE_PER_S * MARKS_AHEAD_S)
 # A kill puts in doubt the requests in flight, those marked ahead, and the answers back but not
 # yet written (the outcomes go in batches, one flush interval apart, one flush possibly under
 # way).

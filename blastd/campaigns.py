@@ -38,13 +38,16 @@ log = structlog.get_logger()
 # it again once the rolling window has room.
 MESSAGING_LIMIT = "messaging_limit"
 # How much sending time one claim covers when paced: reserved recipients wait this long at
-# most for their turn, and a stop releases them.
-CLAIM_AHEAD_S = 0.02
+# most for their turn (a stop releases them), and a slow campaign pays one reservation per
+# quarter second instead of one per request or two.
+CLAIM_AHEAD_S = 0.25
 # A request whose intent is still being committed when its slot frees leaves that slot idle
 # for the commit (a few ms, a tenth of a provider's answer time). Intents are therefore
-# committed this share of a claim ahead of their turn, which hides the commit; the price is
-# that many more recipients in doubt after a crash (marked, never sent).
+# committed ahead of their turn, in chunks of half this many requests (one statement each):
+# half the concurrency unpaced, MARKS_AHEAD_S of sending when paced. The price: that many more
+# recipients in doubt after a crash (marked, never sent).
 MARKS_AHEAD_SHARE = 0.5
+MARKS_AHEAD_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,24 +200,28 @@ class BlastRun(CampaignRun):
         return [zone for zone in self.time_zones if window.contains(_local_time(now, zone))]
 
     @property
-    def claim_requests(self) -> int:
-        """Requests per claim: CLAIM_AHEAD_S of sending when paced, else one per slot."""
+    def rate_per_s(self) -> float | None:
+        """The rate this campaign is paced at (its own or its account's, the lower); None
+        when unpaced."""
         rates = [p.rate_per_s for p in (self.sender.pacer, self.pacer) if p and p.rate_per_s > 0]
-        if rates:
-            return max(1, math.ceil(min(rates) * CLAIM_AHEAD_S))
-        return self.sender.account.concurrency
+        return min(rates) if rates else None
 
     @property
     def claim_size(self) -> int:
-        """Recipients per claim: whole requests, within the page."""
+        """Recipients per claim: CLAIM_AHEAD_S of sending when paced, else one request per
+        slot; whole requests, within the page."""
         per_request = self.sender.account.batch_limit
-        requests = self.claim_requests * per_request
-        return max(per_request, min(self.deps.settings.claim_page_size, requests))
+        rate = self.rate_per_s
+        requests = math.ceil(rate * CLAIM_AHEAD_S) if rate else self.sender.account.concurrency
+        return max(per_request, min(self.deps.settings.claim_page_size, requests * per_request))
 
     @property
     def marks_ahead(self) -> int:
         """Requests whose intent may be committed before a slot frees for them."""
-        return max(1, math.ceil(self.claim_requests * MARKS_AHEAD_SHARE))
+        rate = self.rate_per_s
+        if rate:
+            return max(1, math.ceil(rate * MARKS_AHEAD_S))
+        return max(1, math.ceil(self.sender.account.concurrency * MARKS_AHEAD_SHARE))
 
 
 def _local_time(now: datetime, zone: str) -> dt_time:
@@ -240,22 +247,25 @@ async def run_campaign(
 
 async def _send_due(run: BlastRun) -> None:
     """Feed marked requests to the launcher until the campaign runs out or stops."""
-    ahead: asyncio.Queue[_Marked | None] = asyncio.Queue(maxsize=run.marks_ahead)
+    chunk = max(1, run.marks_ahead // 2)
+    # The feeder starts a chunk's marks, then puts them in the queue one by one: at most
+    # marks_ahead requests are marked and not launched.
+    ahead: asyncio.Queue[_Marked | None] = asyncio.Queue(maxsize=max(1, run.marks_ahead - chunk))
     async with asyncio.TaskGroup() as sends:
-        sends.create_task(_feed(run, ahead, sends))
+        sends.create_task(_feed(run, ahead, chunk, sends))
         await _launch(run, ahead, sends)
 
 
 async def _feed(
-    run: BlastRun, ahead: asyncio.Queue[_Marked | None], sends: asyncio.TaskGroup
+    run: BlastRun, ahead: asyncio.Queue[_Marked | None], chunk: int, sends: asyncio.TaskGroup
 ) -> None:
-    """Reserve claims and start each request's intent, at most `marks_ahead` requests before
-    its turn; end the queue with None."""
+    """Reserve claims and start their requests' intents a chunk at a time, ahead of their turn;
+    end the queue with None."""
     token, claimed = await _claim(run)
     while claimed and not run.should_stop():
         # The next claim runs while this one is fed, so the queue never waits for it.
         next_claim = sends.create_task(_claim(run))
-        await _feed_claim(run, token, claimed, ahead)
+        await _feed_claim(run, token, claimed, ahead, chunk)
         token, claimed = await next_claim
     _release(run, claimed)  # claimed as the campaign stopped: never marked
     # Not in a `finally`: if this fails, the task group cancels the launcher anyway.
@@ -267,15 +277,24 @@ async def _feed_claim(
     token: int,
     claimed: Sequence[ClaimedRecipient],
     ahead: asyncio.Queue[_Marked | None],
+    chunk: int,
 ) -> None:
     size = run.sender.account.batch_limit
-    for start in range(0, len(claimed), size):
+    step = size * chunk
+    for start in range(0, len(claimed), step):
         if run.should_stop():
             _release(run, claimed[start:])
             return
-        batch = claimed[start : start + size]
-        marking = asyncio.ensure_future(run.claims.mark_sending([r.id for r in batch], token))
-        await ahead.put(_Marked(batch, marking))
+        # Started together, so the intents of the whole chunk go out in one statement.
+        batches = [
+            claimed[i : i + size] for i in range(start, min(start + step, len(claimed)), size)
+        ]
+        marks = [
+            _Marked(b, asyncio.ensure_future(run.claims.mark_sending([r.id for r in b], token)))
+            for b in batches
+        ]
+        for marked in marks:
+            await ahead.put(marked)
 
 
 async def _launch(
