@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import orjson
@@ -26,8 +26,12 @@ from blastd.providers.cloud_api import (
     parse_opted_out_statuses,
     parse_status_webhook,
 )
-from blastd.providers.ultramsg import is_valid_secret, parse_ack_webhook
-from blastd.providers.wablas import is_valid_tracking_secret, parse_tracking_webhook
+from blastd.providers.ultramsg import is_valid_secret, parse_ack_webhook, parse_received_texts
+from blastd.providers.wablas import (
+    is_valid_tracking_secret,
+    parse_incoming_messages,
+    parse_tracking_webhook,
+)
 from blastd.video import schedule as video_schedule
 
 if TYPE_CHECKING:
@@ -162,20 +166,27 @@ async def receive_cloud_api_webhook(request: web.Request) -> web.Response:
 
 async def _record_opt_outs(deps: Dependencies, account: str, raw: bytes) -> None:
     """Before Meta hears our 200, the opt-out list takes the numbers of statuses failed as
-    opted out, and of people who wrote one of the stop keywords (the whole message, trimmed,
-    any case)."""
+    opted out, and of people who wrote one of the stop keywords."""
     if stopped := parse_opted_out_statuses(raw):
         await deps.db(ledger.add_optouts, stopped, "provider", "stopped marketing messages")
+    await _record_stop_keywords(deps, account, parse_inbound_texts(raw))
+
+
+async def _record_stop_keywords(
+    deps: Dependencies, account: str, inbound: Sequence[tuple[str, str]]
+) -> None:
+    """Put on the opt-out list the sender of each (phone, text) whose text is one of the stop
+    keywords (the whole message, trimmed, any case), before the provider hears our 200."""
     keywords = {k.strip().casefold() for k in deps.settings.optout_keywords}
-    for phone, text in parse_inbound_texts(raw):
+    for phone, text in inbound:
         if text.strip().casefold() in keywords:
             added = await deps.db(ledger.add_optouts, [phone], "inbound", text.strip()[:100])
             log.info("opted_out", account=account, phone=phone, new=bool(added))
 
 
 async def receive_ultramsg_webhook(request: web.Request) -> web.Response:
-    """message_ack events: UltraMsg signs nothing, so the URL carries our secret (constant-time
-    check); the acks are in the ledger before we answer 200."""
+    """message_ack and message_received events: UltraMsg signs nothing, so the URL carries our
+    secret (constant-time check); acks and stop keywords are in the ledger before our 200."""
     deps = request.app[DEPS_KEY]
     name = request.match_info["account"]
     account = deps.settings.accounts.get(name)
@@ -186,10 +197,12 @@ async def receive_ultramsg_webhook(request: web.Request) -> web.Response:
     if secret is None or not is_valid_secret(given, secret.get_secret_value()):
         log.warning("webhook_rejected", account=name, reason="bad or missing secret")
         raise web.HTTPUnauthorized()
+    raw = await request.read()
     try:
-        updates = parse_ack_webhook(await request.read())
+        updates = parse_ack_webhook(raw)
     except ValueError as exc:
         raise web.HTTPBadRequest() from exc
+    await _record_stop_keywords(deps, name, parse_received_texts(raw))
     if updates:
         receipts = [
             ledger.Receipt(u.ledger_id, u.status, u.provider_message_id, account=name)
@@ -200,8 +213,9 @@ async def receive_ultramsg_webhook(request: web.Request) -> web.Response:
 
 
 async def receive_wablas_webhook(request: web.Request) -> web.Response:
-    """Tracking statuses, matched by Wablas' message id: the secret in the URL is checked
-    (constant-time), and the receipts are in the ledger before we answer 200."""
+    """The device's tracking URL and its incoming-message URL, both: statuses matched by
+    Wablas' message id, messages checked for the stop keywords. The secret in the URL is
+    checked (constant-time), and the ledger has both before we answer 200."""
     deps = request.app[DEPS_KEY]
     name = request.match_info["account"]
     account = deps.settings.accounts.get(name)
@@ -213,10 +227,12 @@ async def receive_wablas_webhook(request: web.Request) -> web.Response:
     ):
         log.warning("webhook_rejected", account=name, reason="bad or missing secret")
         raise web.HTTPUnauthorized()
+    raw = await request.read()
     try:
-        updates = parse_tracking_webhook(await request.read(), account.tracking_states)
+        updates = parse_tracking_webhook(raw, account.tracking_states)
     except ValueError as exc:
         raise web.HTTPBadRequest() from exc
+    await _record_stop_keywords(deps, name, parse_incoming_messages(raw))
     if updates:
         # The item ids reach the ledger with the send outcomes, written in batches: wait for
         # the outcomes already answered, so a quick status finds the id it names.

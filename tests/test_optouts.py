@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
 from blastd import ledger
+from blastd.config import Settings, UltraMsgAccount
 from blastd.embedded import free_port
 from tests.harness import (
+    TOKEN,
+    WABLAS_ACCOUNT,
     SandboxHandle,
     Servers,
     blast_job,
+    digits,
     is_done,
     is_ready,
     make_settings,
+    make_wablas_settings,
     numbers_from,
     run_cli,
     running_daemon,
+    ultramsg_emulator,
+    wablas_sandbox,
+    wablas_webhook_url,
     wait_until,
     webhook_url,
 )
@@ -186,3 +198,82 @@ async def test_a_status_failed_as_opted_out_puts_the_number_on_the_list(
 
 async def _listed_count_is(pool: ledger.Pool, count: int) -> bool:
     return await pool.fetchval("SELECT count(*) FROM optouts") == count
+
+
+# --- stop keywords through the unofficial gateways --------------------------------------------
+
+ULTRAMSG_ACCOUNT = "ultra-main"
+ULTRAMSG_SECRET = "ultramsg-hook-secret"
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """A daemon's one UltraMsg or Wablas account, its emulator wired to the daemon's webhook,
+    and the knobs that make the emulator post without our secret."""
+
+    sandbox: SandboxHandle
+    settings: Settings
+    account: str
+    admin_port: int
+    without_secret: dict[str, Any]
+
+    async def write(self, sender: str, text: str) -> int:
+        """A person sends `text`: the status the daemon's webhook answered the emulator."""
+        inbound = {"from": digits(sender), "text": text}
+        async with self.sandbox.http.post(
+            f"{self.sandbox.url}/_sandbox/inbound", json=inbound
+        ) as answer:
+            assert answer.status == 200, await answer.text()
+            status: int = (await answer.json())["webhook_status"]
+            return status
+
+
+@pytest.fixture(params=["ultramsg", "wablas"])
+async def gateway(request: pytest.FixtureRequest, servers: Servers) -> AsyncIterator[Gateway]:
+    admin_port = free_port()
+    if request.param == "wablas":
+        async with wablas_sandbox(webhook_url=wablas_webhook_url(admin_port)) as sandbox:
+            settings = make_wablas_settings(servers, sandbox.url, admin_port=admin_port)
+            yield Gateway(sandbox, settings, WABLAS_ACCOUNT, admin_port, {"webhook_secret": None})
+        return
+    async with ultramsg_emulator() as url, aiohttp.ClientSession() as http:
+        hook = f"http://127.0.0.1:{admin_port}/webhooks/ultramsg/{ULTRAMSG_ACCOUNT}"
+        sandbox = SandboxHandle(url, http)
+        await sandbox.configure(webhook_url=f"{hook}?secret={ULTRAMSG_SECRET}")
+        account = {
+            "kind": "ultramsg",
+            "base_url": url,
+            "instance_id": "instance1150",
+            "token": TOKEN,
+            "webhook_secret": ULTRAMSG_SECRET,
+            "rate_per_s": 0,
+        }
+        accounts = {ULTRAMSG_ACCOUNT: UltraMsgAccount.model_validate(account)}
+        settings = make_settings(servers, url, admin_port=admin_port, accounts=accounts)
+        yield Gateway(sandbox, settings, ULTRAMSG_ACCOUNT, admin_port, {"webhook_url": hook})
+
+
+async def test_a_stop_keyword_through_ultramsg_or_wablas_opts_its_sender_out_of_marketing(
+    gateway: Gateway, redis: aioredis.Redis, pool: ledger.Pool
+) -> None:
+    numbers = numbers_from(47_000_000, 3)
+    async with running_daemon(gateway.settings):
+        await wait_until(lambda: is_ready(gateway.admin_port))
+        assert await gateway.write(numbers[0], " Stop ") == 200
+        assert await gateway.write(numbers[1], "stop it please") == 200
+        await redis.lpush(JOBS, blast_job("promo", numbers, account=gateway.account))
+        await wait_until(lambda: is_done(pool, "promo"))
+    assert await listed(pool) == {numbers[0]: ("inbound", "Stop")}
+    assert await skipped_reasons(pool, "promo") == {numbers[0]: "opted_out"}
+    assert await gateway.sandbox.recipients() == {digits(n): 1 for n in numbers[1:]}
+
+
+async def test_a_stop_keyword_posted_without_our_secret_is_refused_and_lists_nobody(
+    gateway: Gateway, pool: ledger.Pool
+) -> None:
+    await gateway.sandbox.configure(**gateway.without_secret)
+    sender = numbers_from(48_000_000, 1)[0]
+    async with running_daemon(gateway.settings):
+        await wait_until(lambda: is_ready(gateway.admin_port))
+        assert await gateway.write(sender, "STOP") == 401
+    assert await listed(pool) == {}

@@ -2,7 +2,8 @@
 
 UltraMsg has no error codes: a refusal is `{"error": "<text>"}` or a list of field errors,
 behind HTTP 200 or a 4xx (both are seen), so the account's keyword lists decide the class.
-Also parses the `message_ack` webhooks, matched to the ledger by our `referenceId`.
+Also parses the `message_ack` webhooks, matched to the ledger by our `referenceId`, and the
+texts people send the instance (`message_received`), for the opt-out keywords.
 Shapes: docs/providers.md (UltraMsg) and docs/errors.md (its refusals).
 """
 
@@ -43,6 +44,8 @@ from blastd.providers.base import (
 REFERENCE_PREFIX = "blastd:"  # referenceId = REFERENCE_PREFIX + ledger_id, echoed on acks
 ACCEPTED_SENT_VALUES = frozenset({"true", "queued", "1"})  # `sent` as a string, lower-cased
 ACK_EVENT_TYPES = frozenset({"message_ack", "webhook_message_ack"})
+INBOUND_EVENT_TYPES = frozenset({"message_received", "webhook_message_received"})
+PERSONAL_CHAT_SUFFIX = "@c.us"  # a person's chat id; groups end in @g.us
 # WhatsApp Web's ack scale, which some payloads send as numbers: 0 pending, 1 server,
 # 2 device, 3 read, 4 played. Pending and unknown values move nothing.
 ACK_STATES: dict[str, str] = {
@@ -261,3 +264,25 @@ def ledger_id_of(reference: object) -> int | None:
         return None
     digits = reference.removeprefix(REFERENCE_PREFIX)
     return int(digits) if digits.isascii() and digits.isdigit() else None
+
+
+def parse_received_texts(raw_body: bytes) -> list[tuple[str, str]]:
+    """(sender in E.164, text) of a `message_received` event: what a person typed to us in a
+    one-to-one chat. Our own messages (`fromMe`), groups, media and other events give none;
+    so does a body that is not JSON (the ack parser refuses it)."""
+    try:
+        document: object = orjson.loads(raw_body)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(document, dict) or document.get("event_type") not in INBOUND_EVENT_TYPES:
+        return []
+    data = document.get("data")
+    if not isinstance(data, dict) or str(data.get("fromMe")).lower() == "true":
+        return []
+    sender, text = data.get("from"), data.get("body")
+    if data.get("type") != "chat" or not isinstance(text, str) or not isinstance(sender, str):
+        return []
+    number = sender.removesuffix(PERSONAL_CHAT_SUFFIX)
+    if number == sender or not number.isascii() or not number.isdigit():
+        return []
+    return [(f"+{number}", text)]

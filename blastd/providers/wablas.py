@@ -2,7 +2,8 @@
 
 Wablas drives a linked WhatsApp device, not Meta's API: no templates, and most refusals come
 back as HTTP 200 with {"status": false, "message": "..."} whose texts are not documented.
-Also parses the device's tracking webhook. Shapes: docs/providers.md (Wablas).
+Also parses the device's tracking webhook and the messages people send the device (for the
+opt-out keywords). Shapes: docs/providers.md (Wablas).
 """
 
 from __future__ import annotations
@@ -328,6 +329,30 @@ def _tracking_entries(raw_body: bytes) -> list[dict[str, object]]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"tracking body is neither JSON nor a form: {exc}") from exc
     return [dict(form)]
+
+
+def parse_incoming_messages(raw_body: bytes) -> list[tuple[str, str]]:
+    """(sender in E.164, text) of each message a person sent the device, in any of the body
+    forms the tracking call uses (so one URL can serve as both of the device's webhooks).
+
+    An entry with a `status` is a tracking status, not a message; group messages and entries
+    without a number or a text give none, and so does a body that is neither JSON nor a form
+    (the tracking parser refuses it).
+    """
+    try:
+        entries = _tracking_entries(raw_body)
+    except ValueError:
+        return []
+    return [message for entry in entries if (message := _incoming(entry)) is not None]
+
+
+def _incoming(entry: Mapping[str, object]) -> tuple[str, str] | None:
+    if "status" in entry or str(entry.get("isGroup")).strip().lower() in ("true", "1"):
+        return None
+    phone, text = _digits(entry.get("phone")), entry.get("message")
+    if not phone or not isinstance(text, str):
+        return None
+    return f"+{phone}", text
 
 
 def is_valid_tracking_secret(given: str | None, secret: str) -> bool:

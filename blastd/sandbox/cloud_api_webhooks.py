@@ -11,11 +11,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 from aiohttp import web
 
-from blastd.sandbox.webhooks import WebhookPost
+from blastd.sandbox.webhooks import WebhookPost, post_now, read_inbound_request
 
 ERROR_DOCS_URL = "https://developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes/"
 SANDBOX_WABA_ID = "102290129340398"
@@ -103,20 +102,11 @@ async def post_inbound(
     """POST /_sandbox/inbound {"from": digits, "text": ..., "phone_number_id"?: ...}: a person
     writes to the business; the signed messages[] webhook is posted before this answers, and
     the answer carries the status the webhook endpoint gave."""
-    if webhook_url is None:
-        raise web.HTTPConflict(text="no webhook_url configured")
-    body = await request.json()
-    sender, text = body.get("from"), body.get("text")
-    if not isinstance(sender, str) or not sender.isdigit() or not isinstance(text, str):
-        raise web.HTTPBadRequest(text='needs "from" (digits) and "text"')
-    phone_number_id = str(body.get("phone_number_id", "sandbox"))
+    sender, text = await read_inbound_request(request)
+    phone_number_id = str((await request.json()).get("phone_number_id", "sandbox"))
     raw = orjson.dumps(_inbound_document(phone_number_id, sender, text))
     headers = {"Content-Type": "application/json", "X-Hub-Signature-256": sign(raw, app_secret)}
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(webhook_url, data=raw, headers=headers) as answer,
-    ):
-        return web.json_response({"webhook_status": answer.status})
+    return await post_now(webhook_url, WebhookPost(webhook_url or "", raw, headers))
 
 
 def _inbound_document(phone_number_id: str, sender: str, text: str) -> dict[str, object]:

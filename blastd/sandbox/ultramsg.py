@@ -2,7 +2,8 @@
 
 Faithful to docs/providers.md (UltraMsg): refusals as `{"error": ...}` behind HTTP 200 (the
 status is a knob: the docs are unsure), `sent` as the string "true", the token in the query
-or the body, form or JSON bodies, `message_ack` webhooks echoing our referenceId. Mounted at
+or the body, form or JSON bodies, `message_ack` webhooks echoing our referenceId, and
+`message_received` events for texts people send (POST /_sandbox/inbound). Mounted at
 /ultramsg beside the Cloud API emulator; control endpoints under /_sandbox/ there.
 """
 
@@ -36,7 +37,9 @@ from blastd.sandbox.ultramsg_webhooks import (
     EventPerPost,
     ack_event,
     create_event,
+    received_event,
 )
+from blastd.sandbox.webhooks import post_now, read_inbound_request
 
 FaultKind = Literal[
     "transient",
@@ -261,6 +264,16 @@ class UltraMsgSandbox(Emulator[UltraMsgSandboxConfig, _UltraMsgTraffic, Event]):
     async def handle_messages(self, request: web.Request) -> web.Response:
         return json_response(list(self._traffic.messages))
 
+    async def handle_inbound(self, request: web.Request) -> web.Response:
+        """POST /_sandbox/inbound {"from": digits, "text": ...}: a person writes to the
+        instance; its `message_received` event is posted to webhook_url before this answers,
+        and the answer carries the status the webhook endpoint gave."""
+        sender, text = await read_inbound_request(request)
+        instance_id = min(self._config.instances, default="instance1150")
+        event = received_event(instance_id, sender, text)
+        url = self._config.webhook_url
+        return await post_now(url, self._webhook_format(url or "").encode([event]))
+
     def _webhook_format(self, url: str) -> EventPerPost:
         return EventPerPost(url)
 
@@ -302,5 +315,6 @@ def build_ultramsg_app(
     app.router.add_post(path, sandbox.handle_send)
     app.router.add_get("/{instance_id}/instance/status", sandbox.handle_instance_status)
     app.router.add_get("/_sandbox/messages", sandbox.handle_messages)
+    app.router.add_post("/_sandbox/inbound", sandbox.handle_inbound)
     sandbox.add_control_routes(app)
     return app

@@ -16,6 +16,7 @@ from blastd.sandbox.webhooks import WebhookPost
 # WhatsApp Web's numbers for the ack names, which some payloads carry instead.
 NUMERIC_ACKS = {"pending": 0, "server": 1, "device": 2, "read": 3, "played": 4}
 JSON_HEADERS = {"Content-Type": "application/json"}
+SANDBOX_CHAT_ID = "6280000000000@c.us"  # the instance's own number
 
 Event = dict[str, object]
 
@@ -58,6 +59,30 @@ def create_event(message: AcceptedMessage) -> Event:
     return _envelope("message_create", message, "pending")
 
 
+def received_event(instance_id: str, sender_digits: str, text: str) -> Event:
+    """The `message_received` event of a text a person sent the instance."""
+    chat_id = f"{sender_digits}@c.us"
+    return {
+        "event_type": "message_received",
+        "instanceId": instance_id.removeprefix("instance"),
+        "id": "",
+        "referenceId": "",
+        "data": {
+            "id": f"false_{chat_id}_SANDBOX{time.time_ns()}",
+            "from": chat_id,
+            "to": SANDBOX_CHAT_ID,
+            "author": "",
+            "pushname": "Sandbox",
+            "ack": "",
+            "type": "chat",
+            "body": text,
+            "media": "",
+            "fromMe": False,
+            "time": int(time.time()),
+        },
+    }
+
+
 def _envelope(event_type: str, message: AcceptedMessage, ack: str | int) -> Event:
     chat_id = f"{message.to_digits}@c.us"
     return {
@@ -67,7 +92,7 @@ def _envelope(event_type: str, message: AcceptedMessage, ack: str | int) -> Even
         "referenceId": message.reference_id,
         "data": {
             "id": f"true_{chat_id}_SANDBOX{message.message_id:012d}",
-            "from": "6280000000000@c.us",
+            "from": SANDBOX_CHAT_ID,
             "to": chat_id,
             "ack": ack,
             "type": message.type,

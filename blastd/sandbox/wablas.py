@@ -2,7 +2,8 @@
 
 Faithful to docs/providers.md (Wablas): v2 bulk and single sends, refusals as HTTP 200 with
 {"status": false}, "pending" item statuses, per-item failures inside a bulk answer, a batch
-limit, both Authorization forms, and the tracking webhook. Mounted at /wablas by
+limit, both Authorization forms, the tracking webhook, and messages people send the device
+(POST /_sandbox/inbound). Mounted at /wablas by
 `python -m blastd.sandbox`; control endpoints under /_sandbox/ expose what arrived.
 """
 
@@ -30,7 +31,8 @@ from blastd.sandbox.wablas_requests import (
     read_fields,
     read_item,
 )
-from blastd.sandbox.wablas_tracking import Event, TrackingPosts, tracking_event
+from blastd.sandbox.wablas_tracking import Event, TrackingPosts, incoming_event, tracking_event
+from blastd.sandbox.webhooks import post_now, read_inbound_request
 
 TRANSIENT_STATUSES = (500, 502, 503)  # rotated
 MALFORMED_BODIES = (b'{"status":true,"data":{"messages":[', b'{"status":true,"message":"ok"}')
@@ -249,6 +251,16 @@ class WablasSandbox(Emulator[WablasSandboxConfig, _WablasTraffic, Event]):
             "quota": self._quota,
         }
 
+    async def handle_inbound(self, request: web.Request) -> web.Response:
+        """POST /_sandbox/inbound {"from": digits, "text": ...}: a person writes to the device;
+        the message is posted to its incoming-message URL (with ?secret=, JSON or form as the
+        tracking knobs say) before this answers, with the status the endpoint gave."""
+        sender, text = await read_inbound_request(request)
+        url = self._config.incoming_webhook_url or self._config.webhook_url
+        return await post_now(
+            url, self._webhook_format(url or "").encode([incoming_event(sender, text)])
+        )
+
     def _webhook_format(self, url: str) -> TrackingPosts:
         config = self._config
         return TrackingPosts(
@@ -269,5 +281,6 @@ def build_wablas_app(
     app.router.add_post("/api/send-video", sandbox.handle_single)
     app.router.add_get("/api/resend-message", sandbox.handle_resend)
     app.router.add_get("/api/device/info", sandbox.handle_device_info)
+    app.router.add_post("/_sandbox/inbound", sandbox.handle_inbound)
     sandbox.add_control_routes(app)
     return app

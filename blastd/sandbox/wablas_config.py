@@ -32,7 +32,9 @@ class WablasSandboxConfig(EmulatorConfig):
     token_error_p: Probability = 0.0
     device_error_p: Probability = 0.0
     quota_error_p: Probability = 0.0
-    # webhook_url is the device's tracking URL
+    # webhook_url is the device's tracking URL; incoming_webhook_url its URL for the messages
+    # people send it (the tracking URL when unset)
+    incoming_webhook_url: str | None = None
     webhook_secret: str | None = "sandbox-webhook-secret"  # added as ?secret=
     webhook_statuses: tuple[Literal["pending", "process", "sent", "delivered", "read"], ...] = (
         "sent",

@@ -1,5 +1,5 @@
-"""The tracking webhook of the Wablas emulator: its status events, and how they are POSTed to
-the device's tracking URL with our shared secret in its query.
+"""The webhooks of the Wablas emulator: its status events and the messages people send the
+device, and how they are POSTed to the device's URLs with our shared secret in the query.
 
 Shapes: docs/providers.md, Wablas (JSON object, JSON array or form post; `date`
 in Asia/Jakarta time). Wablas signs nothing, so neither does this.
@@ -7,6 +7,7 @@ in Asia/Jakarta time). Wablas signs nothing, so neither does this.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -18,6 +19,7 @@ from yarl import URL
 from blastd.sandbox.webhooks import WebhookPost
 
 JAKARTA = timezone(timedelta(hours=7))
+DEVICE_NUMBER = "6280000000000"  # the device's own number
 
 Event = dict[str, object]
 
@@ -30,6 +32,22 @@ def tracking_event(message_id: str, phone: str, status: str) -> Event:
         "phone": phone,
         "status": status,
         "date": {"created_at": stamp, "updated_at": stamp},
+    }
+
+
+def incoming_event(sender_digits: str, text: str) -> Event:
+    """A text a person sent the device, as its incoming-message URL receives it: no status."""
+    return {
+        "id": f"SANDBOX-IN-{time.time_ns()}",
+        "pushName": "Sandbox",
+        "isGroup": False,
+        "message": text,
+        "phone": sender_digits,
+        "messageType": "text",
+        "file": "",
+        "mimeType": "",
+        "sender": DEVICE_NUMBER,
+        "timestamp": int(time.time()),
     }
 
 
@@ -60,7 +78,7 @@ def _encode(batch: Sequence[Event], is_form: bool, is_array: bool) -> tuple[byte
     if is_form:  # flat fields: the dates move up beside the others
         (event,) = batch
         fields = {k: v for k, v in event.items() if k != "date"}
-        date = event["date"]
+        date = event.get("date")
         if isinstance(date, dict):
             fields.update(date)
         return urlencode(fields).encode(), "application/x-www-form-urlencoded"

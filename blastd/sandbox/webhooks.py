@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import aiohttp
+from aiohttp import web
 from yarl import URL
 
 POST_TIMEOUT = aiohttp.ClientTimeout(total=10.0)
@@ -151,3 +152,26 @@ async def _post_once(http: aiohttp.ClientSession, post: WebhookPost) -> bool:
             return 200 <= response.status < 300
     except (aiohttp.ClientError, TimeoutError):
         return False
+
+
+async def read_inbound_request(request: web.Request) -> tuple[str, str]:
+    """The sender's digits and the text of a POST /_sandbox/inbound {"from": ..., "text": ...};
+    400 when either is missing or the sender is not digits."""
+    body = await request.json()
+    sender = body.get("from") if isinstance(body, dict) else None
+    text = body.get("text") if isinstance(body, dict) else None
+    if not isinstance(sender, str) or not sender.isdigit() or not isinstance(text, str):
+        raise web.HTTPBadRequest(text='needs "from" (digits) and "text"')
+    return sender, text
+
+
+async def post_now(url: str | None, post: WebhookPost) -> web.Response:
+    """POST one webhook at once, outside the outbox, and answer {"webhook_status": ...} with
+    the receiver's status: the caller knows the receiver has handled it. 409 without a URL."""
+    if url is None:
+        raise web.HTTPConflict(text="no webhook_url configured")
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(post.url, data=post.body, headers=post.headers, timeout=POST_TIMEOUT) as answer,
+    ):
+        return web.json_response({"webhook_status": answer.status})

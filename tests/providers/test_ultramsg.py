@@ -24,6 +24,7 @@ from blastd.providers.ultramsg import (
     classify_answer,
     is_valid_secret,
     parse_ack_webhook,
+    parse_received_texts,
 )
 from blastd.sandbox.ultramsg import UltraMsgSandboxConfig
 from tests.harness import sandbox_json, ultramsg_emulator
@@ -379,3 +380,29 @@ def test_secret_comparison() -> None:
     assert is_valid_secret("s3cret", "s3cret")
     assert not is_valid_secret("s3cre", "s3cret")
     assert not is_valid_secret(None, "s3cret")
+
+
+def received(body: str = "STOP", **data: Any) -> bytes:
+    fields = {"from": f"{DIGITS}@c.us", "type": "chat", "body": body, "fromMe": False, **data}
+    return orjson.dumps({"event_type": "message_received", "instanceId": "1150", "data": fields})
+
+
+def test_a_text_a_person_sent_is_read_with_its_sender() -> None:
+    assert parse_received_texts(received("Berhenti")) == [(f"+{DIGITS}", "Berhenti")]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        received(fromMe=True),
+        received(**{"from": "120363025@g.us"}),
+        received(type="image"),
+        received(**{"from": "not-a-number@c.us"}),
+        ack("server"),
+        orjson.dumps({"event_type": "message_create", "data": {"body": "STOP", "fromMe": True}}),
+        b"<html>",
+    ],
+    ids=["our-own", "group", "media", "no-number", "ack", "our-echo", "not-json"],
+)
+def test_only_a_persons_own_chat_text_is_read(raw: bytes) -> None:
+    assert parse_received_texts(raw) == []

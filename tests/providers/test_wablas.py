@@ -32,6 +32,7 @@ from blastd.providers.wablas import (
     TrackingUpdate,
     WablasProvider,
     classify_refusal,
+    parse_incoming_messages,
     parse_tracking_webhook,
 )
 from tests.harness import TOKEN, SandboxHandle, digits
@@ -308,3 +309,38 @@ def test_tracking_failures_carry_the_status_and_reason() -> None:
 def test_a_tracking_body_that_is_not_json_nor_a_form_is_refused() -> None:
     with pytest.raises(ValueError, match="tracking body"):
         parse_tracking_webhook(b"{not json", STATES)
+
+
+INCOMING = {"id": "in-1", "phone": "6281234567890", "message": "STOP", "isGroup": False}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        orjson.dumps(INCOMING),
+        orjson.dumps([INCOMING]),
+        b"id=in-1&phone=6281234567890&message=STOP&isGroup=False",
+    ],
+    ids=["object", "array", "form"],
+)
+def test_incoming_messages_of_every_body_shape_are_read(body: bytes) -> None:
+    assert parse_incoming_messages(body) == [("+6281234567890", "STOP")]
+    assert parse_tracking_webhook(body, STATES) == []
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {**INCOMING, "status": "read"},
+        {**INCOMING, "isGroup": "true"},
+        {**INCOMING, "phone": ""},
+        {key: value for key, value in INCOMING.items() if key != "message"},
+    ],
+    ids=["tracking-status", "group", "no-number", "no-text"],
+)
+def test_statuses_groups_and_incomplete_entries_are_not_messages(entry: dict[str, Any]) -> None:
+    assert parse_incoming_messages(orjson.dumps(entry)) == []
+
+
+def test_a_body_that_is_neither_json_nor_a_form_gives_no_message() -> None:
+    assert parse_incoming_messages(b"{not json") == []
