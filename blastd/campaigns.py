@@ -159,6 +159,9 @@ class BlastRun(CampaignRun):
     claims: Claims
     time_zones: list[str] = field(default_factory=list)  # of pending recipients, with a window
     counts: dict[str, int] = field(default_factory=dict)
+    # The messaging limit has no room left: what is claimed goes out (it fits the budget),
+    # then the campaign pauses.
+    is_at_limit: bool = False
 
     @property
     def not_before(self) -> datetime | None:
@@ -171,6 +174,8 @@ class BlastRun(CampaignRun):
         started = time.monotonic()
         if not self.should_stop():
             await _send_due(self)
+        if self.is_at_limit:
+            self.stop("paused", MESSAGING_LIMIT)
         await self.deps.outcomes.synced()
         await _sweep(self)
         if self.counts and self.stop_state is None:
@@ -379,7 +384,7 @@ async def _claim(run: BlastRun) -> tuple[int, list[ClaimedRecipient]]:
     if room is not None and room < size:
         size = room
         if room == 0:
-            run.stop("paused", MESSAGING_LIMIT)
+            run.is_at_limit = True
             claims.hold(token, [])
             return token, []
     claimed = await deps.db(
