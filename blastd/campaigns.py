@@ -42,11 +42,12 @@ MESSAGING_LIMIT = "messaging_limit"
 # quarter second instead of one per request or two.
 CLAIM_AHEAD_S = 0.25
 # A request whose intent is still being committed when its slot frees leaves that slot idle
-# for the commit (a few ms, a tenth of a provider's answer time). Intents are therefore
-# committed ahead of their turn, in chunks of half this many requests (one statement each):
-# half the concurrency unpaced, MARKS_AHEAD_S of sending when paced. The price: that many more
-# recipients in doubt after a crash (marked, never sent).
-MARKS_AHEAD_SHARE = 0.5
+# for the commit (a few ms, a tenth of a provider's answer time, much more on a loaded
+# machine). Intents are therefore committed ahead of their turn, in chunks of half the
+# lookahead (one statement each): as many requests as the concurrency unpaced (with half of
+# it, a third of the requests still waited for their commit on a loaded two-core machine),
+# MARKS_AHEAD_S of sending when paced. The price: that many more recipients in doubt after a
+# crash (marked, never sent).
 MARKS_AHEAD_S = 0.05
 
 
@@ -226,7 +227,7 @@ class BlastRun(CampaignRun):
         rate = self.rate_per_s
         if rate:
             return max(1, math.ceil(rate * MARKS_AHEAD_S))
-        return max(1, math.ceil(self.sender.account.concurrency * MARKS_AHEAD_SHARE))
+        return self.sender.account.concurrency
 
 
 def _local_time(now: datetime, zone: str) -> dt_time:

@@ -12,6 +12,7 @@ connections.
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -21,6 +22,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from blastd.campaigns import MARKS_AHEAD_S
 from blastd.embedded import EmbeddedPostgres, free_port
 from tests.harness import (
     SandboxHandle,
@@ -41,6 +43,8 @@ FLUSH_INTERVAL_S = 0.05
 # Answers already back but not yet in the ledger: outcomes are written in batches, one flush
 # interval apart, and a flush may be under way while the next fills.
 UNWRITTEN_ANSWERS = round(RATE_PER_S * 2 * FLUSH_INTERVAL_S)
+# Requests whose intent is committed ahead of their turn (MARKS_AHEAD_S of sending).
+MARKS_AHEAD = math.ceil(RATE_PER_S * MARKS_AHEAD_S)
 
 
 @pytest.fixture
@@ -159,9 +163,9 @@ async def _reached(sandbox: SandboxHandle, accepted: int) -> bool:
 async def test_a_kill_leaves_in_doubt_at_most_the_requests_in_flight(
     own_servers: Servers, sandbox: SandboxHandle, tmp_path: Path
 ) -> None:
-    """Recipients reserved but not yet sent go back to pending; only requests that had left
-    (at most the account's concurrency) and answers not yet written (outcomes are batched)
-    become uncertain."""
+    """Recipients reserved but not yet marked go back to pending; only requests that had left
+    (at most the account's concurrency), those marked ahead of their turn, and answers not yet
+    written (outcomes are batched) become uncertain."""
     await sandbox.configure(latency_ms=50)
     numbers = numbers_from(82_000_000, 600)
     admin_port = free_port()
@@ -184,6 +188,6 @@ async def test_a_kill_leaves_in_doubt_at_most_the_requests_in_flight(
                 "AND state = 'uncertain'",
             )
             doubts.append(rows[0]["n"] - sum(doubts))
-    bound = CONCURRENCY + UNWRITTEN_ANSWERS
+    bound = CONCURRENCY + MARKS_AHEAD + UNWRITTEN_ANSWERS
     print(f"\nin doubt after each kill: {doubts} (in flight <= {CONCURRENCY}, bound {bound})")
     assert all(0 <= n <= bound for n in doubts)
