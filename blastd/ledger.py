@@ -241,8 +241,9 @@ async def insert_recipient_page(
     last: bool,
 ) -> CampaignCounts | None:
     """Add one page (consecutive seqs) to a campaign being taken in, in the caller's
-    transaction; `last` completes the intake. None when the page is in the ledger already
-    (another take got there first) or the intake is over.
+    transaction; `last` completes the intake. Entries another take committed already are left
+    out (its pages may be cut differently); None when that is all of them, or the intake is
+    over.
 
     Same rules as a campaign inserted whole: a number already in the campaign, or earlier in
     the page, is skipped as 'duplicate'; with `skip_opted_out`, numbers on the opt-out list are
@@ -251,7 +252,10 @@ async def insert_recipient_page(
     row = await conn.fetchrow(
         "SELECT intake_seq, intake_complete FROM campaigns WHERE id = $1 FOR UPDATE", campaign_id
     )
-    if row is None or row["intake_complete"] or row["intake_seq"] != page[0].seq:
+    if row is None or row["intake_complete"]:
+        return None
+    page = [r for r in page if r.seq >= row["intake_seq"]]
+    if not page or page[0].seq != row["intake_seq"]:
         return None
     await conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS staged_page (seq integer, phone text, vars text, "
