@@ -293,32 +293,32 @@ UPDATE staged_page s SET skip_reason = 'opted_out'
 FROM optouts o WHERE o.phone = s.phone AND s.skip_reason IS NULL
 """
 
-# recipients_one_per_number answers "is this number in the campaign already" for each row.
+# A number already in the campaign (an earlier page) is found by the insert itself, through
+# recipients_one_per_number: ON CONFLICT leaves it out of `fresh`, and `rest` stores it
+# skipped. (An EXISTS probe per row let the planner scan the campaign's rows for every page.)
 INSERT_PAGE = """
 WITH ranked AS (
     SELECT seq, phone, vars, skip_reason, time_zone,
            row_number() OVER (PARTITION BY skip_reason IS NULL, phone ORDER BY seq) AS nth
     FROM staged_page
-), judged AS (
-    SELECT seq, phone, vars, time_zone,
-           COALESCE(skip_reason, CASE WHEN nth > 1 OR EXISTS (
-               SELECT 1 FROM recipients r
-               WHERE r.campaign_id = $1 AND r.phone = ranked.phone AND r.state <> 'skipped'
-           ) THEN 'duplicate' END) AS skip_reason
-    FROM ranked
-), inserted AS (
-    INSERT INTO recipients (campaign_id, seq, phone, vars, state, error_text, time_zone)
+), fresh AS (
+    INSERT INTO recipients (campaign_id, seq, phone, vars, state, time_zone)
     SELECT $1, seq, phone, vars::jsonb,
-           CASE WHEN skip_reason IS NOT NULL THEN 'skipped'
-                WHEN (SELECT state FROM campaigns WHERE id = $1) = 'cancelled' THEN 'cancelled'
-                ELSE 'pending' END,
-           skip_reason, time_zone
-    FROM judged ORDER BY seq
+           CASE WHEN (SELECT state FROM campaigns WHERE id = $1) = 'cancelled'
+                THEN 'cancelled' ELSE 'pending' END,
+           time_zone
+    FROM ranked WHERE skip_reason IS NULL AND nth = 1 ORDER BY seq
+    ON CONFLICT (campaign_id, phone) WHERE state <> 'skipped' DO NOTHING
+    RETURNING seq, state
+), rest AS (
+    INSERT INTO recipients (campaign_id, seq, phone, vars, state, error_text, time_zone)
+    SELECT $1, seq, phone, vars::jsonb, 'skipped', COALESCE(skip_reason, 'duplicate'), time_zone
+    FROM ranked WHERE NOT EXISTS (SELECT 1 FROM fresh WHERE fresh.seq = ranked.seq)
     RETURNING state
 ), counted AS (
-    SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
-           count(*) FILTER (WHERE state = 'skipped') AS skipped, count(*) AS entries
-    FROM inserted
+    SELECT (SELECT count(*) FILTER (WHERE state = 'pending') FROM fresh) AS pending,
+           (SELECT count(*) FROM rest) AS skipped,
+           (SELECT count(*) FROM fresh) + (SELECT count(*) FROM rest) AS entries
 )
 UPDATE campaigns SET total = total + counted.entries, intake_seq = $2,
        intake_complete = $3, updated_at = now()
