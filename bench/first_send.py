@@ -1,6 +1,7 @@
 """Time from a job's LPUSH to its first send, and to the end of its intake, by campaign size.
 
     .venv/bin/python bench/first_send.py [--recipients 20000 100000 1000000] [--rate 50]
+        [--env BLASTD_PROGRESS_INTERVAL_S=3600 ...]
 
 For each size a fresh daemon takes a recipients_key job; the account is paced (`--rate`
 messages a second), so the sandbox's arrivals stay few while the campaign is taken in. Printed:
@@ -78,11 +79,10 @@ async def _first_arrival(stack: Stack, pushed_at: float) -> float:
     raise RuntimeError(f"no send within {TIMEOUT_S} s")
 
 
-async def measure(stack: Stack, recipients: int, rate: float) -> FirstSend:
+async def measure(stack: Stack, recipients: int, rate: float, env: dict[str, str]) -> FirstSend:
     campaign_id = f"first-send-{recipients}"
-    daemon = spawn_daemon(
-        stack, account_settings(stack.sandbox_url, rate_per_s=rate, concurrency=4)
-    )
+    account = account_settings(stack.sandbox_url, rate_per_s=rate, concurrency=4)
+    daemon = spawn_daemon(stack, account, extra_env=env)
     await daemon.wait_ready()
     await push_recipients(stack.redis, recipients_key(campaign_id), phone_numbers(recipients))
     pushed_at = await push_job(stack.redis, campaign_id)
@@ -98,10 +98,10 @@ async def measure(stack: Stack, recipients: int, rate: float) -> FirstSend:
     return FirstSend(recipients, first_send_s, intake_s)
 
 
-async def run(sizes: list[int], rate: float) -> list[FirstSend]:
+async def run(sizes: list[int], rate: float, env: dict[str, str]) -> list[FirstSend]:
     async with running_stack() as stack:
         await stack.sandbox_post("config", {"latency_ms": 0, "webhook_url": None})
-        return [await measure(stack, recipients, rate) for recipients in sizes]
+        return [await measure(stack, recipients, rate, env) for recipients in sizes]
 
 
 def render(results: list[FirstSend]) -> Table:
@@ -125,8 +125,12 @@ def main() -> None:
         help="campaign sizes, in order",
     )
     parser.add_argument("--rate", type=float, default=50.0, help="account messages per second")
+    parser.add_argument(
+        "--env", nargs="*", default=[], metavar="NAME=VALUE", help="more BLASTD_* for the daemon"
+    )
     args = parser.parse_args()
-    Console(width=120).print(render(uvloop.run(run(args.recipients, args.rate))))
+    env = dict(item.split("=", 1) for item in args.env)
+    Console(width=120).print(render(uvloop.run(run(args.recipients, args.rate, env))))
 
 
 if __name__ == "__main__":
