@@ -45,6 +45,7 @@ class CampaignLine:
     done: int
     created_at: datetime
     finished_at: datetime | None
+    intake_complete: bool  # False while its recipients are still being taken in
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -53,6 +54,7 @@ class CampaignLine:
             "account": self.account,
             "state": self.state,
             "state_reason": self.state_reason,
+            "intake_complete": self.intake_complete,
             "total": self.total,
             "done": self.done,
             "created_at": self.created_at.isoformat(),
@@ -68,7 +70,7 @@ async def list_campaigns(
     rows = await pool.fetch(
         """
         SELECT c.id, c.type, c.account, c.state, c.state_reason, c.total, c.created_at,
-               c.finished_at,
+               c.finished_at, c.intake_complete,
                c.total - (SELECT count(*) FROM recipients r
                           WHERE r.campaign_id = c.id AND r.state = ANY($3::text[])) AS done
         FROM campaigns c

@@ -49,10 +49,13 @@ async def handle_job(deps: Dependencies, raw: bytes) -> None:
     take = await deps.redis_call(queues.count_take, deps.redis, prefix, raw)
     try:
         if take.deliveries > settings.max_job_deliveries:
-            raise InvalidJobError(
+            reason = (
                 f"job was taken {take.deliveries - 1} times without finishing, none of them "
                 f"getting past {take.furthest_pages} pages of recipients"
             )
+            job_id = queues.readable_job_id(raw, settings.max_job_bytes)
+            await admission.stop_unfinished_intake(deps, job_id, reason)
+            raise InvalidJobError(reason, job_id)
         # An outage mid-way rolls the campaign's transaction back; the job is accepted again
         # once Redis and PostgreSQL answer, rather than dead-lettered as if it were broken.
         with queues.taking(take):

@@ -197,6 +197,143 @@ RETURNING counted.pending, counted.skipped
 """
 
 
+# --- intake page by page ---------------------------------------------------------------------
+# A campaign from a producer's list is committed with its first page(s), and every later page
+# in its own transaction; campaigns.intake_seq (sql/010_intake.sql) makes each page commit once.
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """Where a campaign's intake stands."""
+
+    complete: bool
+    next_seq: int  # the seq of the first entry not in the ledger yet
+    length: int | None  # entries the producer's list held when the intake began
+    state: str
+
+
+async def load_intake(pool: Pool, campaign_id: str) -> Intake | None:
+    row = await pool.fetchrow(
+        "SELECT intake_complete, intake_seq, intake_length, state FROM campaigns WHERE id = $1",
+        campaign_id,
+    )
+    return Intake(*row) if row else None
+
+
+async def insert_campaign_head(
+    conn: asyncpg.Connection, campaign: NewCampaign, length: int
+) -> bool:
+    """Insert the campaign row, its intake not complete; False when the id exists already."""
+    return bool(
+        await conn.fetchval(
+            "INSERT INTO campaigns (id, type, account, message, options, intake_complete, "
+            "intake_length) VALUES ($1, $2, $3, $4, $5, false, $6) "
+            "ON CONFLICT (id) DO NOTHING RETURNING true",
+            campaign.id,
+            campaign.type,
+            campaign.account,
+            campaign.message,
+            campaign.options,
+            length,
+        )
+    )
+
+
+async def insert_recipient_page(
+    conn: asyncpg.Connection,
+    campaign_id: str,
+    page: Sequence[StagedRecipient],
+    *,
+    skip_opted_out: bool,
+    last: bool,
+) -> CampaignCounts | None:
+    """Add one page (consecutive seqs) to a campaign being taken in, in the caller's
+    transaction; `last` completes the intake. Entries another take committed already are left
+    out (its pages may be cut differently); None when that is all of them, or the intake is
+    over.
+
+    Same rules as a campaign inserted whole: a number already in the campaign, or earlier in
+    the page, is skipped as 'duplicate'; with `skip_opted_out`, numbers on the opt-out list are
+    skipped as 'opted_out'. In a cancelled campaign the page's numbers arrive cancelled."""
+    # The row lock orders this page after any other take's and after a control's change.
+    row = await conn.fetchrow(
+        "SELECT intake_seq, intake_complete FROM campaigns WHERE id = $1 FOR UPDATE", campaign_id
+    )
+    if row is None or row["intake_complete"]:
+        return None
+    page = [r for r in page if r.seq >= row["intake_seq"]]
+    if not page or page[0].seq != row["intake_seq"]:
+        return None
+    await conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS staged_page (seq integer, phone text, vars text, "
+        "skip_reason text, time_zone text) ON COMMIT DROP"
+    )
+    await conn.copy_records_to_table(
+        "staged_page",
+        timeout=BULK_STATEMENT_TIMEOUT_S,
+        records=[(r.seq, r.phone, _vars_json(r.vars), r.skip_reason, r.time_zone) for r in page],
+    )
+    if skip_opted_out:
+        await conn.execute(SKIP_OPTED_OUT_IN_PAGE, timeout=BULK_STATEMENT_TIMEOUT_S)
+    counted = await conn.fetchrow(
+        INSERT_PAGE, campaign_id, page[-1].seq + 1, last, timeout=BULK_STATEMENT_TIMEOUT_S
+    )
+    await conn.execute("TRUNCATE staged_page")  # the next page of this transaction starts empty
+    return CampaignCounts(pending=counted["pending"], skipped=counted["skipped"])
+
+
+async def stop_intake(pool: Pool, campaign_id: str, reason: str) -> bool:
+    """Stop a campaign whose intake cannot go on (what it has is all it gets); False when its
+    intake was complete after all."""
+    return bool(
+        await pool.fetchval(
+            "UPDATE campaigns SET state = 'stopped', state_reason = $2, updated_at = now() "
+            "WHERE id = $1 AND NOT intake_complete AND state <> 'cancelled' RETURNING true",
+            campaign_id,
+            reason,
+        )
+    )
+
+
+SKIP_OPTED_OUT_IN_PAGE = """
+UPDATE staged_page s SET skip_reason = 'opted_out'
+FROM optouts o WHERE o.phone = s.phone AND s.skip_reason IS NULL
+"""
+
+# A number already in the campaign (an earlier page) is found by the insert itself, through
+# recipients_one_per_number: ON CONFLICT leaves it out of `fresh`, and `rest` stores it
+# skipped. (An EXISTS probe per row let the planner scan the campaign's rows for every page.)
+INSERT_PAGE = """
+WITH ranked AS (
+    SELECT seq, phone, vars, skip_reason, time_zone,
+           row_number() OVER (PARTITION BY skip_reason IS NULL, phone ORDER BY seq) AS nth
+    FROM staged_page
+), fresh AS (
+    INSERT INTO recipients (campaign_id, seq, phone, vars, state, time_zone)
+    SELECT $1, seq, phone, vars::jsonb,
+           CASE WHEN (SELECT state FROM campaigns WHERE id = $1) = 'cancelled'
+                THEN 'cancelled' ELSE 'pending' END,
+           time_zone
+    FROM ranked WHERE skip_reason IS NULL AND nth = 1 ORDER BY seq
+    ON CONFLICT (campaign_id, phone) WHERE state <> 'skipped' DO NOTHING
+    RETURNING seq, state
+), rest AS (
+    INSERT INTO recipients (campaign_id, seq, phone, vars, state, error_text, time_zone)
+    SELECT $1, seq, phone, vars::jsonb, 'skipped', COALESCE(skip_reason, 'duplicate'), time_zone
+    FROM ranked WHERE NOT EXISTS (SELECT 1 FROM fresh WHERE fresh.seq = ranked.seq)
+    RETURNING state
+), counted AS (
+    SELECT (SELECT count(*) FILTER (WHERE state = 'pending') FROM fresh) AS pending,
+           (SELECT count(*) FROM rest) AS skipped,
+           (SELECT count(*) FROM fresh) + (SELECT count(*) FROM rest) AS entries
+)
+UPDATE campaigns SET total = total + counted.entries, intake_seq = $2,
+       intake_complete = $3, updated_at = now()
+FROM counted WHERE campaigns.id = $1
+RETURNING counted.pending, counted.skipped
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Campaign:
     id: str
@@ -208,12 +345,13 @@ class Campaign:
     total: int
     created_at: datetime
     finished_at: datetime | None
+    intake_complete: bool  # False while recipients are still being taken in
 
 
 async def load_campaign(pool: Pool, campaign_id: str) -> Campaign | None:
     row = await pool.fetchrow(
         "SELECT id, account, state, state_reason, message, options, total, created_at, "
-        "finished_at FROM campaigns WHERE id = $1",
+        "finished_at, intake_complete FROM campaigns WHERE id = $1",
         campaign_id,
     )
     return Campaign(**dict(row)) if row else None
@@ -234,12 +372,13 @@ async def set_campaign_state(pool: Pool, campaign_id: str, state: str, reason: s
 
 
 async def finish_campaign_if_done(pool: Pool, campaign_id: str) -> bool:
-    """Mark a running campaign done once no recipient is pending or sending, and none waits
-    for reconciliation (uncertain, its doubt not yet decided)."""
+    """Mark a running campaign done once its recipients are all taken in, none is pending or
+    sending, and none waits for reconciliation (uncertain, its doubt not yet decided)."""
     return bool(
         await pool.fetchval(
             "UPDATE campaigns SET state = 'done', finished_at = now(), updated_at = now() "
-            "WHERE id = $1 AND state = 'running' AND NOT EXISTS (SELECT 1 FROM recipients "
+            "WHERE id = $1 AND state = 'running' AND intake_complete "
+            "AND NOT EXISTS (SELECT 1 FROM recipients "
             "WHERE campaign_id = $1 AND (state = ANY($2::text[]) "
             "OR (state = 'uncertain' AND doubt_since IS NOT NULL))) RETURNING true",
             campaign_id,

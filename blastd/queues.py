@@ -4,9 +4,10 @@ A job is taken again when the daemon that held it died. Whether that counts agai
 is decided from what Redis holds about its earlier takes, by the sha1 of its bytes:
 
 - {prefix}deliveries:<sha1> counts the takes held against the job, the current one included.
-- {prefix}progress:<sha1> holds "pages:furthest": the recipient pages the current take has
-  staged (one SET per page, a few thousand rows each), and the most pages any earlier take
-  of the job staged before it died.
+- {prefix}progress:<sha1> holds "pages:furthest": how far into the campaign's recipient pages
+  the current take has got (one SET per page, a few thousand rows each; counted from the
+  campaign's first page, so a take that carries on an unfinished intake starts where the
+  ledger stands), and the furthest any earlier take of the job got before it died.
 
 A take that finds progress left behind knows its predecessor died. If that take staged more
 pages than every take before it, the job was moving and something outside it (a kill, an

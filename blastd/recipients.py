@@ -178,23 +178,34 @@ def _is_known_zone(name: str) -> bool:
 
 
 async def stream_recipients_key(
-    redis_client: redis.asyncio.Redis | RedisCluster, key: str, page_size: int
+    redis_client: redis.asyncio.Redis | RedisCluster,
+    key: str,
+    page_size: int,
+    *,
+    start: int = 0,
+    expected: int | None = None,
+    first_page_size: int | None = None,
 ) -> AsyncIterator[list[RecipientIn | BadEntry]]:
-    """Yield the list at `key` in LRANGE pages of `page_size`, never the whole list at once.
+    """Yield the list at `key` from index `start` in LRANGE pages of `page_size` (the first
+    one `first_page_size`, when given), never the whole list at once.
 
-    The list must hold still while it is read: its length is taken first, every page must
-    come back whole, and the list must hold that many still after the last page. Otherwise
-    InvalidJobError says how much was read, so no campaign is committed short of recipients
-    deleted (or one long of recipients appended) while it was read."""
-    expected = await redis_client.llen(key)
-    read = 0
+    The list must hold still while it is read: its length is taken first (or is `expected`,
+    its length when an earlier read began), every page must come back whole, and the list must
+    hold that many still after the last page. Otherwise InvalidJobError says how much was read,
+    so no campaign is committed short of recipients deleted (or one long of recipients
+    appended) while it was read."""
+    if expected is None:
+        expected = await redis_client.llen(key)
+    read = start
+    size = first_page_size or page_size
     while read < expected:
-        size = min(page_size, expected - read)
+        size = min(size, expected - read)
         page: list[bytes | str] = await redis_client.lrange(key, read, read + size - 1)
         if len(page) < size:
             raise await _changed_while_read(redis_client, key, read, expected)
         read += size
         yield [parse_recipient_entry(entry) for entry in page]
+        size = page_size
     if await redis_client.llen(key) != expected:
         raise await _changed_while_read(redis_client, key, read, expected)
 

@@ -62,6 +62,8 @@ async def campaign_status(pool: ledger.Pool, campaign_id: str) -> dict[str, Any]
         "account": campaign.account,
         "state": campaign.state,
         "state_reason": campaign.state_reason,
+        # False while recipients are still being taken in: total grows until then.
+        "intake_complete": campaign.intake_complete,
         "total": campaign.total,
         "done": campaign.total - active,
         "counts": dict(sorted(counts.items())),
@@ -166,9 +168,10 @@ def _duration(seconds: float) -> str:
 def print_status(report: dict[str, Any]) -> None:
     console = Console()
     reason = f" ({report['state_reason']})" if report["state_reason"] else ""
+    intake = "" if report["intake_complete"] else ", recipients still being taken in"
     console.print(
         f"campaign [bold]{report['id']}[/] on {report['account']}: "
-        f"{report['state']}{reason}, {report['done']}/{report['total']} done"
+        f"{report['state']}{reason}, {report['done']}/{report['total']} done{intake}"
     )
     console.print(describe_pace(pace(report, datetime.now(UTC))), highlight=False)
     table = Table("state", "recipients")
@@ -183,9 +186,10 @@ def campaign_line(line: exports.CampaignLine) -> str:
     """One campaign on one line: id, type, account, state (reason), done/total, created,
     finished; '-' for what is not set."""
     reason = f" ({line.state_reason})" if line.state_reason else ""
+    intake = "" if line.intake_complete else " (taking in)"
     finished = _moment(line.finished_at) if line.finished_at else "-"
     return (
-        f"{line.id}  {line.type}  {line.account}  {line.state}{reason}  "
+        f"{line.id}  {line.type}  {line.account}  {line.state}{reason}{intake}  "
         f"{line.done}/{line.total}  {_moment(line.created_at)}  {finished}"
     )
 

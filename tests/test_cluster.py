@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
@@ -22,6 +23,20 @@ from tests.failover_harness import (
 from tests.harness import ACCOUNT, SandboxHandle, Servers, wait_until
 
 PREFIX = "{blastd}:"  # the hash tag keeps the queue and lease keys on one slot
+KEYED_LIST = "producer:recipients:cluster-keyed"
+KEYED_NUMBERS = [f"+62816{n:08d}" for n in range(30_000_000, 30_000_012)]
+
+
+def keyed_blast(job_id: str) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "blast",
+            "id": job_id,
+            "account": ACCOUNT,
+            "message": {"text": "hi"},
+            "recipients_key": KEYED_LIST,
+        }
+    )
 
 
 @pytest.mark.slow
@@ -41,19 +56,29 @@ async def test_campaign_on_a_three_master_cluster(
         async with RunningDaemon(env, tmp_path / "daemon.log"):
             await client.lpush(queues.jobs_key(PREFIX), blast("cluster"), b"not a job")
             await wait_done(pool, "cluster")
+            result = await figures(pool, sandbox, "cluster", None)
+            # The producer's list hashes wherever its name puts it: read where it is, in pages.
+            await client.rpush(KEYED_LIST, *KEYED_NUMBERS)
+            await client.lpush(queues.jobs_key(PREFIX), keyed_blast("cluster-keyed"))
+            await wait_done(pool, "cluster-keyed")
+            keyed_list_left = await client.exists(KEYED_LIST)
             await wait_until(lambda: client.llen(queues.dead_key(PREFIX)))
             requeued = await queues.requeue_dead(client, PREFIX, 0)  # WATCH/MULTI on a slot
             pacer_slots = {
                 client.keyslot(k(PREFIX, ACCOUNT)) for k in (rate_state_key, rate_ring_key)
             }
             pacer_keys = await client.exists(rate_state_key(PREFIX, ACCOUNT))
-        result = await figures(pool, sandbox, "cluster", None)
     finally:
         await client.aclose()
         for node in nodes:
             node.kill()
     print(result.report("campaign on a 3-master cluster"))
     assert (result.lost, result.unflagged_duplicates) == (0, 0)
+    keyed = await pool.fetch(
+        "SELECT phone, state FROM recipients WHERE campaign_id = 'cluster-keyed'"
+    )
+    assert sorted((r["phone"], r["state"]) for r in keyed) == [(n, "sent") for n in KEYED_NUMBERS]
+    assert keyed_list_left == 0
     assert requeued is not None
     assert requeued.payload() == b"not a job"
     assert len(pacer_slots) == 1  # the pacer script's two keys share the account's slot

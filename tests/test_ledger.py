@@ -411,3 +411,52 @@ async def test_a_recipient_meets_the_marketing_cap_once_then_fails(pool: ledger.
     await ledger.record_outcomes(pool, [cap])
     row = await pool.fetchrow("SELECT state, error_class, next_attempt_at FROM recipients")
     assert tuple(row) == ("failed", "marketing_cap", None)
+
+
+async def add_page(
+    pool: ledger.Pool, page: Sequence[StagedRecipient], *, last: bool = False
+) -> ledger.CampaignCounts | None:
+    async with ledger.transaction(pool) as conn:
+        return await ledger.insert_recipient_page(
+            conn, CAMPAIGN, page, skip_opted_out=False, last=last
+        )
+
+
+async def test_a_page_taken_in_twice_or_cut_differently_commits_each_entry_once(
+    pool: ledger.Pool,
+) -> None:
+    numbers = phones(6)
+    async with ledger.transaction(pool) as conn:
+        assert await ledger.insert_campaign_head(conn, new_campaign(), 6)
+        assert not await ledger.insert_campaign_head(conn, new_campaign(), 6)
+    assert await add_page(pool, staged(numbers[:3])) == ledger.CampaignCounts(3, 0)
+    assert await add_page(pool, staged(numbers[:3])) is None  # another take's, again
+    # A take paging by 4 from seq 2: only seq 3 onwards is new; a repeat of seq 0's number is
+    # a duplicate of it.
+    page = staged([*numbers[2:5], numbers[0]], first_seq=2)
+    assert await add_page(pool, page, last=True) == ledger.CampaignCounts(2, 1)
+    intake = await ledger.load_intake(pool, CAMPAIGN)
+    rows = await pool.fetch("SELECT seq, state, error_text FROM recipients ORDER BY seq")
+    assert intake == ledger.Intake(complete=True, next_seq=6, length=6, state="running")
+    assert [(r["seq"], r["state"], r["error_text"]) for r in rows] == [
+        *((seq, "pending", None) for seq in range(5)),
+        (5, "skipped", "duplicate"),
+    ]
+    assert await add_page(pool, staged(numbers[5:], first_seq=6)) is None  # the intake is over
+
+
+async def test_a_campaign_still_taken_in_is_not_finished_even_with_nothing_pending(
+    pool: ledger.Pool,
+) -> None:
+    async with ledger.transaction(pool) as conn:
+        assert await ledger.insert_campaign_head(conn, new_campaign(), 4)
+    await add_page(pool, staged(phones(2)))
+    rows = await pool.fetch("SELECT id FROM recipients ORDER BY seq")
+    await sent(pool, [r["id"] for r in rows])
+    assert not await ledger.finish_campaign_if_done(pool, CAMPAIGN)
+    await add_page(
+        pool, [StagedRecipient(2, "x", None, "bad"), *staged(phones(1, 20_000_000), 3)], last=True
+    )
+    assert not await ledger.finish_campaign_if_done(pool, CAMPAIGN)  # one is pending
+    await sent(pool, [await pool.fetchval("SELECT id FROM recipients WHERE seq = 3")])
+    assert await ledger.finish_campaign_if_done(pool, CAMPAIGN)
