@@ -19,7 +19,10 @@ arrived, so it can only err late, by the round trip. Redis `TIME` is the server'
 a step backwards (not NTP's slewing) would stall the account for the step.
 
 A daemon takes LEASE_S worth of slots per call (a lease), and the next lease when half of it
-is left, so the round trip overlaps the sending. Slots are stamped into the ring when they are
+is left, in a background task: the head of the queue sleeps to its slot meanwhile, so the
+round trip overlaps the sending instead of making the slot late. The script reads the ring
+once and pushes a lease's stamps in one command, so its Redis commands are counted per lease,
+not per slot. A daemon's slots are used in time order, replacements included. Slots are stamped into the ring when they are
 given out, before the caller sleeps, so the window includes MAX_WAKE_LATE_S of lateness; a
 caller later than that gives its slot up unused: the script takes its stamp out of the ring
 and gives a replacement at once, so lateness costs a round trip, not a slot. A caller whose
@@ -85,12 +88,21 @@ local hold = tonumber(state[3]) or 0
 local capacity = math.max(1, math.floor(rate))
 local interval = math.ceil(1000000 / rate)
 local replacements = #ARGV - 7
+local count = replacements + tonumber(ARGV[6])
 for given_up = 8, #ARGV do
   redis.call('LREM', KEYS[2], 1, ARGV[given_up])
 end
+-- Slot j is checked against the entry at capacity - 1 once j - 1 stamps are pushed: the old
+-- entry at capacity - j, or this call's stamp j - capacity. One LRANGE reads every old one.
+local first_old = math.max(0, capacity - count)
+local old = {}
+if count > 0 then
+  old = redis.call('LRANGE', KEYS[2], first_old, capacity - 1)
+end
 local reply = {now, tostring(rate), hold}
+local stamps = {}
 local stamp = now
-for slot = 1, replacements + tonumber(ARGV[6]) do
+for slot = 1, count do
   local at
   if slot <= replacements then
     at = math.max(now, hold)
@@ -100,7 +112,12 @@ for slot = 1, replacements + tonumber(ARGV[6]) do
     end
     at = math.max(next_at, hold)
   end
-  local oldest = redis.call('LINDEX', KEYS[2], capacity - 1)
+  local oldest
+  if slot > capacity then
+    oldest = stamps[slot - capacity]
+  else
+    oldest = old[capacity - slot - first_old + 1]
+  end
   if oldest then
     at = math.max(at, tonumber(oldest) + tonumber(ARGV[3]))
   end
@@ -108,9 +125,12 @@ for slot = 1, replacements + tonumber(ARGV[6]) do
     next_at = at + interval
   end
   stamp = math.max(at, now)
-  redis.call('LPUSH', KEYS[2], stamp)
-  redis.call('LTRIM', KEYS[2], 0, capacity - 1)
+  stamps[slot] = stamp
   reply[#reply + 1] = at
+end
+if count > 0 then
+  redis.call('LPUSH', KEYS[2], unpack(stamps))
+  redis.call('LTRIM', KEYS[2], 0, capacity - 1)
 end
 redis.call('HSET', KEYS[1], 'rate', rate, 'next', next_at)
 local ttl_ms = math.ceil((math.max(stamp, hold) - now) / 1000) + tonumber(ARGV[5])
@@ -218,6 +238,8 @@ class SharedPacer:
         self._held_until_us = 0
         self._hold_known_at = 0.0  # monotonic time at which _held_until_us was read
         self._slots: collections.deque[_Slot] = collections.deque()  # reserved, not yet used
+        self._given_up_us: list[int] = []  # stamps of slots woken too late for, to replace
+        self._leasing: asyncio.Task[None] | None = None
         self._turn = asyncio.Lock()
 
     @property
@@ -229,10 +251,12 @@ class SharedPacer:
         """Return when the caller may send: in call order, within the shared rate and hold."""
         async with self._turn:
             while True:
-                given_up_us = self._give_up_late_slots()
-                scheduled = self._lease_size() if len(self._slots) <= self._lease_size() // 2 else 0
-                if given_up_us or scheduled:
-                    await self._lease(scheduled, given_up_us)
+                self._give_up_late_slots()
+                if not self._slots:
+                    await asyncio.shield(self._refill())  # a cancelled caller leaves it running
+                    continue
+                if self._given_up_us or len(self._slots) <= self._lease_size() // 2:
+                    self._refill()  # in the background: the round trip overlaps the sleep
                 slot = self._slots[0]
                 await _sleep_until(slot.release_at)
                 if slot.at_us < await self._held_until_now_us():
@@ -287,17 +311,31 @@ class SharedPacer:
     def _lease_size(self) -> int:
         return max(1, min(MAX_LEASE_SLOTS, int(self._rate_per_s * LEASE_S)))
 
-    def _give_up_late_slots(self) -> list[int]:
-        """Drop the slots this daemon woke too late for; their ring stamps, for replacement."""
-        given_up_us = []
+    def _give_up_late_slots(self) -> None:
+        """Drop the slots this daemon woke too late for; their ring stamps go back with the
+        next lease, to be replaced."""
         now = time.monotonic()
         while self._slots and now - self._slots[0].release_at > MAX_WAKE_LATE_S:
-            given_up_us.append(self._slots.popleft().stamp_us)
-        return given_up_us
+            self._given_up_us.append(self._slots.popleft().stamp_us)
+
+    def _refill(self) -> asyncio.Task[None]:
+        """The lease in flight, or a new one: one at a time, so each sees the last one's
+        slots; one that failed raises here, in the caller that next needs a lease."""
+        if self._leasing is None or self._leasing.done():
+            if self._leasing is not None:
+                self._leasing.result()
+            scheduled = self._lease_size() if len(self._slots) <= self._lease_size() // 2 else 0
+            given_up_us, self._given_up_us = self._given_up_us, []
+            self._leasing = asyncio.create_task(self._lease(scheduled, given_up_us))
+        return self._leasing
 
     async def _lease(self, scheduled: int, given_up_us: list[int]) -> None:
-        """Reserve more slots; replacements go first in line, they are due now."""
-        reservation = await self._call(self.reserve, scheduled, given_up_us)
+        """Reserve more slots; replacements are due at once, so they may go first in line."""
+        try:
+            reservation = await self._call(self.reserve, scheduled, given_up_us)
+        except BaseException:
+            self._given_up_us += given_up_us  # not replaced: send them with the next lease
+            raise
         reserved_at = time.monotonic()
         self._learn_hold(reservation.held_until_us, reserved_at)
         slots = [
@@ -308,9 +346,10 @@ class SharedPacer:
             )
             for at_us in reservation.slots_us
         ]
-        replacements = len(given_up_us)
-        self._slots.extendleft(reversed(slots[:replacements]))
-        self._slots.extend(slots[replacements:])
+        # In time order: a replacement later than a slot still held would make that slot late.
+        self._slots = collections.deque(
+            sorted([*self._slots, *slots], key=lambda slot: slot.release_at)
+        )
 
     async def _held_until_now_us(self) -> int:
         """The hold, read again from Redis if what this daemon knows is older than

@@ -165,6 +165,30 @@ async def test_a_slot_given_up_late_is_replaced_at_once_and_leaves_the_ring(
     assert ring == [T0_US + 25_000, T0_US + 18_500, T0_US]
 
 
+@pytest.mark.parametrize("rate_per_s", [2, 80])
+async def test_one_call_for_many_slots_gives_what_one_call_per_slot_gives(
+    clients: list[aioredis.Redis], redis: aioredis.Redis, rate_per_s: int
+) -> None:
+    """The script checks a whole lease against the ring with one read: the times and the ring
+    are those of reserving the slots one by one, also for a lease longer than the ring and for
+    replacements that go first."""
+    batched, single = (
+        SharedPacer(client, call_directly, prefix=PREFIX, account=account, rate_per_s=rate_per_s)
+        for client, account in zip(clients, ("batched", "single"), strict=False)
+    )
+    leases = [(T0_US, 3, 0), (T0_US + 400_000, 5, 1), (T0_US + 900_000, 7, 2)]
+    for now_us, scheduled, given_up in leases:
+        given_up_us = [T0_US] * given_up  # the first slot's stamp, given up and then gone
+        whole = await batched.reserve(scheduled, given_up_us, now_us=now_us)
+        parts = [await single.reserve(0, [stamp], now_us=now_us) for stamp in given_up_us]
+        parts += [await single.reserve(now_us=now_us) for _ in range(scheduled)]
+
+        assert whole.slots_us == tuple(at for part in parts for at in part.slots_us)
+        assert await redis.lrange(rate_ring_key(PREFIX, "batched"), 0, -1) == await redis.lrange(
+            rate_ring_key(PREFIX, "single"), 0, -1
+        )
+
+
 async def test_increase_recovers_the_shared_rate_but_never_above_the_configured_rate(
     clients: list[aioredis.Redis],
 ) -> None:
