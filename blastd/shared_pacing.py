@@ -22,13 +22,15 @@ A daemon takes LEASE_S worth of slots per call (a lease), and the next lease whe
 is left, in a background task: the head of the queue sleeps to its slot meanwhile, so the
 round trip overlaps the sending instead of making the slot late. The script reads the ring
 once and pushes a lease's stamps in one command, so its Redis commands are counted per lease,
-not per slot. A daemon's slots are used in time order, replacements included. Slots are stamped into the ring when they are
-given out, before the caller sleeps, so the window includes MAX_WAKE_LATE_S of lateness; a
-caller later than that gives its slot up unused: the script takes its stamp out of the ring
-and gives a replacement at once, so lateness costs a round trip, not a slot. A caller whose
-knowledge of the hold is older than HOLD_RECHECK_S reads it again before it sends, so a hold
-another daemon set while it slept is honoured; a hold set in the last HOLD_RECHECK_S before a
-release is missed, like a request that was already in flight when the answer came.
+not per slot. A daemon's slots are used in time order, replacements included.
+
+Slots are stamped into the ring when they are given out, before the caller sleeps, so the
+window includes MAX_WAKE_LATE_S of lateness; a caller later than that gives its slot up
+unused: the script takes its stamp out of the ring and gives a replacement at once, so
+lateness costs a round trip, not a slot. A caller whose knowledge of the hold would be older
+than HOLD_RECHECK_S at its slot reads it again shortly before, so a hold another daemon set
+while it slept is honoured; a hold set in the last HOLD_RECHECK_S before a release is
+missed, like a request that was already in flight when the answer came.
 
 Local callers take turns on an asyncio.Lock (FIFO); a slot is used only when its caller
 returns, so a cancelled waiter leaves it to the next. Slots cleared by a hold stay in the
@@ -62,11 +64,14 @@ IDLE_TTL_MS = 60_000
 # caller may sleep on what it knew of the hold before it must read it again.
 MAX_WAKE_LATE_S = 0.005
 HOLD_RECHECK_S = 0.005
-# One script call reserves this much sending time (at least one slot): at 1000/s 20 slots, so
-# the round trip and its CPU are paid once per 20 requests. The next lease is taken when half
-# of this one is left, so the round trip (a few ms in a busy daemon) overlaps the sending
-# instead of delaying it. Short, so that a rate cut reaches reservations made before it soon.
-LEASE_S = 0.02
+# One script call reserves this much sending time: at 1000/s 50 slots, so the round trip and
+# its CPU are paid once per 50 requests. The next lease is taken when half of this one is
+# left, so the round trip (a few ms in a busy daemon) overlaps the sending instead of delaying
+# it. At least two slots: with one, each lease was taken only once its slot was used, the
+# round trip came between every two sends, and at 80/s a loaded host lost 8 % of the rate to
+# it. Short, so that a rate cut reaches reservations made before it soon (a hold clears them).
+LEASE_S = 0.05
+MIN_LEASE_SLOTS = 2
 MAX_LEASE_SLOTS = 100  # bounds the script's work at very high rates
 
 # KEYS: state hash, ring list. ARGV: ceiling_per_s, step_per_s, window_us (guard included),
@@ -258,9 +263,15 @@ class SharedPacer:
                 if self._given_up_us or len(self._slots) <= self._lease_size() // 2:
                     self._refill()  # in the background: the round trip overlaps the sleep
                 slot = self._slots[0]
+                # The hold is read just before the slot, not after: its round trip does not
+                # make the release late.
+                await _sleep_until(slot.release_at - HOLD_RECHECK_S / 2)
+                held_until_us = await self._held_until_now_us()
                 await _sleep_until(slot.release_at)
-                if slot.at_us < await self._held_until_now_us():
+                if slot.at_us < held_until_us:
                     self._slots.clear()  # a throttling answer came while this caller slept
+                elif self._slots and self._slots[0] is not slot:
+                    continue  # a lease came back meanwhile with a replacement due before it
                 elif time.monotonic() - slot.release_at <= MAX_WAKE_LATE_S:
                     self._slots.popleft()
                     return
@@ -309,7 +320,7 @@ class SharedPacer:
         self._step_per_s += step_per_s
 
     def _lease_size(self) -> int:
-        return max(1, min(MAX_LEASE_SLOTS, int(self._rate_per_s * LEASE_S)))
+        return max(MIN_LEASE_SLOTS, min(MAX_LEASE_SLOTS, int(self._rate_per_s * LEASE_S)))
 
     def _give_up_late_slots(self) -> None:
         """Drop the slots this daemon woke too late for; their ring stamps go back with the
