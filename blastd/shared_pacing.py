@@ -6,7 +6,9 @@ process's SharedPacer asks one Lua script, run atomically by Redis, for the acco
 release times. The script keeps what the local Pacer keeps, once for everyone:
 
 - the schedule (`next`): each slot is at least 1/R after the previous one; a schedule more
-  than MAX_RETURN_LAG_S behind now restarts at now, so an idle spell saves up no burst;
+  than MAX_RETURN_LAG_S behind now restarts at now, so an idle spell saves up no burst. A
+  daemon that still holds slots, or gives some up, was busy and stalled: for it the
+  schedule may lag MAX_LAG_S, as the local Pacer makes up that much of a stall;
 - a ring of the last R slots' stamps (a slot's time, or now if that is later): no slot is
   given out before ring[oldest] + 1 s + CLOCK_GUARD_S + MAX_WAKE_LATE_S, so no one-second
   window of releases holds more than R;
@@ -22,12 +24,17 @@ A daemon takes LEASE_S worth of slots per call (a lease), and the next lease whe
 is left, in a background task: the head of the queue sleeps to its slot meanwhile, so the
 round trip overlaps the sending instead of making the slot late. The script reads the ring
 once and pushes a lease's stamps in one command, so its Redis commands are counted per lease,
-not per slot. A daemon's slots are used in time order, replacements included.
+not per slot. A daemon's slots are used in time order, replacements included. Slots are 1/R
+apart whichever daemon takes them, so a daemon that gives slots up (it cannot keep that pace
+for a whole lease) halves its leases, and grows them again by one slot per lease it keeps up
+with: the other daemons take the rest of the rate, and nobody churns through replacements.
 
 Slots are stamped into the ring when they are given out, before the caller sleeps, so the
 window includes MAX_WAKE_LATE_S of lateness; a caller later than that gives its slot up
 unused: the script takes its stamp out of the ring and gives a replacement at once, so
-lateness costs a round trip, not a slot. A caller whose knowledge of the hold would be older
+lateness costs a round trip, not a slot. Slots more than MAX_LAG_S late were left by an idle
+spell: they are forgotten, not replaced. A slot is due at its stamp, so one made up from a
+stall is due when it was given out. A caller whose knowledge of the hold would be older
 than HOLD_RECHECK_S at its slot reads it again shortly before, so a hold another daemon set
 while it slept is honoured; a hold set in the last HOLD_RECHECK_S before a release is
 missed, like a request that was already in flight when the answer came.
@@ -51,7 +58,7 @@ from typing import ParamSpec, Protocol, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from blastd.pacing import CLOCK_GUARD_S, MAX_RETURN_LAG_S, MIN_SLEEP_S, WINDOW_S
+from blastd.pacing import CLOCK_GUARD_S, MAX_LAG_S, MAX_RETURN_LAG_S, MIN_SLEEP_S, WINDOW_S
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -244,6 +251,7 @@ class SharedPacer:
         self._hold_known_at = 0.0  # monotonic time at which _held_until_us was read
         self._slots: collections.deque[_Slot] = collections.deque()  # reserved, not yet used
         self._given_up_us: list[int] = []  # stamps of slots woken too late for, to replace
+        self._lease_slots = self._full_lease_slots()  # shrinks while this daemon falls behind
         self._leasing: asyncio.Task[None] | None = None
         self._turn = asyncio.Lock()
 
@@ -277,15 +285,21 @@ class SharedPacer:
                     return
 
     async def reserve(
-        self, scheduled: int = 1, given_up_us: Sequence[int] = (), now_us: int | None = None
+        self,
+        scheduled: int = 1,
+        given_up_us: Sequence[int] = (),
+        now_us: int | None = None,
+        lag_s: float = MAX_RETURN_LAG_S,
     ) -> Reservation:
         """Take the account's next `scheduled` release times, after one at once for each slot
-        given up unused (by its ring stamp); `now_us` replaces Redis TIME (tests only)."""
+        given up unused (by its ring stamp); `now_us` replaces Redis TIME (tests only). A
+        schedule at most lag_s behind is kept, its past slots due at once; one further behind
+        restarts at now."""
         step_per_s, self._step_per_s = self._step_per_s, 0.0
         # A slot may go out up to MAX_WAKE_LATE_S after its stamp: the window covers that too.
         window_us = _us(WINDOW_S + CLOCK_GUARD_S + MAX_WAKE_LATE_S)
         args: list[float | str] = [self._ceiling_per_s, step_per_s, window_us]
-        args += [_us(MAX_RETURN_LAG_S), IDLE_TTL_MS, scheduled, "" if now_us is None else now_us]
+        args += [_us(lag_s), IDLE_TTL_MS, scheduled, "" if now_us is None else now_us]
         args += given_up_us
         try:
             script_now_us, rate, held_until_us, *slots_us = await self._reserve_script(
@@ -320,14 +334,26 @@ class SharedPacer:
         self._step_per_s += step_per_s
 
     def _lease_size(self) -> int:
+        return min(self._lease_slots, self._full_lease_slots())
+
+    def _full_lease_slots(self) -> int:
         return max(MIN_LEASE_SLOTS, min(MAX_LEASE_SLOTS, int(self._rate_per_s * LEASE_S)))
 
     def _give_up_late_slots(self) -> None:
-        """Drop the slots this daemon woke too late for; their ring stamps go back with the
-        next lease, to be replaced."""
+        """Drop the slots this daemon woke too late for. Those of a stall (at most MAX_LAG_S
+        late) go back with the next lease, to be replaced at once; later ones were left by an
+        idle spell and are forgotten (their stamps stay in the ring: that is conservative)."""
         now = time.monotonic()
+        late = 0
         while self._slots and now - self._slots[0].release_at > MAX_WAKE_LATE_S:
-            self._given_up_us.append(self._slots.popleft().stamp_us)
+            slot = self._slots.popleft()
+            late += 1
+            if now - slot.release_at <= MAX_LAG_S:
+                self._given_up_us.append(slot.stamp_us)
+        if late:
+            # Slots come 1/R apart whichever daemon takes them: one that cannot keep that pace
+            # for a whole lease takes shorter ones, and the others take the rest of the rate.
+            self._lease_slots = max(MIN_LEASE_SLOTS, self._lease_slots // 2)
 
     def _refill(self) -> asyncio.Task[None]:
         """The lease in flight, or a new one: one at a time, so each sees the last one's
@@ -337,25 +363,29 @@ class SharedPacer:
                 self._leasing.result()
             scheduled = self._lease_size() if len(self._slots) <= self._lease_size() // 2 else 0
             given_up_us, self._given_up_us = self._given_up_us, []
-            self._leasing = asyncio.create_task(self._lease(scheduled, given_up_us))
+            if scheduled and not given_up_us:  # kept up since the last lease: a longer one
+                self._lease_slots = min(self._full_lease_slots(), self._lease_slots + 1)
+            # A daemon still holding slots is busy, and a stall made it late: make up as much
+            # as the local Pacer does. One that ran out may have been idle: save up nothing.
+            lag_s = MAX_LAG_S if self._slots or given_up_us else MAX_RETURN_LAG_S
+            self._leasing = asyncio.create_task(self._lease(scheduled, given_up_us, lag_s))
         return self._leasing
 
-    async def _lease(self, scheduled: int, given_up_us: list[int]) -> None:
+    async def _lease(self, scheduled: int, given_up_us: list[int], lag_s: float) -> None:
         """Reserve more slots; replacements are due at once, so they may go first in line."""
         try:
-            reservation = await self._call(self.reserve, scheduled, given_up_us)
+            reservation = await self._call(self.reserve, scheduled, given_up_us, lag_s=lag_s)
         except BaseException:
             self._given_up_us += given_up_us  # not replaced: send them with the next lease
             raise
         reserved_at = time.monotonic()
         self._learn_hold(reservation.held_until_us, reserved_at)
+        # Due at its stamp: a slot made up from a stall (its time already past) is due when it
+        # was given out, and only lateness after that is lateness.
         slots = [
-            _Slot(
-                at_us,
-                reservation.stamp_us(at_us),
-                reserved_at + (at_us - reservation.now_us) / US_PER_S,
-            )
+            _Slot(at_us, stamp_us, reserved_at + (stamp_us - reservation.now_us) / US_PER_S)
             for at_us in reservation.slots_us
+            for stamp_us in (reservation.stamp_us(at_us),)
         ]
         # In time order: a replacement later than a slot still held would make that slot late.
         self._slots = collections.deque(

@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from blastd import ledger
 from blastd.batches import BatchWriter
 from blastd.embedded import EmbeddedRedis, free_port
+from blastd.pacing import MAX_LAG_S
 from blastd.resources import Dependencies
 from blastd.shared_pacing import (
     IDLE_TTL_MS,
@@ -188,6 +189,27 @@ async def test_one_call_for_many_slots_gives_what_one_call_per_slot_gives(
         assert await redis.lrange(rate_ring_key(PREFIX, "batched"), 0, -1) == await redis.lrange(
             rate_ring_key(PREFIX, "single"), 0, -1
         )
+
+
+async def test_a_stalled_daemon_makes_up_its_lag_and_an_idle_one_nothing(
+    clients: list[aioredis.Redis],
+) -> None:
+    """40 ms behind the schedule at 80/s: a daemon that stalled (lag_s = MAX_LAG_S) keeps it,
+    its past slots due at once; one back from an idle spell starts again at now."""
+    stalled, idle = (
+        SharedPacer(client, call_directly, prefix=PREFIX, account=account, rate_per_s=80)
+        for client, account in zip(clients, ("stalled", "idle"), strict=False)
+    )
+    for daemon in (stalled, idle):
+        await daemon.reserve(now_us=T0_US)
+    now_us = T0_US + 12_500 + 40_000
+
+    made_up = await stalled.reserve(4, now_us=now_us, lag_s=MAX_LAG_S)
+    restarted = await idle.reserve(4, now_us=now_us)
+
+    assert made_up.slots_us == tuple(T0_US + 12_500 * k for k in range(1, 5))
+    assert [made_up.stamp_us(at) for at in made_up.slots_us] == [now_us] * 4
+    assert restarted.slots_us == tuple(now_us + 12_500 * k for k in range(4))
 
 
 async def test_increase_recovers_the_shared_rate_but_never_above_the_configured_rate(
