@@ -24,16 +24,12 @@ A daemon takes LEASE_S worth of slots per call (a lease), and the next lease whe
 is left, in a background task: the head of the queue sleeps to its slot meanwhile, so the
 round trip overlaps the sending instead of making the slot late. The script reads the ring
 once and pushes a lease's stamps in one command, so its Redis commands are counted per lease,
-not per slot. A daemon's slots are used in time order, replacements included. Slots are 1/R
-apart whichever daemon takes them, so a daemon that gives slots up (it cannot keep that pace
-for a whole lease) halves its leases, and grows them again by one slot per lease it keeps up
-with: the other daemons take the rest of the rate, and nobody churns through replacements.
+not per slot. A daemon's slots are used in time order, replacements included.
 
 Slots are stamped into the ring when they are given out, before the caller sleeps, so the
 window includes MAX_WAKE_LATE_S of lateness; a caller later than that gives its slot up
 unused: the script takes its stamp out of the ring and gives a replacement at once, so
-lateness costs a round trip, not a slot. Slots more than MAX_LAG_S late were left by an idle
-spell: they are forgotten, not replaced. A slot is due at its stamp, so one made up from a
+lateness costs a round trip, not a slot. A slot is due at its stamp, so one made up from a
 stall is due when it was given out. A caller whose knowledge of the hold would be older
 than HOLD_RECHECK_S at its slot reads it again shortly before, so a hold another daemon set
 while it slept is honoured; a hold set in the last HOLD_RECHECK_S before a release is
@@ -71,13 +67,13 @@ IDLE_TTL_MS = 60_000
 # caller may sleep on what it knew of the hold before it must read it again.
 MAX_WAKE_LATE_S = 0.005
 HOLD_RECHECK_S = 0.005
-# One script call reserves this much sending time: at 1000/s 50 slots, so the round trip and
-# its CPU are paid once per 50 requests. The next lease is taken when half of this one is
+# One script call reserves this much sending time: at 1000/s 20 slots, so the round trip and
+# its CPU are paid once per 20 requests. The next lease is taken when half of this one is
 # left, so the round trip (a few ms in a busy daemon) overlaps the sending instead of delaying
 # it. At least two slots: with one, each lease was taken only once its slot was used, the
 # round trip came between every two sends, and at 80/s a loaded host lost 8 % of the rate to
 # it. Short, so that a rate cut reaches reservations made before it soon (a hold clears them).
-LEASE_S = 0.05
+LEASE_S = 0.02
 MIN_LEASE_SLOTS = 2
 MAX_LEASE_SLOTS = 100  # bounds the script's work at very high rates
 
@@ -251,7 +247,6 @@ class SharedPacer:
         self._hold_known_at = 0.0  # monotonic time at which _held_until_us was read
         self._slots: collections.deque[_Slot] = collections.deque()  # reserved, not yet used
         self._given_up_us: list[int] = []  # stamps of slots woken too late for, to replace
-        self._lease_slots = self._full_lease_slots()  # shrinks while this daemon falls behind
         self._leasing: asyncio.Task[None] | None = None
         self._turn = asyncio.Lock()
 
@@ -334,26 +329,14 @@ class SharedPacer:
         self._step_per_s += step_per_s
 
     def _lease_size(self) -> int:
-        return min(self._lease_slots, self._full_lease_slots())
-
-    def _full_lease_slots(self) -> int:
         return max(MIN_LEASE_SLOTS, min(MAX_LEASE_SLOTS, int(self._rate_per_s * LEASE_S)))
 
     def _give_up_late_slots(self) -> None:
-        """Drop the slots this daemon woke too late for. Those of a stall (at most MAX_LAG_S
-        late) go back with the next lease, to be replaced at once; later ones were left by an
-        idle spell and are forgotten (their stamps stay in the ring: that is conservative)."""
+        """Drop the slots this daemon woke too late for; their ring stamps go back with the
+        next lease, to be replaced at once."""
         now = time.monotonic()
-        late = 0
         while self._slots and now - self._slots[0].release_at > MAX_WAKE_LATE_S:
-            slot = self._slots.popleft()
-            late += 1
-            if now - slot.release_at <= MAX_LAG_S:
-                self._given_up_us.append(slot.stamp_us)
-        if late:
-            # Slots come 1/R apart whichever daemon takes them: one that cannot keep that pace
-            # for a whole lease takes shorter ones, and the others take the rest of the rate.
-            self._lease_slots = max(MIN_LEASE_SLOTS, self._lease_slots // 2)
+            self._given_up_us.append(self._slots.popleft().stamp_us)
 
     def _refill(self) -> asyncio.Task[None]:
         """The lease in flight, or a new one: one at a time, so each sees the last one's
@@ -363,8 +346,6 @@ class SharedPacer:
                 self._leasing.result()
             scheduled = self._lease_size() if len(self._slots) <= self._lease_size() // 2 else 0
             given_up_us, self._given_up_us = self._given_up_us, []
-            if scheduled and not given_up_us:  # kept up since the last lease: a longer one
-                self._lease_slots = min(self._full_lease_slots(), self._lease_slots + 1)
             # A daemon still holding slots is busy, and a stall made it late: make up as much
             # as the local Pacer does. One that ran out may have been idle: save up nothing.
             lag_s = MAX_LAG_S if self._slots or given_up_us else MAX_RETURN_LAG_S
