@@ -43,8 +43,16 @@ async def open_pool(url: str, *, command_timeout_s: float, max_size: int = 10) -
         max_size=max_size,
         command_timeout=command_timeout_s,
         init=_init_connection,
+        reset=_keep_session,
     )
     return pool
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Hand a connection back as it is. asyncpg still rolls back a transaction left open; its
+    default reset adds a round trip per release (advisory locks, cursors, LISTEN, settings),
+    state our statements never leave behind: a lock is taken per transaction, the staging
+    table is dropped on commit. An idle daemon made as many of those as of its own queries."""
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
