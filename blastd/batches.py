@@ -38,18 +38,22 @@ class BatchWriter(Generic[T]):
         loop = asyncio.get_running_loop()
         self._next_flush: asyncio.Future[None] = loop.create_future()  # covers self._items
         self._writing: asyncio.Future[None] | None = None  # covers the batch being written
-        self._has_items = asyncio.Event()
+        self._has_items = asyncio.Event()  # a flush is due now
+        self._first_item = asyncio.Event()  # the queue is no longer empty
         self._is_closed = False
 
     def add(self, item: T) -> None:
         """Queue one item for the next flush."""
         self._items.append(item)
+        if len(self._items) == 1:
+            self._first_item.set()
         if len(self._items) >= self._flush_rows:
             self._has_items.set()
 
     async def add_durably(self, items: Sequence[T]) -> None:
         """Queue items and return once the flush that carries them has committed."""
         self._items.extend(items)
+        self._first_item.set()
         self._has_items.set()
         await self.synced()
 
@@ -63,6 +67,7 @@ class BatchWriter(Generic[T]):
     def close(self) -> None:
         """Write what is left, then let run() return."""
         self._is_closed = True
+        self._first_item.set()
         self._has_items.set()
 
     async def run(self) -> None:
@@ -77,6 +82,13 @@ class BatchWriter(Generic[T]):
         self._has_items.clear()
         if self._is_closed:
             return
+        if not self._items:
+            # Asleep until the first item, not ticking every interval: an idle daemon has two
+            # writers. The interval runs from that item, so none waits longer than before.
+            self._first_item.clear()
+            await self._first_item.wait()
+            if self._has_items.is_set():
+                return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._has_items.wait(), self._flush_interval_s)
 

@@ -6,7 +6,9 @@ process's SharedPacer asks one Lua script, run atomically by Redis, for the acco
 release times. The script keeps what the local Pacer keeps, once for everyone:
 
 - the schedule (`next`): each slot is at least 1/R after the previous one; a schedule more
-  than MAX_RETURN_LAG_S behind now restarts at now, so an idle spell saves up no burst;
+  than MAX_RETURN_LAG_S behind now restarts at now, so an idle spell saves up no burst. A
+  daemon that still holds slots, or gives some up, was busy and stalled: for it the
+  schedule may lag MAX_LAG_S, as the local Pacer makes up that much of a stall;
 - a ring of the last R slots' stamps (a slot's time, or now if that is later): no slot is
   given out before ring[oldest] + 1 s + CLOCK_GUARD_S + MAX_WAKE_LATE_S, so no one-second
   window of releases holds more than R;
@@ -19,13 +21,19 @@ arrived, so it can only err late, by the round trip. Redis `TIME` is the server'
 a step backwards (not NTP's slewing) would stall the account for the step.
 
 A daemon takes LEASE_S worth of slots per call (a lease), and the next lease when half of it
-is left, so the round trip overlaps the sending. Slots are stamped into the ring when they are
-given out, before the caller sleeps, so the window includes MAX_WAKE_LATE_S of lateness; a
-caller later than that gives its slot up unused: the script takes its stamp out of the ring
-and gives a replacement at once, so lateness costs a round trip, not a slot. A caller whose
-knowledge of the hold is older than HOLD_RECHECK_S reads it again before it sends, so a hold
-another daemon set while it slept is honoured; a hold set in the last HOLD_RECHECK_S before a
-release is missed, like a request that was already in flight when the answer came.
+is left, in a background task: the head of the queue sleeps to its slot meanwhile, so the
+round trip overlaps the sending instead of making the slot late. The script reads the ring
+once and pushes a lease's stamps in one command, so its Redis commands are counted per lease,
+not per slot. A daemon's slots are used in time order, replacements included.
+
+Slots are stamped into the ring when they are given out, before the caller sleeps, so the
+window includes MAX_WAKE_LATE_S of lateness; a caller later than that gives its slot up
+unused: the script takes its stamp out of the ring and gives a replacement at once, so
+lateness costs a round trip, not a slot. A slot is due at its stamp, so one made up from a
+stall is due when it was given out. A caller whose knowledge of the hold would be older
+than HOLD_RECHECK_S at its slot reads it again shortly before, so a hold another daemon set
+while it slept is honoured; a hold set in the last HOLD_RECHECK_S before a release is
+missed, like a request that was already in flight when the answer came.
 
 Local callers take turns on an asyncio.Lock (FIFO); a slot is used only when its caller
 returns, so a cancelled waiter leaves it to the next. Slots cleared by a hold stay in the
@@ -46,7 +54,7 @@ from typing import ParamSpec, Protocol, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from blastd.pacing import CLOCK_GUARD_S, MAX_RETURN_LAG_S, MIN_SLEEP_S, WINDOW_S
+from blastd.pacing import CLOCK_GUARD_S, MAX_LAG_S, MAX_RETURN_LAG_S, MIN_SLEEP_S, WINDOW_S
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -59,11 +67,14 @@ IDLE_TTL_MS = 60_000
 # caller may sleep on what it knew of the hold before it must read it again.
 MAX_WAKE_LATE_S = 0.005
 HOLD_RECHECK_S = 0.005
-# One script call reserves this much sending time (at least one slot): at 1000/s 20 slots, so
-# the round trip and its CPU are paid once per 20 requests. The next lease is taken when half
-# of this one is left, so the round trip (a few ms in a busy daemon) overlaps the sending
-# instead of delaying it. Short, so that a rate cut reaches reservations made before it soon.
+# One script call reserves this much sending time: at 1000/s 20 slots, so the round trip and
+# its CPU are paid once per 20 requests. The next lease is taken when half of this one is
+# left, so the round trip (a few ms in a busy daemon) overlaps the sending instead of delaying
+# it. At least two slots: with one, each lease was taken only once its slot was used, the
+# round trip came between every two sends, and at 80/s a loaded host lost 8 % of the rate to
+# it. Short, so that a rate cut reaches reservations made before it soon (a hold clears them).
 LEASE_S = 0.02
+MIN_LEASE_SLOTS = 2
 MAX_LEASE_SLOTS = 100  # bounds the script's work at very high rates
 
 # KEYS: state hash, ring list. ARGV: ceiling_per_s, step_per_s, window_us (guard included),
@@ -85,12 +96,21 @@ local hold = tonumber(state[3]) or 0
 local capacity = math.max(1, math.floor(rate))
 local interval = math.ceil(1000000 / rate)
 local replacements = #ARGV - 7
+local count = replacements + tonumber(ARGV[6])
 for given_up = 8, #ARGV do
   redis.call('LREM', KEYS[2], 1, ARGV[given_up])
 end
+-- Slot j is checked against the entry at capacity - 1 once j - 1 stamps are pushed: the old
+-- entry at capacity - j, or this call's stamp j - capacity. One LRANGE reads every old one.
+local first_old = math.max(0, capacity - count)
+local old = {}
+if count > 0 then
+  old = redis.call('LRANGE', KEYS[2], first_old, capacity - 1)
+end
 local reply = {now, tostring(rate), hold}
+local stamps = {}
 local stamp = now
-for slot = 1, replacements + tonumber(ARGV[6]) do
+for slot = 1, count do
   local at
   if slot <= replacements then
     at = math.max(now, hold)
@@ -100,7 +120,12 @@ for slot = 1, replacements + tonumber(ARGV[6]) do
     end
     at = math.max(next_at, hold)
   end
-  local oldest = redis.call('LINDEX', KEYS[2], capacity - 1)
+  local oldest
+  if slot > capacity then
+    oldest = stamps[slot - capacity]
+  else
+    oldest = old[capacity - slot - first_old + 1]
+  end
   if oldest then
     at = math.max(at, tonumber(oldest) + tonumber(ARGV[3]))
   end
@@ -108,9 +133,12 @@ for slot = 1, replacements + tonumber(ARGV[6]) do
     next_at = at + interval
   end
   stamp = math.max(at, now)
-  redis.call('LPUSH', KEYS[2], stamp)
-  redis.call('LTRIM', KEYS[2], 0, capacity - 1)
+  stamps[slot] = stamp
   reply[#reply + 1] = at
+end
+if count > 0 then
+  redis.call('LPUSH', KEYS[2], unpack(stamps))
+  redis.call('LTRIM', KEYS[2], 0, capacity - 1)
 end
 redis.call('HSET', KEYS[1], 'rate', rate, 'next', next_at)
 local ttl_ms = math.ceil((math.max(stamp, hold) - now) / 1000) + tonumber(ARGV[5])
@@ -218,6 +246,8 @@ class SharedPacer:
         self._held_until_us = 0
         self._hold_known_at = 0.0  # monotonic time at which _held_until_us was read
         self._slots: collections.deque[_Slot] = collections.deque()  # reserved, not yet used
+        self._given_up_us: list[int] = []  # stamps of slots woken too late for, to replace
+        self._leasing: asyncio.Task[None] | None = None
         self._turn = asyncio.Lock()
 
     @property
@@ -229,28 +259,42 @@ class SharedPacer:
         """Return when the caller may send: in call order, within the shared rate and hold."""
         async with self._turn:
             while True:
-                given_up_us = self._give_up_late_slots()
-                scheduled = self._lease_size() if len(self._slots) <= self._lease_size() // 2 else 0
-                if given_up_us or scheduled:
-                    await self._lease(scheduled, given_up_us)
+                self._give_up_late_slots()
+                if not self._slots:
+                    await asyncio.shield(self._refill())  # a cancelled caller leaves it running
+                    continue
+                if self._given_up_us or len(self._slots) <= self._lease_size() // 2:
+                    self._refill()  # in the background: the round trip overlaps the sleep
                 slot = self._slots[0]
+                # The hold is read just before the slot, not after: its round trip does not
+                # make the release late.
+                await _sleep_until(slot.release_at - HOLD_RECHECK_S / 2)
+                held_until_us = await self._held_until_now_us()
                 await _sleep_until(slot.release_at)
-                if slot.at_us < await self._held_until_now_us():
+                if slot.at_us < held_until_us:
                     self._slots.clear()  # a throttling answer came while this caller slept
+                elif self._slots and self._slots[0] is not slot:
+                    continue  # a lease came back meanwhile with a replacement due before it
                 elif time.monotonic() - slot.release_at <= MAX_WAKE_LATE_S:
                     self._slots.popleft()
                     return
 
     async def reserve(
-        self, scheduled: int = 1, given_up_us: Sequence[int] = (), now_us: int | None = None
+        self,
+        scheduled: int = 1,
+        given_up_us: Sequence[int] = (),
+        now_us: int | None = None,
+        lag_s: float = MAX_RETURN_LAG_S,
     ) -> Reservation:
         """Take the account's next `scheduled` release times, after one at once for each slot
-        given up unused (by its ring stamp); `now_us` replaces Redis TIME (tests only)."""
+        given up unused (by its ring stamp); `now_us` replaces Redis TIME (tests only). A
+        schedule at most lag_s behind is kept, its past slots due at once; one further behind
+        restarts at now."""
         step_per_s, self._step_per_s = self._step_per_s, 0.0
         # A slot may go out up to MAX_WAKE_LATE_S after its stamp: the window covers that too.
         window_us = _us(WINDOW_S + CLOCK_GUARD_S + MAX_WAKE_LATE_S)
         args: list[float | str] = [self._ceiling_per_s, step_per_s, window_us]
-        args += [_us(MAX_RETURN_LAG_S), IDLE_TTL_MS, scheduled, "" if now_us is None else now_us]
+        args += [_us(lag_s), IDLE_TTL_MS, scheduled, "" if now_us is None else now_us]
         args += given_up_us
         try:
             script_now_us, rate, held_until_us, *slots_us = await self._reserve_script(
@@ -285,32 +329,49 @@ class SharedPacer:
         self._step_per_s += step_per_s
 
     def _lease_size(self) -> int:
-        return max(1, min(MAX_LEASE_SLOTS, int(self._rate_per_s * LEASE_S)))
+        return max(MIN_LEASE_SLOTS, min(MAX_LEASE_SLOTS, int(self._rate_per_s * LEASE_S)))
 
-    def _give_up_late_slots(self) -> list[int]:
-        """Drop the slots this daemon woke too late for; their ring stamps, for replacement."""
-        given_up_us = []
+    def _give_up_late_slots(self) -> None:
+        """Drop the slots this daemon woke too late for; their ring stamps go back with the
+        next lease, to be replaced at once."""
         now = time.monotonic()
         while self._slots and now - self._slots[0].release_at > MAX_WAKE_LATE_S:
-            given_up_us.append(self._slots.popleft().stamp_us)
-        return given_up_us
+            self._given_up_us.append(self._slots.popleft().stamp_us)
 
-    async def _lease(self, scheduled: int, given_up_us: list[int]) -> None:
-        """Reserve more slots; replacements go first in line, they are due now."""
-        reservation = await self._call(self.reserve, scheduled, given_up_us)
+    def _refill(self) -> asyncio.Task[None]:
+        """The lease in flight, or a new one: one at a time, so each sees the last one's
+        slots; one that failed raises here, in the caller that next needs a lease."""
+        if self._leasing is None or self._leasing.done():
+            if self._leasing is not None:
+                self._leasing.result()
+            scheduled = self._lease_size() if len(self._slots) <= self._lease_size() // 2 else 0
+            given_up_us, self._given_up_us = self._given_up_us, []
+            # A daemon still holding slots is busy, and a stall made it late: make up as much
+            # as the local Pacer does. One that ran out may have been idle: save up nothing.
+            lag_s = MAX_LAG_S if self._slots or given_up_us else MAX_RETURN_LAG_S
+            self._leasing = asyncio.create_task(self._lease(scheduled, given_up_us, lag_s))
+        return self._leasing
+
+    async def _lease(self, scheduled: int, given_up_us: list[int], lag_s: float) -> None:
+        """Reserve more slots; replacements are due at once, so they may go first in line."""
+        try:
+            reservation = await self._call(self.reserve, scheduled, given_up_us, lag_s=lag_s)
+        except BaseException:
+            self._given_up_us += given_up_us  # not replaced: send them with the next lease
+            raise
         reserved_at = time.monotonic()
         self._learn_hold(reservation.held_until_us, reserved_at)
+        # Due at its stamp: a slot made up from a stall (its time already past) is due when it
+        # was given out, and only lateness after that is lateness.
         slots = [
-            _Slot(
-                at_us,
-                reservation.stamp_us(at_us),
-                reserved_at + (at_us - reservation.now_us) / US_PER_S,
-            )
+            _Slot(at_us, stamp_us, reserved_at + (stamp_us - reservation.now_us) / US_PER_S)
             for at_us in reservation.slots_us
+            for stamp_us in (reservation.stamp_us(at_us),)
         ]
-        replacements = len(given_up_us)
-        self._slots.extendleft(reversed(slots[:replacements]))
-        self._slots.extend(slots[replacements:])
+        # In time order: a replacement later than a slot still held would make that slot late.
+        self._slots = collections.deque(
+            sorted([*self._slots, *slots], key=lambda slot: slot.release_at)
+        )
 
     async def _held_until_now_us(self) -> int:
         """The hold, read again from Redis if what this daemon knows is older than

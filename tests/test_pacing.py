@@ -23,6 +23,7 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
 
     def __init__(self) -> None:
         self.virtual_now = 0.0
+        self.clock_jumps = 0  # how often every task was asleep and a timer woke one
         super().__init__(_ClockJumpingSelector(self))
 
     def time(self) -> float:
@@ -45,6 +46,7 @@ class _ClockJumpingSelector(selectors.DefaultSelector):
         if timeout is None:
             raise AssertionError("every task is blocked and no timer is set")
         self._loop.virtual_now += timeout
+        self._loop.clock_jumps += 1
         return ready
 
 

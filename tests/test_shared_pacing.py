@@ -21,10 +21,12 @@ from structlog.testing import capture_logs
 from blastd import ledger
 from blastd.batches import BatchWriter
 from blastd.embedded import EmbeddedRedis, free_port
+from blastd.pacing import MAX_LAG_S
 from blastd.resources import Dependencies
 from blastd.shared_pacing import (
     IDLE_TTL_MS,
     LEASE_S,
+    MIN_LEASE_SLOTS,
     SharedPacer,
     rate_ring_key,
     rate_state_key,
@@ -84,7 +86,7 @@ async def run_daemons(
     while (now_us := due[0][0]) < until_us:
         index = due[0][1]
         if not leases[index]:
-            count = max(1, int(daemons[index].rate_per_s * LEASE_S))
+            count = max(MIN_LEASE_SLOTS, int(daemons[index].rate_per_s * LEASE_S))
             reservation = await daemons[index].reserve(count, now_us=now_us)
             leases[index] = list(reservation.slots_us)
         released_us = max(leases[index].pop(0), now_us)
@@ -163,6 +165,51 @@ async def test_a_slot_given_up_late_is_replaced_at_once_and_leaves_the_ring(
     assert following.slots_us == (T0_US + 25_000,)
     ring = [int(stamp) for stamp in await redis.lrange(rate_ring_key(PREFIX, ACCOUNT), 0, -1)]
     assert ring == [T0_US + 25_000, T0_US + 18_500, T0_US]
+
+
+@pytest.mark.parametrize("rate_per_s", [2, 80])
+async def test_one_call_for_many_slots_gives_what_one_call_per_slot_gives(
+    clients: list[aioredis.Redis], redis: aioredis.Redis, rate_per_s: int
+) -> None:
+    """The script checks a whole lease against the ring with one read: the times and the ring
+    are those of reserving the slots one by one, also for a lease longer than the ring and for
+    replacements that go first."""
+    batched, single = (
+        SharedPacer(client, call_directly, prefix=PREFIX, account=account, rate_per_s=rate_per_s)
+        for client, account in zip(clients, ("batched", "single"), strict=False)
+    )
+    leases = [(T0_US, 3, 0), (T0_US + 400_000, 5, 1), (T0_US + 900_000, 7, 2)]
+    for now_us, scheduled, given_up in leases:
+        given_up_us = [T0_US] * given_up  # the first slot's stamp, given up and then gone
+        whole = await batched.reserve(scheduled, given_up_us, now_us=now_us)
+        parts = [await single.reserve(0, [stamp], now_us=now_us) for stamp in given_up_us]
+        parts += [await single.reserve(now_us=now_us) for _ in range(scheduled)]
+
+        assert whole.slots_us == tuple(at for part in parts for at in part.slots_us)
+        assert await redis.lrange(rate_ring_key(PREFIX, "batched"), 0, -1) == await redis.lrange(
+            rate_ring_key(PREFIX, "single"), 0, -1
+        )
+
+
+async def test_a_stalled_daemon_makes_up_its_lag_and_an_idle_one_nothing(
+    clients: list[aioredis.Redis],
+) -> None:
+    """40 ms behind the schedule at 80/s: a daemon that stalled (lag_s = MAX_LAG_S) keeps it,
+    its past slots due at once; one back from an idle spell starts again at now."""
+    stalled, idle = (
+        SharedPacer(client, call_directly, prefix=PREFIX, account=account, rate_per_s=80)
+        for client, account in zip(clients, ("stalled", "idle"), strict=False)
+    )
+    for daemon in (stalled, idle):
+        await daemon.reserve(now_us=T0_US)
+    now_us = T0_US + 12_500 + 40_000
+
+    made_up = await stalled.reserve(4, now_us=now_us, lag_s=MAX_LAG_S)
+    restarted = await idle.reserve(4, now_us=now_us)
+
+    assert made_up.slots_us == tuple(T0_US + 12_500 * k for k in range(1, 5))
+    assert [made_up.stamp_us(at) for at in made_up.slots_us] == [now_us] * 4
+    assert restarted.slots_us == tuple(now_us + 12_500 * k for k in range(4))
 
 
 async def test_increase_recovers_the_shared_rate_but_never_above_the_configured_rate(
@@ -258,7 +305,8 @@ async def test_acquire_waits_out_a_redis_outage_and_never_releases_unpaced(
         assert recovered["dependency"] == "redis"
         assert isinstance(recovered["attempts"], int)
         assert recovered["attempts"] >= 1
-        assert await client.llen(rate_ring_key(PREFIX, ACCOUNT)) == 1
+        lease = max(MIN_LEASE_SLOTS, int(80 * LEASE_S))  # one lease, taken once Redis was back
+        assert await client.llen(rate_ring_key(PREFIX, ACCOUNT)) == lease
     finally:
         await client.aclose()
         server.stop()
