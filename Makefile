@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TEST_TMP := .tmp/test
 SOURCES := blastd tests bench
 
-.PHONY: all install format lint typecheck test test-systemd test-browser sandbox demo bench clean nspawn-root
+.PHONY: all install format lint typecheck test test-systemd test-browser sandbox demo bench bench-more clean nspawn-root
 
 all: lint typecheck test
 
@@ -61,7 +61,12 @@ NSPAWN_ROOT := .tmp/nspawn-root
 nspawn-root:
 	tests/systemd/build_root.sh $(NSPAWN_ROOT) .
 
+# One table of every performance figure beside its goal (about a quarter of an hour).
 bench: install
+	$(BIN)/python bench/trend.py
+
+# The other benchmarks, each with its own tables: fault and pacing detail, products.
+bench-more: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/rate.py
 	$(BIN)/python bench/memory.py --recipients 100000 1000000
@@ -72,6 +77,8 @@ bench: install
 	$(BIN)/python bench/messaging_limit.py
 	$(BIN)/python bench/chaos.py
 	$(BIN)/python bench/backend_cost.py --concurrency 256 --rates 0 2000
+	$(BIN)/python bench/pacing_cost.py
+	$(BIN)/python bench/first_send.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
