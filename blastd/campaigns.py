@@ -94,19 +94,23 @@ async def _schedule(deps: Dependencies, claims: Claims, shutdown: Shutdown) -> N
     operator, another daemon); return when shutdown is requested."""
     active: dict[str, _Active] = {}
     paused_by_operator: set[str] = set()  # to log a resume when the campaign runs again
+    pacers: dict[str, Pacer] = {}  # of running campaigns with a rate of their own
+    prepare_blast = functools.partial(_prepare, claims, pacers)
     async with asyncio.TaskGroup() as group:
         while not shutdown.is_requested:
             deps.campaigns_changed.clear()
             await _resume_within_limit(deps)
             running = await deps.db(ledger.running_campaign_ids)
             active = {cid: entry for cid, entry in active.items() if not entry.task.done()}
+            for campaign_id in pacers.keys() - set(running):
+                del pacers[campaign_id]
             for campaign_id in running:
                 if campaign_id in paused_by_operator:
                     paused_by_operator.discard(campaign_id)
                     controls.notice_resumed(campaign_id)
                 if campaign_id not in active:
                     halted = asyncio.Event()
-                    coro = run_campaign(deps, claims, campaign_id, shutdown, halted)
+                    coro = run_campaign(deps, prepare_blast, campaign_id, shutdown, halted)
                     coro = events.reporting(deps, campaign_id, coro)  # progress events
                     task = group.create_task(coro, name=f"campaign:{campaign_id}")
                     active[campaign_id] = _Active(task, halted)
@@ -236,7 +240,7 @@ def _local_time(now: datetime, zone: str) -> dt_time:
 
 async def run_campaign(
     deps: Dependencies,
-    claims: Claims,
+    prepare_blast: runner.Prepare,
     campaign_id: str,
     shutdown: Shutdown,
     halted: asyncio.Event,
@@ -247,7 +251,7 @@ async def run_campaign(
     if campaign is None or campaign.state != "running":
         return
     campaign_type = await deps.db(ledger.campaign_type, campaign_id)
-    prepare = PREPARERS.get(campaign_type) or functools.partial(_prepare, claims)
+    prepare = PREPARERS.get(campaign_type) or prepare_blast
     await runner.run_campaign(prepare, deps, campaign, shutdown, halted)
 
 
@@ -323,6 +327,7 @@ async def _launch(
 
 async def _prepare(
     claims: Claims,
+    pacers: dict[str, Pacer],
     deps: Dependencies,
     campaign: ledger.Campaign,
     shutdown: Shutdown,
@@ -334,8 +339,14 @@ async def _prepare(
     options = BlastOptions.model_validate(campaign.options)
     account_rate_per_s = sender.account.rate_per_s
     pacer = None
-    if options.rate_per_s and (not account_rate_per_s or options.rate_per_s < account_rate_per_s):
-        pacer = Pacer(options.rate_per_s)  # a campaign may go slower than its account, never faster
+    rate = options.rate_per_s
+    if rate and (not account_rate_per_s or rate < account_rate_per_s):
+        # A campaign may go slower than its account, never faster. Its pacer outlives the run:
+        # a run that caught up with an intake still under way ends, and the next one must not
+        # start with a fresh allowance.
+        pacer = pacers.get(campaign.id)
+        if pacer is None or pacer.rate_per_s != rate:
+            pacer = pacers[campaign.id] = Pacer(rate)
     spec = MessageSpec.model_validate(campaign.message)
     return BlastRun(deps, campaign, shutdown, halted, spec, sender, pacer, options, claims)
 
