@@ -53,7 +53,7 @@ MARKS_AHEAD_S = 0.05
 
 @dataclass(frozen=True, slots=True)
 class _Marked:
-    """One request's recipients, and the commit of their intent (the ids it may send)."""
+    """One request's recipients, and the commit of their chunk's intent (the ids it may send)."""
 
     batch: Sequence[ClaimedRecipient]
     marking: asyncio.Future[set[int]]
@@ -295,13 +295,14 @@ async def _feed_claim(
         if run.should_stop():
             _release(run, claimed[start:])
             return
-        # Started together, so the intents of the whole chunk go out in one statement.
-        batches = [
-            claimed[i : i + size] for i in range(start, min(start + step, len(claimed)), size)
-        ]
+        # One intent for the whole chunk: one statement, one task, whatever its requests.
+        chunk_claimed = claimed[start : start + step]
+        marking = asyncio.ensure_future(
+            run.claims.mark_sending([r.id for r in chunk_claimed], token)
+        )
         marks = [
-            _Marked(b, asyncio.ensure_future(run.claims.mark_sending([r.id for r in b], token)))
-            for b in batches
+            _Marked(chunk_claimed[i : i + size], marking)
+            for i in range(0, len(chunk_claimed), size)
         ]
         for marked in marks:
             await ahead.put(marked)
