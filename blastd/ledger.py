@@ -156,7 +156,9 @@ async def insert_campaign(
             ],
         )
     if skip_opted_out:
-        await conn.execute(SKIP_OPTED_OUT, timeout=BULK_STATEMENT_TIMEOUT_S)
+        await conn.execute(
+            SKIP_OPTED_OUT.format(staged="staged_recipients"), timeout=BULK_STATEMENT_TIMEOUT_S
+        )
     row = await conn.fetchrow(
         INSERT_STAGED_RECIPIENTS, campaign.id, timeout=BULK_STATEMENT_TIMEOUT_S
     )
@@ -168,8 +170,9 @@ def _vars_json(vars: dict[str, str] | None) -> str | None:
     return orjson.dumps(vars).decode() if vars else None
 
 
+# Marks the staged numbers on the opt-out list; formatted with the staging table's name.
 SKIP_OPTED_OUT = """
-UPDATE staged_recipients s SET skip_reason = 'opted_out'
+UPDATE {staged} s SET skip_reason = 'opted_out'
 FROM optouts o WHERE o.phone = s.phone AND s.skip_reason IS NULL
 """
 
@@ -275,7 +278,9 @@ async def insert_recipient_page(
         records=[(r.seq, r.phone, _vars_json(r.vars), r.skip_reason, r.time_zone) for r in page],
     )
     if skip_opted_out:
-        await conn.execute(SKIP_OPTED_OUT_IN_PAGE, timeout=BULK_STATEMENT_TIMEOUT_S)
+        await conn.execute(
+            SKIP_OPTED_OUT.format(staged="staged_page"), timeout=BULK_STATEMENT_TIMEOUT_S
+        )
     counted = await conn.fetchrow(
         INSERT_PAGE, campaign_id, page[-1].seq + 1, last, timeout=BULK_STATEMENT_TIMEOUT_S
     )
@@ -295,11 +300,6 @@ async def stop_intake(pool: Pool, campaign_id: str, reason: str) -> bool:
         )
     )
 
-
-SKIP_OPTED_OUT_IN_PAGE = """
-UPDATE staged_page s SET skip_reason = 'opted_out'
-FROM optouts o WHERE o.phone = s.phone AND s.skip_reason IS NULL
-"""
 
 # A number already in the campaign (an earlier page) is found by the insert itself, through
 # recipients_one_per_number: ON CONFLICT leaves it out of `fresh`, and `rest` stores it
