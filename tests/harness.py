@@ -241,6 +241,26 @@ def blast_job(job_id: str, numbers: list[str], **fields: Any) -> bytes:
     return orjson.dumps(job)
 
 
+def key_job(job_id: str, key: str, **fields: Any) -> bytes:
+    """A blast job that reads its recipients from the Redis list `key` (a plain text message
+    unless `message` is given), as pushed."""
+    job = {
+        "type": "blast",
+        "id": job_id,
+        "account": ACCOUNT,
+        "message": {"text": "hi"},
+        "recipients_key": key,
+        **fields,
+    }
+    return orjson.dumps(job)
+
+
+async def push_numbers(redis: aioredis.Redis, key: str, numbers: list[str]) -> None:
+    """Append `numbers` to the list `key` as recipient entries, 10,000 per command."""
+    for start in range(0, len(numbers), 10_000):
+        await redis.rpush(key, *(orjson.dumps({"to": n}) for n in numbers[start : start + 10_000]))
+
+
 def numbers_from(first: int, count: int) -> list[str]:
     """`count` distinct valid Indonesian mobile numbers in E.164, starting at +62812<first>."""
     return [f"+62812{n:08d}" for n in range(first, first + count)]

@@ -24,6 +24,7 @@ from tests.harness import (
     blast_job,
     dead_count_is,
     is_done,
+    key_job,
     make_settings,
     numbers_from,
     running_daemon,
@@ -35,6 +36,7 @@ from tests.poison_jobs import MALFORMED_JOBS, REASON_WORDS
 JOBS = "blastd:jobs"
 DEAD = "blastd:dead"
 PROCESSING = "blastd:processing:test-instance"
+HALO = {"text": "Halo {name}"}
 
 
 async def dead_entries(redis: aioredis.Redis) -> list[dict[str, Any]]:
@@ -226,7 +228,7 @@ async def test_recipients_key_naming_one_of_blastds_own_keys_is_dead_lettered(
 async def test_recipients_key_that_is_missing_is_dead_lettered(
     servers: Servers, redis: aioredis.Redis, pool: ledger.Pool, sandbox: SandboxHandle
 ) -> None:
-    job = _recipients_key_job("nobody-home", "blastd:recipients:never-filled")
+    job = key_job("nobody-home", "blastd:recipients:never-filled", message=HALO)
     async with running_daemon(make_settings(servers, sandbox.url)):
         await redis.lpush(JOBS, job)
         await wait_until(lambda: dead_count_is(redis, 1))
@@ -241,7 +243,7 @@ async def test_recipients_key_that_is_not_a_list_is_dead_lettered_with_a_reason(
 ) -> None:
     """A producer mistake (a string where a list belongs) is the job's fault, not a crash."""
     await redis.set("blastd:recipients:a-string", "+6281210000000")
-    job = _recipients_key_job("wrong-type", "blastd:recipients:a-string")
+    job = key_job("wrong-type", "blastd:recipients:a-string", message=HALO)
     with capture_logs() as logs:
         async with running_daemon(make_settings(servers, sandbox.url)):
             await redis.lpush(JOBS, job)
@@ -250,18 +252,6 @@ async def test_recipients_key_that_is_not_a_list_is_dead_lettered_with_a_reason(
     assert "recipients_key" in entry["reason"]
     assert "job_crashed" not in [log["event"] for log in logs]
     assert await ledger.load_campaign(pool, "wrong-type") is None
-
-
-def _recipients_key_job(job_id: str, key: str) -> bytes:
-    return orjson.dumps(
-        {
-            "type": "blast",
-            "id": job_id,
-            "account": "cloud-main",
-            "message": {"text": "Halo {name}"},
-            "recipients_key": key,
-        }
-    )
 
 
 async def test_recipients_key_campaign_keeps_bad_entries_as_skipped_and_deletes_the_list(
@@ -279,7 +269,7 @@ async def test_recipients_key_campaign_keeps_bad_entries_as_skipped_and_deletes_
     await redis.rpush(key, *entries)
     with capture_logs() as logs:
         async with running_daemon(make_settings(servers, sandbox.url)):
-            await redis.lpush(JOBS, _recipients_key_job("from-key", key))
+            await redis.lpush(JOBS, key_job("from-key", key, message=HALO))
             await wait_until(lambda: is_done(pool, "from-key"))
     created = [entry for entry in logs if entry["event"] == "campaign_created"]
     assert [(entry["pending"], entry["skipped"]) for entry in created] == [(3, 2)]

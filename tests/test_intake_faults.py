@@ -29,12 +29,14 @@ from blastd.errors import InvalidJobError
 from blastd.queues import readable_job_id
 from blastd.recipients import stream_recipients_key
 from tests.harness import (
-    ACCOUNT,
     SandboxHandle,
     Servers,
     daemon_env,
     is_ready,
+    key_job,
     log_events,
+    numbers_from,
+    push_numbers,
     spawn_daemon,
     wait_until,
 )
@@ -45,31 +47,12 @@ PAGE_SIZE = 1_000  # recipients per staged page: many pages, so a kill lands bet
 MAX_JOB_DELIVERIES = 3  # the setting's default
 
 
-def large_job(job_id: str, key: str) -> bytes:
-    """A blast reading `key`, held back for a year so the test only sees its admission."""
-    return orjson.dumps(
-        {
-            "type": "blast",
-            "id": job_id,
-            "account": ACCOUNT,
-            "message": {"text": "hi"},
-            "recipients_key": key,
-            "options": {"not_before": "2027-12-01T00:00:00Z"},
-        }
-    )
-
-
-async def push_recipients(redis: aioredis.Redis, key: str, count: int) -> None:
-    numbers = [f"+62813{n:08d}" for n in range(30_000_000, 30_000_000 + count)]
-    for start in range(0, count, 10_000):
-        await redis.rpush(key, *(orjson.dumps({"to": n}) for n in numbers[start : start + 10_000]))
-
-
 async def queue_large_job(redis: aioredis.Redis, job_id: str, count: int) -> tuple[str, bytes]:
     """Push `count` recipients to the job's own list, then the job; its key and raw bytes."""
     key = f"blastd:recipients:{job_id}"
-    await push_recipients(redis, key, count)
-    raw = large_job(job_id, key)
+    await push_numbers(redis, key, numbers_from(30_000_000, count))
+    # Held back for a year, so the test only sees its admission.
+    raw = key_job(job_id, key, options={"not_before": "2027-12-01T00:00:00Z"})
     await redis.lpush("blastd:jobs", raw)
     return key, raw
 
@@ -295,7 +278,7 @@ async def test_a_job_killed_at_the_same_point_every_time_is_poison_with_its_id(
 async def test_a_list_that_vanishes_between_two_pages_is_reported_with_how_much_was_read(
     redis: aioredis.Redis,
 ) -> None:
-    await push_recipients(redis, "blastd:recipients:gone", 25)
+    await push_numbers(redis, "blastd:recipients:gone", numbers_from(30_000_000, 25))
     pages = stream_recipients_key(redis, "blastd:recipients:gone", 10)
     assert len(await anext(pages)) == 10
     await redis.delete("blastd:recipients:gone")
@@ -310,7 +293,7 @@ async def test_a_list_appended_to_while_read_is_reported_after_the_last_page(
     redis: aioredis.Redis,
 ) -> None:
     """A producer still filling the list: every page comes back whole, the length does not."""
-    await push_recipients(redis, "blastd:recipients:growing", 20)
+    await push_numbers(redis, "blastd:recipients:growing", numbers_from(30_000_000, 20))
     pages = stream_recipients_key(redis, "blastd:recipients:growing", 10)
     assert len(await anext(pages)) == 10
     await redis.rpush("blastd:recipients:growing", b"+6281300000001")

@@ -17,15 +17,16 @@ import redis.asyncio as aioredis
 from blastd import ledger, reports
 from blastd.embedded import free_port
 from tests.harness import (
-    ACCOUNT,
     SandboxHandle,
     Servers,
     daemon_env,
     digits,
     is_done,
     is_ready,
+    key_job,
     make_settings,
     numbers_from,
+    push_numbers,
     running_daemon,
     spawn_daemon,
     wait_until,
@@ -34,24 +35,6 @@ from tests.harness import (
 
 JOBS = "blastd:jobs"
 DEAD = "blastd:dead"
-
-
-def key_job(job_id: str, key: str, **options: Any) -> bytes:
-    return orjson.dumps(
-        {
-            "type": "blast",
-            "id": job_id,
-            "account": ACCOUNT,
-            "message": {"text": "hi"},
-            "recipients_key": key,
-            "options": options,
-        }
-    )
-
-
-async def push_numbers(redis: aioredis.Redis, key: str, numbers: list[str]) -> None:
-    for start in range(0, len(numbers), 10_000):
-        await redis.rpush(key, *(orjson.dumps({"to": n}) for n in numbers[start : start + 10_000]))
 
 
 async def sends_while_taking_in(pool: ledger.Pool, campaign_id: str) -> dict[str, Any] | None:
