@@ -102,24 +102,27 @@ def box_cpu_s() -> float:
     return times.user + times.system + times.nice + getattr(times, "softirq", 0.0)
 
 
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+
+def request_body(ledger_id: int, number: str) -> bytes:
+    """What blastd sends for one recipient with this ledger id."""
+    return orjson.dumps(build_request_body(OutboundMessage(ledger_id, number, TextBody(TEXT))))
+
+
 def request_bodies(numbers: list[str]) -> list[bytes]:
-    """What blastd sends for each recipient, with ledger ids like the ones it would use."""
-    body = TextBody(TEXT)
-    return [
-        orjson.dumps(build_request_body(OutboundMessage(ledger_id, number, body)))
-        for ledger_id, number in enumerate(numbers, start=1)
-    ]
+    """Each recipient's request, with ledger ids like the ones blastd would use."""
+    return [request_body(ledger_id, n) for ledger_id, n in enumerate(numbers, start=1)]
 
 
 async def send_bare(url: str, bodies: list[bytes], concurrency: int) -> float:
     """`concurrency` workers over one keep-alive pool; seconds from first request to last answer."""
-    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=30)
     pending = iter(bodies)
 
     async def work(http: aiohttp.ClientSession) -> None:
         for body in pending:
-            async with http.post(url, data=body, headers=headers) as response:
+            async with http.post(url, data=body, headers=HEADERS) as response:
                 await response.read()
                 if response.status != 200:
                     raise RuntimeError(f"sandbox answered {response.status}")
@@ -140,7 +143,6 @@ async def send_chunked(pool: asyncpg.Pool, url: str, numbers: list[str], concurr
     the page sent with `concurrency` workers, every result written back in one statement. No
     intent before a request and no crash safety: a crash mid-page sends the page again.
     Seconds from the recipients' insert to the last page written, like blastd's intake-to-done."""
-    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=30)
     await pool.execute(
         "DROP TABLE IF EXISTS chunked; "
@@ -154,7 +156,8 @@ async def send_chunked(pool: asyncpg.Pool, url: str, numbers: list[str], concurr
         while page := await pool.fetch(
             "SELECT id, phone FROM chunked WHERE state = 'pending' ORDER BY id LIMIT $1", CHUNK
         ):
-            results = await send_page(http, url, headers, request_bodies_for(page), concurrency)
+            bodies = [(r["id"], request_body(r["id"], r["phone"])) for r in page]
+            results = await send_page(http, url, bodies, concurrency)
             await pool.execute(
                 "UPDATE chunked c SET state = r.state, message_id = r.message_id "
                 "FROM unnest($1::bigint[], $2::text[], $3::text[]) AS r(id, state, message_id) "
@@ -167,7 +170,6 @@ async def send_chunked(pool: asyncpg.Pool, url: str, numbers: list[str], concurr
 async def send_page(
     http: aiohttp.ClientSession,
     url: str,
-    headers: dict[str, str],
     bodies: list[tuple[int, bytes]],
     concurrency: int,
 ) -> list[tuple[int, str, str | None]]:
@@ -177,7 +179,7 @@ async def send_page(
 
     async def work() -> None:
         for ledger_id, body in pending:
-            async with http.post(url, data=body, headers=headers) as response:
+            async with http.post(url, data=body, headers=HEADERS) as response:
                 answer = orjson.loads(await response.read())
             message_id = answer.get("messages", [{}])[0].get("id")
             results.append((ledger_id, "sent" if message_id else "failed", message_id))
@@ -186,14 +188,6 @@ async def send_page(
         for _ in range(min(concurrency, len(bodies))):
             workers.create_task(work())
     return results
-
-
-def request_bodies_for(page: list[asyncpg.Record]) -> list[tuple[int, bytes]]:
-    body = TextBody(TEXT)
-    return [
-        (r["id"], orjson.dumps(build_request_body(OutboundMessage(r["id"], r["phone"], body))))
-        for r in page
-    ]
 
 
 async def sandbox_counts(stack: Stack) -> tuple[int, int]:
