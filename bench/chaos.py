@@ -50,7 +50,7 @@ from stack import (
     spawn_daemon,
 )
 
-from blastd.campaigns import MARKS_AHEAD_S
+from blastd.campaigns import CLAIMED_AHEAD_S
 
 RATE_PER_S = 400
 CONCURRENCY = 20
@@ -65,13 +65,13 @@ SETTLE_ENV = {
     "BLASTD_HEARTBEAT_INTERVAL_S": "0.5",
 }
 FLUSH_INTERVAL_S = 0.05  # the outcome writer's default
-# The requests whose intent is committed ahead of their turn (blastd.campaigns.BlastRun's
-# marks_ahead for this rate).
-MARKS_AHEAD = math.ceil(RATE_PER_S * MARKS_AHEAD_S)
-# A kill puts in doubt the requests in flight, those marked ahead, and the answers back but not
+# The requests claimed (their intent committed) ahead of their turn (blastd.campaigns.BlastRun's
+# claimed_ahead for this rate).
+CLAIMED_AHEAD = math.ceil(RATE_PER_S * CLAIMED_AHEAD_S)
+# A kill puts in doubt the requests in flight, those claimed ahead, and the answers back but not
 # yet written (the outcomes go in batches, one flush interval apart, one flush possibly under
 # way).
-DOUBT_BOUND = CONCURRENCY + MARKS_AHEAD + round(RATE_PER_S * 2 * FLUSH_INTERVAL_S)
+DOUBT_BOUND = CONCURRENCY + CLAIMED_AHEAD + round(RATE_PER_S * 2 * FLUSH_INTERVAL_S)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Runs the campaigns from the ledger: one task per running campaign, each run by its product's
-runner; a blast reserves recipients in pages, marks each request's intent, sends and records."""
+runner; a blast claims the next requests' recipients (the intent to send), sends and records."""
 
 from __future__ import annotations
 
@@ -37,26 +37,19 @@ log = structlog.get_logger()
 # The state reason of a campaign paused by its account's messaging limit: the scheduler runs
 # it again once the rolling window has room.
 MESSAGING_LIMIT = "messaging_limit"
-# How much sending time one claim covers when paced: reserved recipients wait this long at
-# most for their turn (a stop releases them), and a slow campaign pays one reservation per
-# quarter second instead of one per request or two.
-CLAIM_AHEAD_S = 0.25
-# A request whose intent is still being committed when its slot frees leaves that slot idle
-# for the commit (a few ms, a tenth of a provider's answer time, much more on a loaded
-# machine). Intents are therefore committed ahead of their turn, in chunks of half the
-# lookahead (one statement each): as many requests as the concurrency unpaced (with half of
-# it, a third of the requests still waited for their commit on a loaded two-core machine),
-# MARKS_AHEAD_S of sending when paced. The price: that many more recipients in doubt after a
-# crash (marked, never sent).
-MARKS_AHEAD_S = 0.05
-
-
-@dataclass(frozen=True, slots=True)
-class _Marked:
-    """One request's recipients, and the commit of their chunk's intent (the ids it may send)."""
-
-    batch: Sequence[ClaimedRecipient]
-    marking: asyncio.Future[set[int]]
+# A request whose claim (its intent) is still being committed when its slot frees leaves that
+# slot idle for the commit (a few ms, a tenth of a provider's answer time, much more on a
+# loaded machine). Requests are therefore claimed ahead of their turn, half the lookahead per
+# claim (one statement), the next claim committing while the last one's requests launch: as
+# many requests as the concurrency unpaced (with half of it, a third of the requests still
+# waited for their commit on a loaded two-core machine), CLAIMED_AHEAD_S of sending when
+# paced. The price: that many more recipients in doubt after a crash (claimed, never sent).
+CLAIMED_AHEAD_S = 0.05
+# A claim starts after the previous one's last id, so its scan skips the recipients already
+# sent. Recipients that became due behind it (a retry's time came, a stop released them) are
+# reached when a claim comes back short or after RESCAN_S, when the scan starts from the
+# campaign's first recipient again: one walk over the campaign's index entries per RESCAN_S.
+RESCAN_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +61,12 @@ class _Active:
 
 
 async def run(deps: Dependencies, shutdown: Shutdown) -> None:
-    """Run the campaigns with this daemon's claims: their intents committed together, their
-    orphans swept; return when shutdown is requested and the sends in flight are recorded."""
+    """Run the campaigns with this daemon's claims, their orphans swept; return when shutdown
+    is requested and the sends in flight are recorded."""
     claims = Claims(deps.db, deps.settings.instance_id)
     async with asyncio.TaskGroup() as services:
-        services.create_task(claims.run(), name="intents")
         services.create_task(_sweep_orphans(deps, claims, shutdown), name="orphan-sweeper")
         await _schedule(deps, claims, shutdown)
-        claims.close()
 
 
 async def _sweep_orphans(deps: Dependencies, claims: Claims, shutdown: Shutdown) -> None:
@@ -167,6 +158,8 @@ class BlastRun(CampaignRun):
     # The messaging limit has no room left: what is claimed goes out (it fits the budget),
     # then the campaign pauses.
     is_at_limit: bool = False
+    after: int = 0  # the last id claimed: the next claim's scan starts above it
+    rescan_at: float = 0.0  # monotonic time from which the next claim starts from the first id
 
     @property
     def not_before(self) -> datetime | None:
@@ -217,21 +210,20 @@ class BlastRun(CampaignRun):
         return min(rates) if rates else None
 
     @property
-    def claim_size(self) -> int:
-        """Recipients per claim: CLAIM_AHEAD_S of sending when paced, else one request per
-        slot; whole requests, within the page."""
-        per_request = self.sender.account.batch_limit
-        rate = self.rate_per_s
-        requests = math.ceil(rate * CLAIM_AHEAD_S) if rate else self.sender.account.concurrency
-        return max(per_request, min(self.deps.settings.claim_page_size, requests * per_request))
-
-    @property
-    def marks_ahead(self) -> int:
-        """Requests whose intent may be committed before a slot frees for them."""
+    def claimed_ahead(self) -> int:
+        """Requests that may be claimed before a slot frees for them."""
         rate = self.rate_per_s
         if rate:
-            return max(1, math.ceil(rate * MARKS_AHEAD_S))
+            return max(1, math.ceil(rate * CLAIMED_AHEAD_S))
         return self.sender.account.concurrency
+
+    @property
+    def claim_size(self) -> int:
+        """Recipients per claim: half the requests claimed ahead (the claim being launched and
+        the next one stay within it), whole requests, within the page."""
+        per_request = self.sender.account.batch_limit
+        requests = max(1, self.claimed_ahead // 2)
+        return max(per_request, min(self.deps.settings.claim_page_size, requests * per_request))
 
 
 def _local_time(now: datetime, zone: str) -> dt_time:
@@ -256,74 +248,35 @@ async def run_campaign(
 
 
 async def _send_due(run: BlastRun) -> None:
-    """Feed marked requests to the launcher until the campaign runs out or stops."""
-    chunk = max(1, run.marks_ahead // 2)
-    # The feeder starts a chunk's marks, then puts them in the queue one by one: at most
-    # marks_ahead requests are marked and not launched.
-    ahead: asyncio.Queue[_Marked | None] = asyncio.Queue(maxsize=max(1, run.marks_ahead - chunk))
+    """Launch claimed requests, the next claim committing meanwhile, until the campaign runs
+    out or stops; on a stop, put back to pending what was claimed and never launched."""
     async with asyncio.TaskGroup() as sends:
-        sends.create_task(_feed(run, ahead, chunk, sends))
-        await _launch(run, ahead, sends)
-
-
-async def _feed(
-    run: BlastRun, ahead: asyncio.Queue[_Marked | None], chunk: int, sends: asyncio.TaskGroup
-) -> None:
-    """Reserve claims and start their requests' intents a chunk at a time, ahead of their turn;
-    end the queue with None."""
-    token, claimed = await _claim(run)
-    while claimed and not run.should_stop():
-        # The next claim runs while this one is fed, so the queue never waits for it.
-        next_claim = sends.create_task(_claim(run))
-        await _feed_claim(run, token, claimed, ahead, chunk)
-        token, claimed = await next_claim
-    _release(run, claimed)  # claimed as the campaign stopped: never marked
-    # Not in a `finally`: if this fails, the task group cancels the launcher anyway.
-    await ahead.put(None)
-
-
-async def _feed_claim(
-    run: BlastRun,
-    token: int,
-    claimed: Sequence[ClaimedRecipient],
-    ahead: asyncio.Queue[_Marked | None],
-    chunk: int,
-) -> None:
-    size = run.sender.account.batch_limit
-    step = size * chunk
-    for start in range(0, len(claimed), step):
-        if run.should_stop():
-            _release(run, claimed[start:])
-            return
-        # One intent for the whole chunk: one statement, one task, whatever its requests.
-        chunk_claimed = claimed[start : start + step]
-        marking = asyncio.ensure_future(
-            run.claims.mark_sending([r.id for r in chunk_claimed], token)
-        )
-        marks = [
-            _Marked(chunk_claimed[i : i + size], marking)
-            for i in range(0, len(chunk_claimed), size)
-        ]
-        for marked in marks:
-            await ahead.put(marked)
+        claimed = await _claim(run)
+        while claimed:
+            # The next claim commits while this one launches, so a free slot never waits for it.
+            next_claim = sends.create_task(_claim(run))
+            launched = await _launch(run, claimed, sends)
+            if launched < len(claimed):  # stopped
+                _release(run, claimed[launched:])
+                _release(run, await next_claim)
+                return
+            claimed = await next_claim
 
 
 async def _launch(
-    run: BlastRun, ahead: asyncio.Queue[_Marked | None], sends: asyncio.TaskGroup
-) -> None:
-    """Launch each marked request when a slot is free and the rate allows; on a stop, put
-    back to pending what was marked and never launched."""
-    while (marked := await ahead.get()) is not None:
+    run: BlastRun, claimed: Sequence[ClaimedRecipient], sends: asyncio.TaskGroup
+) -> int:
+    """Launch the claim's requests, each when a slot is free and the rate allows; return how
+    many of its recipients left (fewer when the campaign stopped)."""
+    size = run.sender.account.batch_limit
+    for start in range(0, len(claimed), size):
         await run.sender.slots.acquire()
         await run.sender.wait_turn(run.pacer)  # here, not in the task: only real sends fly
         if run.should_stop():
             run.sender.slots.release()
-            break
-        sends.create_task(_send_batch(run, marked))
-    while marked is not None:
-        await marked.marking  # the intent may still be committing: settle it after
-        _release(run, marked.batch)
-        marked = await ahead.get()
+            return start
+        sends.create_task(_send_batch(run, claimed[start : start + size]))
+    return len(claimed)
 
 
 async def _prepare(
@@ -384,32 +337,51 @@ async def _wait_for_window(run: BlastRun) -> bool:
     return False
 
 
-async def _claim(run: BlastRun) -> tuple[int, list[ClaimedRecipient]]:
-    """Reserve the next recipients under a new token; they stay pending until their intent."""
-    deps, claims = run.deps, run.claims
-    token = claims.new_token()
+async def _claim(run: BlastRun) -> list[ClaimedRecipient]:
+    """Claim the next requests' recipients (they become 'sending'); none once the campaign
+    stops, runs out of due recipients, closes its window in every zone or meets its limit."""
     time_zones = run.open_time_zones()
-    if time_zones is not None and not time_zones:
-        claims.hold(token, [])
-        return token, []  # the window has closed in every zone left
+    if run.should_stop() or (time_zones is not None and not time_zones):
+        return []
     size = run.claim_size
-    room = await _messaging_room(deps, run.campaign.account)
+    room = await _messaging_room(run.deps, run.campaign.account)
     if room is not None and room < size:
         size = room
         if room == 0:
             run.is_at_limit = True
-            claims.hold(token, [])
-            return token, []
+            return []
+    if time.monotonic() >= run.rescan_at:
+        run.after = 0
+    scanned_from = run.after
+    if scanned_from == 0:
+        run.rescan_at = time.monotonic() + RESCAN_S
+    claimed = await _claim_after(run, size, time_zones)
+    if len(claimed) < size and scanned_from > 0:
+        # The end of the campaign's ids: what became due behind the scan comes next.
+        run.after, run.rescan_at = 0, time.monotonic() + RESCAN_S
+        claimed += await _claim_after(run, size - len(claimed), time_zones)
+    return claimed
+
+
+async def _claim_after(
+    run: BlastRun, size: int, time_zones: list[str] | None
+) -> list[ClaimedRecipient]:
+    """Claim up to `size` recipients above `run.after` under a new token; move `after` on."""
+    deps, claims = run.deps, run.claims
+    token = claims.new_token()
     claimed = await deps.db(
-        ledger.reserve_recipients,
+        ledger.claim_recipients,
         run.campaign.id,
         deps.settings.instance_id,
         size,
-        token,
         time_zones,
+        token=token,
+        after=run.after,
     )
     claims.hold(token, [r.id for r in claimed])
-    return token, claimed
+    if claimed:
+        run.after = claimed[-1].id
+    return claimed
 
 
 def _release(run: BlastRun, recipients: Sequence[ClaimedRecipient]) -> None:
@@ -419,15 +391,8 @@ def _release(run: BlastRun, recipients: Sequence[ClaimedRecipient]) -> None:
     run.claims.let_go([r.id for r in recipients])
 
 
-async def _send_batch(run: BlastRun, marked: _Marked) -> None:
-    ids = [r.id for r in marked.batch]
+async def _send_batch(run: BlastRun, recipients: Sequence[ClaimedRecipient]) -> None:
     try:
-        sendable = await marked.marking
-        # The others were cancelled or expired since the claim: nothing to send or write.
-        recipients = [r for r in marked.batch if r.id in sendable]
-        if not recipients:
-            run.claims.let_go(ids)
-            return
         messages = [
             OutboundMessage(r.id, r.phone, render(run.spec, r.vars or {})) for r in recipients
         ]
@@ -440,7 +405,7 @@ async def _send_batch(run: BlastRun, marked: _Marked) -> None:
         run.deps.outcomes.add(outcome)
         run.counts[outcome.state] = run.counts.get(outcome.state, 0) + 1
         run.stop_on(outcome.error_class, outcome.error_code, outcome.error_text)
-    run.claims.let_go(ids)
+    run.claims.let_go([r.id for r in recipients])
 
 
 async def _sweep(run: BlastRun) -> None:

@@ -396,7 +396,7 @@ class Settings(BaseSettings):
     outcome_flush_rows: int = Field(500, ge=1)
     outcome_flush_interval_s: float = Field(0.05, gt=0)
     campaign_poll_interval_s: float = Field(1.0, gt=0)
-    # How often a daemon frees recipients it reserved and lost track of (a commit whose answer
+    # How often a daemon frees recipients it claimed and lost track of (a commit whose answer
     # was lost): they wait at most this long, plus one outcome flush, to be claimed again.
     orphan_sweep_interval_s: float = Field(10.0, gt=0)
     progress_interval_s: float = Field(2.0, gt=0)  # a running campaign's progress events

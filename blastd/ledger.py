@@ -558,10 +558,13 @@ class ClaimedRecipient:
     attempts: int  # earlier requests made for this recipient
 
 
+# `id > $5` starts the scan after the caller's previous claim. Without it, each claim walked
+# the campaign's index entries from its first recipient, the ones already sent included (their
+# dead versions stay in the index until a vacuum), so a claim cost grew with the campaign.
 _CLAIM = """
-        UPDATE recipients r SET state = 'sending', owner = $2, updated_at = now()
+        UPDATE recipients r SET state = 'sending', owner = $2, claim_token = $4, updated_at = now()
         FROM (SELECT id FROM recipients
-              WHERE campaign_id = $1 AND state = 'pending'
+              WHERE campaign_id = $1 AND state = 'pending' AND id > $5
                 AND (next_attempt_at IS NULL OR next_attempt_at <= now()){zone_filter}
               ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) due
         WHERE r.id = due.id
@@ -570,88 +573,36 @@ _CLAIM = """
         RETURNING r.id, r.phone, r.vars, r.attempts
 """
 CLAIM_DUE = _CLAIM.format(zone_filter="")
-# Two statements, not one with "$4 IS NULL OR": each keeps a plan that fits it.
-CLAIM_DUE_IN_ZONES = _CLAIM.format(zone_filter=" AND time_zone = ANY($4::text[])")
+# Two statements, not one with "$6 IS NULL OR": each keeps a plan that fits it.
+CLAIM_DUE_IN_ZONES = _CLAIM.format(zone_filter=" AND time_zone = ANY($6::text[])")
 
 
 async def claim_recipients(
-    pool: Pool, campaign_id: str, owner: str, limit: int, time_zones: Sequence[str] | None = None
-) -> list[ClaimedRecipient]:
-    """Take up to `limit` due pending recipients of a running campaign, in producer order;
-    with `time_zones`, only recipients in those zones (the ones inside the sending window).
-
-    They become 'sending' at once: their requests leave next, so if this instance dies before
-    their answers are written they are 'uncertain'. Claims are kept small (a few tens of ms of
-    sending) to keep that window small; what is claimed but not sent is released to pending.
-    """
-    if time_zones is None:
-        rows = await pool.fetch(CLAIM_DUE, campaign_id, owner, limit)
-    else:
-        rows = await pool.fetch(CLAIM_DUE_IN_ZONES, campaign_id, owner, limit, list(time_zones))
-    claimed = (ClaimedRecipient(r["id"], r["phone"], r["vars"], r["attempts"]) for r in rows)
-    return sorted(claimed, key=_by_id)
-
-
-_RESERVE = """
-        UPDATE recipients r SET owner = $2, claim_token = $4, updated_at = now()
-        FROM (SELECT id FROM recipients
-              WHERE campaign_id = $1 AND state = 'pending' AND owner IS NULL
-                AND (next_attempt_at IS NULL OR next_attempt_at <= now()){zone_filter}
-              ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) due
-        WHERE r.id = due.id
-          AND EXISTS (SELECT 1 FROM campaigns WHERE id = $1 AND state = 'running')
-        RETURNING r.id, r.phone, r.vars, r.attempts
-"""
-RESERVE_DUE = _RESERVE.format(zone_filter="")
-RESERVE_DUE_IN_ZONES = _RESERVE.format(zone_filter=" AND time_zone = ANY($5::text[])")
-
-
-async def reserve_recipients(
     pool: Pool,
     campaign_id: str,
     owner: str,
     limit: int,
-    token: int,
     time_zones: Sequence[str] | None = None,
+    *,
+    token: int | None = None,
+    after: int = 0,
 ) -> list[ClaimedRecipient]:
-    """Reserve up to `limit` due pending recipients of a running campaign for `owner` under
-    `token`, in producer order; they stay 'pending' until `mark_sending`. Run again after a
-    lost answer, it reserves more: the first rows are orphans, which `release_orphans` frees."""
+    """Take up to `limit` due pending recipients of a running campaign with ids above `after`,
+    in producer order; with `time_zones`, only recipients in those zones (the ones inside the
+    sending window). `token` tells this claim's rows from an orphaned claim's (Claims).
+
+    The claim is the intent to send: they become 'sending' at once, so if this instance dies
+    before their answers are written they are 'uncertain'. Claims are kept small (the requests
+    about to leave) to keep that window small; what is claimed but not sent is released to
+    pending."""
     if time_zones is None:
-        rows = await pool.fetch(RESERVE_DUE, campaign_id, owner, limit, token)
+        rows = await pool.fetch(CLAIM_DUE, campaign_id, owner, limit, token, after)
     else:
         rows = await pool.fetch(
-            RESERVE_DUE_IN_ZONES, campaign_id, owner, limit, token, list(time_zones)
+            CLAIM_DUE_IN_ZONES, campaign_id, owner, limit, token, after, list(time_zones)
         )
     claimed = (ClaimedRecipient(r["id"], r["phone"], r["vars"], r["attempts"]) for r in rows)
     return sorted(claimed, key=_by_id)
-
-
-async def mark_sending(
-    pool: Pool, owner: str, ids: Sequence[int], tokens: Sequence[int]
-) -> list[int]:
-    """The intent: reserved recipients whose request leaves now become 'sending'; return the
-    ids that may be sent (still reserved by `owner` under their token: an operator's cancel or
-    an expiry in between takes the others). Idempotent, so a retry after a lost answer returns
-    the same ids."""
-    rows = await pool.fetch(
-        """
-        WITH mine AS (
-            SELECT r.id, r.state FROM recipients r
-            JOIN unnest($1::bigint[], $2::bigint[]) AS i(id, token)
-              ON r.id = i.id AND r.claim_token = i.token
-            WHERE r.owner = $3 AND r.state IN ('pending', 'sending')
-            FOR UPDATE OF r),
-        moved AS (
-            UPDATE recipients r SET state = 'sending', updated_at = now()
-            FROM mine WHERE r.id = mine.id AND mine.state = 'pending')
-        SELECT id FROM mine
-        """,
-        list(ids),
-        list(tokens),
-        owner,
-    )
-    return [row["id"] for row in rows]
 
 
 async def release_orphans(
@@ -659,16 +610,16 @@ async def release_orphans(
     owner: str,
     tokens: tuple[int, int],
     live_ids: Sequence[int],
-    reserving: Sequence[int],
+    claiming: Sequence[int],
 ) -> int:
-    """Free what `owner` reserved under tokens in the range `tokens` and no longer holds
-    (`live_ids` are the ones it works on, `reserving` the tokens whose reservation has not
-    answered yet): a claim or an intent whose commit it never heard back. No request left for
-    them, so they go back to 'pending'."""
+    """Free what `owner` claimed under tokens in the range `tokens` and no longer holds
+    (`live_ids` are the ones it works on, `claiming` the tokens whose claim has not answered
+    yet): a claim whose commit it never heard back. No request left for them, so they go back
+    to 'pending'."""
     result: str = await pool.execute(
         """
         UPDATE recipients SET state = 'pending', owner = NULL, updated_at = now()
-        WHERE owner = $1 AND state IN ('pending', 'sending')
+        WHERE owner = $1 AND state = 'sending'
           AND claim_token BETWEEN $2 AND $3 AND NOT (id = ANY($4::bigint[]))
           AND NOT (claim_token = ANY($5::bigint[]))
         """,
@@ -676,7 +627,7 @@ async def release_orphans(
         tokens[0],
         tokens[1],
         list(live_ids),
-        list(reserving),
+        list(claiming),
     )
     return int(result.split()[-1])
 
@@ -767,7 +718,8 @@ async def recover_owned(pool: Pool, owner: str) -> int:
         """,
         owner,
     )
-    # Reserved but never marked: no request left for them.
+    # Reserved, not yet marked 'sending', by a version that reserved ahead of its intents: no
+    # request left for them.
     await pool.execute(
         "UPDATE recipients SET owner = NULL, updated_at = now() "
         "WHERE owner = $1 AND state = 'pending'",
@@ -1107,7 +1059,7 @@ async def list_optouts(pool: Pool, limit: int) -> list[OptOut]:
 
 
 async def recipients_in_window(pool: Pool, accounts: Sequence[str], window_s: float) -> int:
-    """Unique numbers the accounts messaged within the window, with those reserved or in
+    """Unique numbers the accounts messaged within the window, with those claimed or in
     flight now (they will be messaged): what the messaging limit has used."""
     used: int = await pool.fetchval(
         """
@@ -1115,8 +1067,7 @@ async def recipients_in_window(pool: Pool, accounts: Sequence[str], window_s: fl
         WHERE c.account = ANY($1::text[]) AND (
             (r.state IN ('sent', 'delivered', 'read', 'uncertain')
              AND r.updated_at > now() - make_interval(secs => $2))
-            OR r.state = 'sending'
-            OR (r.state = 'pending' AND r.owner IS NOT NULL))
+            OR r.state = 'sending')
         """,
         list(accounts),
         window_s,

@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from blastd.campaigns import MARKS_AHEAD_S
+from blastd.campaigns import CLAIMED_AHEAD_S
 from blastd.embedded import EmbeddedPostgres, free_port
 from tests.harness import (
     SandboxHandle,
@@ -43,8 +43,8 @@ FLUSH_INTERVAL_S = 0.05
 # Answers already back but not yet in the ledger: outcomes are written in batches, one flush
 # interval apart, and a flush may be under way while the next fills.
 UNWRITTEN_ANSWERS = round(RATE_PER_S * 2 * FLUSH_INTERVAL_S)
-# Requests whose intent is committed ahead of their turn (MARKS_AHEAD_S of sending).
-MARKS_AHEAD = math.ceil(RATE_PER_S * MARKS_AHEAD_S)
+# Requests claimed (their intent committed) ahead of their turn (CLAIMED_AHEAD_S of sending).
+CLAIMED_AHEAD = math.ceil(RATE_PER_S * CLAIMED_AHEAD_S)
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ async def _accepted_count(sandbox: SandboxHandle) -> int:
 async def test_postgres_fast_restarts_leave_no_row_stuck_and_no_one_messaged_twice(
     own_servers: Servers, sandbox: SandboxHandle, tmp_path: Path
 ) -> None:
-    """Claims and intents whose commit answer is lost leave orphans: the live daemon frees
+    """Claims whose commit answer is lost leave orphans: the live daemon frees
     them itself, so the campaign finishes with every recipient sent exactly once."""
     assert isinstance(own_servers.postgres, EmbeddedPostgres)
     await sandbox.configure(latency_ms=20)
@@ -163,9 +163,8 @@ async def _reached(sandbox: SandboxHandle, accepted: int) -> bool:
 async def test_a_kill_leaves_in_doubt_at_most_the_requests_in_flight(
     own_servers: Servers, sandbox: SandboxHandle, tmp_path: Path
 ) -> None:
-    """Recipients reserved but not yet marked go back to pending; only requests that had left
-    (at most the account's concurrency), those marked ahead of their turn, and answers not yet
-    written (outcomes are batched) become uncertain."""
+    """Only requests that had left (at most the account's concurrency), those claimed ahead of
+    their turn, and answers not yet written (outcomes are batched) become uncertain."""
     await sandbox.configure(latency_ms=50)
     numbers = numbers_from(82_000_000, 600)
     admin_port = free_port()
@@ -188,6 +187,6 @@ async def test_a_kill_leaves_in_doubt_at_most_the_requests_in_flight(
                 "AND state = 'uncertain'",
             )
             doubts.append(rows[0]["n"] - sum(doubts))
-    bound = CONCURRENCY + MARKS_AHEAD + UNWRITTEN_ANSWERS
+    bound = CONCURRENCY + CLAIMED_AHEAD + UNWRITTEN_ANSWERS
     print(f"\nin doubt after each kill: {doubts} (in flight <= {CONCURRENCY}, bound {bound})")
     assert all(0 <= n <= bound for n in doubts)

@@ -135,6 +135,16 @@ async def test_claim_takes_due_recipients_in_producer_order_only(pool: ledger.Po
     assert await ledger.next_retry_at(pool, CAMPAIGN) == later
 
 
+async def test_claim_after_an_id_starts_its_scan_above_it(pool: ledger.Pool) -> None:
+    ids = await insert(pool, phones(6))
+    await ledger.record_outcomes(pool, [Outcome(ids[0], "pending")])
+    claimed = await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 2, after=ids[2])
+    assert [r.id for r in claimed] == ids[3:5]
+    # From the start again, what is still pending below comes first.
+    claimed = await ledger.claim_recipients(pool, CAMPAIGN, "owner-a", 10)
+    assert [r.id for r in claimed] == [*ids[:3], ids[5]]
+
+
 async def test_claim_takes_nothing_from_a_campaign_that_is_not_running(pool: ledger.Pool) -> None:
     await insert(pool, phones(3))
     await ledger.set_campaign_state(pool, CAMPAIGN, "paused", "operator")

@@ -178,7 +178,8 @@ async def test_campaign_fatal_refusal_stops_the_campaign_at_the_first_occurrence
         await redis.lpush(JOBS, job("fatal", numbers))
         await wait_until(lambda: has_state(pool, "fatal", "stopped"))
     stats = await wablas.stats()
-    assert (stats["requests"], stats["accepted"]) == (concurrency, 0)
+    assert 1 <= stats["requests"] <= concurrency, "the first wave, and not one request more"
+    assert stats["accepted"] == 0
     campaign = await ledger.load_campaign(pool, "fatal")
     assert campaign is not None
     assert campaign.state_reason is not None
