@@ -25,9 +25,8 @@ from blastd.pacing import MAX_LAG_S
 from blastd.resources import Dependencies
 from blastd.shared_pacing import (
     IDLE_TTL_MS,
-    LEASE_S,
-    MIN_LEASE_SLOTS,
     SharedPacer,
+    lease_slots,
     rate_ring_key,
     rate_state_key,
 )
@@ -86,7 +85,7 @@ async def run_daemons(
     while (now_us := due[0][0]) < until_us:
         index = due[0][1]
         if not leases[index]:
-            count = max(MIN_LEASE_SLOTS, int(daemons[index].rate_per_s * LEASE_S))
+            count = lease_slots(daemons[index].rate_per_s)
             reservation = await daemons[index].reserve(count, now_us=now_us)
             leases[index] = list(reservation.slots_us)
         released_us = max(leases[index].pop(0), now_us)
@@ -305,7 +304,7 @@ async def test_acquire_waits_out_a_redis_outage_and_never_releases_unpaced(
         assert recovered["dependency"] == "redis"
         assert isinstance(recovered["attempts"], int)
         assert recovered["attempts"] >= 1
-        lease = max(MIN_LEASE_SLOTS, int(80 * LEASE_S))  # one lease, taken once Redis was back
+        lease = lease_slots(80)  # one lease, taken once Redis was back
         assert await client.llen(rate_ring_key(PREFIX, ACCOUNT)) == lease
     finally:
         await client.aclose()
