@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -24,7 +25,9 @@ from blastd.embedded import EmbeddedRedis, free_port
 from blastd.pacing import MAX_LAG_S
 from blastd.resources import Dependencies
 from blastd.shared_pacing import (
+    HOLD_FRESH_S,
     IDLE_TTL_MS,
+    MAX_WAKE_LATE_S,
     SharedPacer,
     lease_slots,
     rate_ring_key,
@@ -166,6 +169,24 @@ async def test_a_slot_given_up_late_is_replaced_at_once_and_leaves_the_ring(
     assert ring == [T0_US + 25_000, T0_US + 18_500, T0_US]
 
 
+async def test_slots_due_at_once_are_due_lead_s_after_the_script_ran(
+    clients: list[aioredis.Redis],
+) -> None:
+    """A replacement, and a slot made up from a stall, cannot be used before the answer is
+    back: with lead_s they are due that long after Redis gave them out, and so stamped."""
+    daemon = pacers(clients, 80)[0]
+    first = await daemon.reserve(now_us=T0_US)
+    now_us = T0_US + 12_500 + 20_000  # 20 ms behind the schedule
+
+    made_up = await daemon.reserve(2, now_us=now_us, lag_s=MAX_LAG_S, lead_s=0.005)
+    replaced = await daemon.reserve(0, [first.stamp_us(T0_US)], now_us=now_us, lead_s=0.005)
+
+    assert made_up.slots_us == (T0_US + 12_500, T0_US + 25_000)  # their places on the schedule
+    assert [made_up.stamp_us(at_us) for at_us in made_up.slots_us] == [now_us + 5_000] * 2
+    assert replaced.slots_us == (now_us + 5_000,)
+    assert replaced.stamp_us(now_us + 5_000) == now_us + 5_000
+
+
 @pytest.mark.parametrize("rate_per_s", [2, 80])
 async def test_one_call_for_many_slots_gives_what_one_call_per_slot_gives(
     clients: list[aioredis.Redis], redis: aioredis.Redis, rate_per_s: int
@@ -275,6 +296,34 @@ async def test_acquire_does_not_release_inside_a_hold_set_while_it_slept(
 
     seconds, micros = await redis.time()
     assert seconds * US + micros >= held_until_us
+
+
+@pytest.mark.parametrize("rate_per_s", [10, 80])
+async def test_a_hold_set_by_another_daemon_stops_releases_within_the_freshness_bound(
+    clients: list[aioredis.Redis], rate_per_s: int
+) -> None:
+    """Real clock: the sending daemon learns the hold from its leases, or reads it when they
+    are too far apart (at 10/s it holds slots for 300 ms), so nothing leaves it later than
+    HOLD_FRESH_S after another daemon was told to hold, plus the lateness a release is
+    allowed."""
+    sending, throttled, _ = pacers(clients, rate_per_s)
+    released: list[float] = []
+
+    async def send_forever() -> None:
+        while True:
+            await sending.acquire()
+            released.append(time.monotonic())
+
+    task = asyncio.create_task(send_forever())
+    try:
+        await wait_until(lambda: len(released) >= 5, interval_s=0.01)
+        await throttled.throttle(30.0)
+        throttled_at = time.monotonic()
+        await asyncio.sleep(HOLD_FRESH_S * 3)
+    finally:
+        task.cancel()
+
+    assert [t for t in released if t > throttled_at + HOLD_FRESH_S + MAX_WAKE_LATE_S] == []
 
 
 async def _newest_reservation_is_after(redis: aioredis.Redis, at_us: int) -> bool:
