@@ -38,15 +38,17 @@ later than that gives its slot up unused: the script takes its stamp out of the 
 gives a replacement at once, so lateness costs a round trip, not a slot. A slot is due at its
 stamp, so one made up from a stall is due when it was given out.
 
-The hold reaches a daemon with every lease, and a daemon sends on what it knows of it if that
+Slots leased after a hold was set come after it; the slots a daemon leased before need it to
+learn of the hold. It comes with every lease, and a daemon sends on what it knows of it if that
 is at most HOLD_FRESH_S (100 ms) old at the slot; older, it reads the hold again shortly
-before the slot (one HGET). A sending daemon leases at least every 50 ms at 80/s and above, so
-it reads the hold only at slower rates. A hold another daemon set is therefore honoured within
-100 ms; requests released in those 100 ms meet the throttle like the requests that were
-already in flight when the throttling answer came (a provider answers in 100-500 ms), and get
-the same treatment: a 429, which holds and is sent again. Redis pub/sub could carry the notice
-sooner, but its messages are lost across a reconnect, so the bound would still be needed; it
-would cost each daemon another connection and a listener per account.
+before the slot (one HGET). A daemon that sends 80/s or more on its own leases at least every
+50 ms and never reads it; one that sends less (a slower account, or its share of one) reads it
+before some of its slots. A hold another daemon set is therefore honoured within 100 ms;
+requests released in those 100 ms meet the throttle like the requests that were already in
+flight when the throttling answer came, and get the same treatment: a 429, which holds and is
+sent again. Redis pub/sub could carry the notice sooner, but its messages are lost across a
+reconnect, so the bound would still be needed; it would cost each daemon another connection
+and a listener per account.
 
 Local callers take turns on an asyncio.Lock (FIFO); a slot is used only when its caller
 returns, so a cancelled waiter leaves it to the next. Slots cleared by a hold stay in the
