@@ -36,7 +36,9 @@ Slots are stamped into the ring when they are given out, before the caller sleep
 window includes MAX_WAKE_LATE_S of lateness, counted against the slot's Redis time; a caller
 later than that gives its slot up unused: the script takes its stamp out of the ring and
 gives a replacement at once, so lateness costs a round trip, not a slot. A slot is due at its
-stamp, so one made up from a stall is due when it was given out.
+stamp, so one made up from a stall is due when it was given out. "At once" is ANSWER_LEAD_S
+after the script ran, the time its answer takes to come back; a lease that brings a slot due
+before the one the head of the queue sleeps to wakes it.
 
 Slots leased after a hold was set come after it; the slots a daemon leased before need it to
 learn of the hold. It comes with every lease, and a daemon sends on what it knows of it if that
@@ -97,9 +99,9 @@ LEASE_S = 0.05
 MIN_LEASE_SLOTS = 2
 MAX_LEASE_SLOTS = 100  # bounds the script's work at very high rates
 # A slot due at once is due this long after Redis gave it out: its answer has to come back
-# first, and a slot more than MAX_WAKE_LATE_S late is given up. With none, replacements came
-# back too late whenever a round trip took over 5 ms and were given up in turn: at 80/s
-# on a busy host, one slot in two.
+# first, and a slot more than MAX_WAKE_LATE_S late is given up. With none (and a head that
+# slept on to its own slot instead of taking a replacement that came back), replacements were
+# late on arrival and given up in turn: at 80/s on a busy host, one leased slot in two.
 ANSWER_LEAD_S = 0.005
 # Redis TIME is mapped to this daemon's monotonic clock by the fastest answer seen: an answer
 # carries Redis `now` at least its round trip late. The mapping must not drift early, so it
@@ -445,7 +447,7 @@ class SharedPacer:
         self._slots = collections.deque(
             sorted([*self._slots, *slots], key=lambda slot: slot.stamp_us)
         )
-        if self._slots[0] is not head and self._nap is not None and not self._nap.done():
+        if self._slots and self._slots[0] is not head and self._nap and not self._nap.done():
             self._nap.set_result(None)  # the head sleeps to a later slot: it takes this one
 
     def _map_clock(self, redis_now_us: int, received_at: float) -> None:
