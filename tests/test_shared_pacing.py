@@ -28,6 +28,7 @@ from blastd.shared_pacing import (
     HOLD_FRESH_S,
     IDLE_TTL_MS,
     MAX_WAKE_LATE_S,
+    Reservation,
     SharedPacer,
     lease_slots,
     rate_ring_key,
@@ -324,6 +325,40 @@ async def test_a_hold_set_by_another_daemon_stops_releases_within_the_freshness_
         task.cancel()
 
     assert [t for t in released if t > throttled_at + HOLD_FRESH_S + MAX_WAKE_LATE_S] == []
+
+
+async def test_slots_of_a_slow_answer_that_fell_due_meanwhile_are_given_up_not_sent_late(
+    clients: list[aioredis.Redis],
+) -> None:
+    """Real clock, 80/s: the third lease's answer comes back 80 ms after Redis gave out its
+    slots. Those due in the first 70 ms are late on Redis's clock, which the ring counts in:
+    they go back with later leases for replacements, instead of leaving late and bunching
+    with the slots a second later."""
+    reservations: list[Reservation] = []
+    given_up_us: list[int] = []
+
+    async def slow_third_answer(
+        fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        result = await fn(*args, **kwargs)
+        if isinstance(result, Reservation):
+            reservations.append(result)
+            given_up_us.extend(args[1])  # type: ignore[call-overload]
+            if len(reservations) == 3:
+                await asyncio.sleep(0.08)
+        return result
+
+    pacer = SharedPacer(
+        clients[0], slow_third_answer, prefix=PREFIX, account=ACCOUNT, rate_per_s=80
+    )
+    for _ in range(12):
+        await pacer.acquire()
+
+    slow = reservations[2]
+    stamps_us = [slow.stamp_us(at_us) for at_us in slow.slots_us]
+    fell_due_us = {stamp_us for stamp_us in stamps_us if stamp_us < slow.now_us + 70_000}
+    assert fell_due_us  # the slow lease had slots due while its answer was on the way
+    assert fell_due_us <= set(given_up_us)
 
 
 async def _newest_reservation_is_after(redis: aioredis.Redis, at_us: int) -> bool:
