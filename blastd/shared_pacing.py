@@ -22,6 +22,9 @@ an answer is late by that answer's round trip), the mapping drifting later by CL
 until the next answer confirms it, so it errs late by about the fastest round trip, and no
 more. Mapping each lease by its own answer made a slow answer (38 ms in a busy daemon) late
 for all its slots: they bunched with slots on time a second later, 81 in one second at 80/s.
+After a failover to a server whose clock is behind the old one's, the mapping runs early by
+the difference and catches up at CLOCK_DRIFT (a few seconds for the milliseconds between
+NTP-synced servers); the windows meanwhile have that much less margin.
 
 A daemon takes LEASE_S worth of slots per call (a lease), at least MIN_LEASE_SLOTS, and the
 next lease when half of it is left, in a background task: the head of the queue sleeps to
