@@ -15,25 +15,45 @@ release times. The script keeps what the local Pacer keeps, once for everyone:
 - the hold (Retry-After) and the current AIMD rate, so a throttling answer seen by one daemon
   holds and slows all of them, and cuts the rate once per episode, not once per daemon.
 
-Times in Redis are microseconds of Redis `TIME`: one clock for all daemons. A caller turns a
-slot into its own monotonic clock from the `now` the script returns, taken when the answer
-arrived, so it can only err late, by the round trip. Redis `TIME` is the server's wall clock:
-a step backwards (not NTP's slewing) would stall the account for the step.
+Times in Redis are microseconds of Redis `TIME`: one clock for all daemons. Redis `TIME` is
+the server's wall clock: a step backwards (not NTP's slewing) would stall the account for the
+step. A daemon maps it to its own monotonic clock by the fastest answer it has seen (`now` in
+an answer is late by that answer's round trip), the mapping drifting later by CLOCK_DRIFT
+until the next answer confirms it, so it errs late by about the fastest round trip, and no
+more. Mapping each lease by its own answer made a slow answer (38 ms in a busy daemon) late
+for all its slots: they bunched with slots on time a second later, 81 in one second at 80/s.
+After a failover to a server whose clock is behind the old one's, the mapping runs early by
+the difference and catches up at CLOCK_DRIFT (a few seconds for the milliseconds between
+NTP-synced servers); the windows meanwhile have that much less margin.
 
-A daemon takes LEASE_S worth of slots per call (a lease), and the next lease when half of it
-is left, in a background task: the head of the queue sleeps to its slot meanwhile, so the
-round trip overlaps the sending instead of making the slot late. The script reads the ring
-once and pushes a lease's stamps in one command, so its Redis commands are counted per lease,
-not per slot. A daemon's slots are used in time order, replacements included.
+A daemon takes LEASE_S worth of slots per call (a lease), at least MIN_LEASE_SLOTS, and the
+next lease when half of it is left, in a background task: the head of the queue sleeps to
+its slot meanwhile, so the round trip overlaps the sending instead of making the slot late.
+The script reads the ring once and pushes a lease's stamps in one command, so its Redis
+commands are counted per lease, not per slot. A daemon's slots are used in time order,
+replacements included. Leased slots are stamped when given out, so a longer lease cannot put
+more than R in a window; the ones never used (the daemon stopped, or ran out of work) still
+count for a second after their stamps, and cost the other daemons that much rate.
 
 Slots are stamped into the ring when they are given out, before the caller sleeps, so the
-window includes MAX_WAKE_LATE_S of lateness; a caller later than that gives its slot up
-unused: the script takes its stamp out of the ring and gives a replacement at once, so
-lateness costs a round trip, not a slot. A slot is due at its stamp, so one made up from a
-stall is due when it was given out. A caller whose knowledge of the hold would be older
-than HOLD_RECHECK_S at its slot reads it again shortly before, so a hold another daemon set
-while it slept is honoured; a hold set in the last HOLD_RECHECK_S before a release is
-missed, like a request that was already in flight when the answer came.
+window includes MAX_WAKE_LATE_S of lateness, counted against the slot's Redis time; a caller
+later than that gives its slot up unused: the script takes its stamp out of the ring and
+gives a replacement at once, so lateness costs a round trip, not a slot. A slot is due at its
+stamp, so one made up from a stall is due when it was given out. "At once" is ANSWER_LEAD_S
+after the script ran, the time its answer takes to come back; a lease that brings a slot due
+before the one the head of the queue sleeps to wakes it.
+
+Slots leased after a hold was set come after it; the slots a daemon leased before need it to
+learn of the hold. It comes with every lease, and a daemon sends on what it knows of it if that
+is at most HOLD_FRESH_S (100 ms) old at the slot; older, it reads the hold again shortly
+before the slot (one HGET). A daemon that sends 80/s or more on its own leases at least every
+50 ms and never reads it; one that sends less (a slower account, or its share of one) reads it
+before some of its slots. A hold another daemon set is therefore honoured within 100 ms;
+requests released in those 100 ms meet the throttle like the requests that were already in
+flight when the throttling answer came, and get the same treatment: a 429, which holds and is
+sent again. Redis pub/sub could carry the notice sooner, but its messages are lost across a
+reconnect, so the bound would still be needed; it would cost each daemon another connection
+and a listener per account.
 
 Local callers take turns on an asyncio.Lock (FIFO); a slot is used only when its caller
 returns, so a cancelled waiter leaves it to the next. Slots cleared by a hold stay in the
@@ -63,25 +83,40 @@ US_PER_S = 1_000_000
 # Keys outlive the last reservation and the hold by this much, then an idle account leaves
 # nothing behind; its rate starts again at the configured one.
 IDLE_TTL_MS = 60_000
-# See the module docstring: how late past its slot a caller may still send, and how long a
-# caller may sleep on what it knew of the hold before it must read it again.
+# See the module docstring: how late past its slot (in Redis time) a caller may still send.
 MAX_WAKE_LATE_S = 0.005
-HOLD_RECHECK_S = 0.005
-# One script call reserves this much sending time: at 1000/s 20 slots, so the round trip and
-# its CPU are paid once per 20 requests. The next lease is taken when half of this one is
-# left, so the round trip (a few ms in a busy daemon) overlaps the sending instead of delaying
-# it. At least two slots: with one, each lease was taken only once its slot was used, the
-# round trip came between every two sends, and at 80/s a loaded host lost 8 % of the rate to
-# it. Short, so that a rate cut reaches reservations made before it soon (a hold clears them).
-LEASE_S = 0.02
+# A hold set by another daemon is honoured within this (module docstring): a slot is released
+# on what this daemon knew of the hold at most this long before it, else the hold is read again
+# HOLD_READ_LEAD_S before the slot, so that round trip does not make the release late.
+HOLD_FRESH_S = 0.1
+HOLD_READ_LEAD_S = 0.0025
+# One script call reserves this much sending time, and the next lease is taken when half of
+# the last one is left, so the round trip (a few ms in a busy daemon) overlaps the sending
+# instead of delaying it. 50 ms: at 1000/s 50 slots; at 80/s 4 slots, one call per four
+# requests, and a lease every 50 ms, so what the daemon knows of the hold stays younger than
+# HOLD_FRESH_S with no read of its own. At least two slots: with one, each lease was taken only
+# once its slot was used, the round trip came between every two sends, and at 80/s a loaded
+# host lost 8 % of the rate to it. Slots leased and never used still count in the ring for a
+# second: a daemon that stops or runs out of work costs the others at most 1.5 leases.
+LEASE_S = 0.05
 MIN_LEASE_SLOTS = 2
 MAX_LEASE_SLOTS = 100  # bounds the script's work at very high rates
+# A slot due at once is due this long after Redis gave it out: its answer has to come back
+# first, and a slot more than MAX_WAKE_LATE_S late is given up. With none (and a head that
+# slept on to its own slot instead of taking a replacement that came back), replacements were
+# late on arrival and given up in turn: at 80/s on a busy host, one leased slot in two.
+ANSWER_LEAD_S = 0.005
+# Redis TIME is mapped to this daemon's monotonic clock by the fastest answer seen: an answer
+# carries Redis `now` at least its round trip late. The mapping must not drift early, so it
+# moves later by this fraction of the time since it was last confirmed: two hosts' clocks,
+# each slewed by NTP at most 500 ppm. Every lease confirms it again.
+CLOCK_DRIFT = 0.001
 
 # KEYS: state hash, ring list. ARGV: ceiling_per_s, step_per_s, window_us (guard included),
-# return_lag_us, idle_ttl_ms, scheduled, now_us ('' for Redis TIME), then the ring stamps of
-# slots given up unused. Those leave the ring, and each gets a replacement at once, off the
-# schedule; then `scheduled` slots follow on the schedule. Returns {now_us, rate, hold_us,
-# at_us...}, replacements first.
+# return_lag_us, idle_ttl_ms, scheduled, now_us ('' for Redis TIME), lead_us, then the ring
+# stamps of slots given up unused. Those leave the ring, and each gets a replacement at once
+# (lead_us after now), off the schedule; then `scheduled` slots follow on the schedule, none
+# due before lead_us after now. Returns {now_us, rate, hold_us, at_us...}, replacements first.
 RESERVE_LUA = """
 local now = tonumber(ARGV[7])
 if not now then
@@ -95,9 +130,10 @@ local next_at = tonumber(state[2]) or now
 local hold = tonumber(state[3]) or 0
 local capacity = math.max(1, math.floor(rate))
 local interval = math.ceil(1000000 / rate)
-local replacements = #ARGV - 7
+local due = now + tonumber(ARGV[8])
+local replacements = #ARGV - 8
 local count = replacements + tonumber(ARGV[6])
-for given_up = 8, #ARGV do
+for given_up = 9, #ARGV do
   redis.call('LREM', KEYS[2], 1, ARGV[given_up])
 end
 -- Slot j is checked against the entry at capacity - 1 once j - 1 stamps are pushed: the old
@@ -109,11 +145,11 @@ if count > 0 then
 end
 local reply = {now, tostring(rate), hold}
 local stamps = {}
-local stamp = now
+local stamp = due
 for slot = 1, count do
   local at
   if slot <= replacements then
-    at = math.max(now, hold)
+    at = math.max(due, hold)
   else
     if next_at < now - tonumber(ARGV[4]) then
       next_at = now
@@ -132,7 +168,7 @@ for slot = 1, count do
   if slot > replacements or at > next_at then
     next_at = at + interval
   end
-  stamp = math.max(at, now)
+  stamp = math.max(at, due)
   stamps[slot] = stamp
   reply[#reply + 1] = at
 end
@@ -188,17 +224,17 @@ class Reservation:
     now_us: int  # Redis TIME when the script ran
     rate_per_s: float  # the account's rate after this reservation
     held_until_us: int
+    lead_us: int = 0  # no slot was due before now_us + lead_us
 
     def stamp_us(self, at_us: int) -> int:
-        """What the ring holds for the slot at at_us: no release happens before either."""
-        return max(at_us, self.now_us)
+        """What the ring holds for the slot at at_us: no release happens before it."""
+        return max(at_us, self.now_us + self.lead_us)
 
 
 @dataclass(frozen=True, slots=True)
 class _Slot:
     at_us: int
-    stamp_us: int
-    release_at: float  # time.monotonic()
+    stamp_us: int  # due then, in Redis time: the daemon's clock is mapped to it when it sleeps
 
 
 def rate_state_key(prefix: str, account: str) -> str:
@@ -245,6 +281,10 @@ class SharedPacer:
         self._step_per_s = 0.0  # increases not yet sent: they ride on the next reservation
         self._held_until_us = 0
         self._hold_known_at = 0.0  # monotonic time at which _held_until_us was read
+        # Redis TIME in seconds plus this is time.monotonic(), never early (CLOCK_DRIFT).
+        self._clock_offset_s = math.inf
+        self._clock_mapped_at = 0.0
+        self._nap: asyncio.Future[None] | None = None  # the head's sleep, which a lease may end
         self._slots: collections.deque[_Slot] = collections.deque()  # reserved, not yet used
         self._given_up_us: list[int] = []  # stamps of slots woken too late for, to replace
         self._leasing: asyncio.Task[None] | None = None
@@ -266,16 +306,7 @@ class SharedPacer:
                 if self._given_up_us or len(self._slots) <= self._lease_size() // 2:
                     self._refill()  # in the background: the round trip overlaps the sleep
                 slot = self._slots[0]
-                # The hold is read just before the slot, not after: its round trip does not
-                # make the release late.
-                await _sleep_until(slot.release_at - HOLD_RECHECK_S / 2)
-                held_until_us = await self._held_until_now_us()
-                await _sleep_until(slot.release_at)
-                if slot.at_us < held_until_us:
-                    self._slots.clear()  # a throttling answer came while this caller slept
-                elif self._slots and self._slots[0] is not slot:
-                    continue  # a lease came back meanwhile with a replacement due before it
-                elif time.monotonic() - slot.release_at <= MAX_WAKE_LATE_S:
+                if await self._wait_for(slot):
                     self._slots.popleft()
                     return
 
@@ -285,17 +316,18 @@ class SharedPacer:
         given_up_us: Sequence[int] = (),
         now_us: int | None = None,
         lag_s: float = MAX_RETURN_LAG_S,
+        lead_s: float = 0.0,
     ) -> Reservation:
         """Take the account's next `scheduled` release times, after one at once for each slot
         given up unused (by its ring stamp); `now_us` replaces Redis TIME (tests only). A
         schedule at most lag_s behind is kept, its past slots due at once; one further behind
-        restarts at now."""
+        restarts at now. "At once" is lead_s after now: no slot is due before."""
         step_per_s, self._step_per_s = self._step_per_s, 0.0
         # A slot may go out up to MAX_WAKE_LATE_S after its stamp: the window covers that too.
         window_us = _us(WINDOW_S + CLOCK_GUARD_S + MAX_WAKE_LATE_S)
         args: list[float | str] = [self._ceiling_per_s, step_per_s, window_us]
         args += [_us(lag_s), IDLE_TTL_MS, scheduled, "" if now_us is None else now_us]
-        args += given_up_us
+        args += [_us(lead_s), *given_up_us]
         try:
             script_now_us, rate, held_until_us, *slots_us = await self._reserve_script(
                 keys=self._keys, args=args
@@ -305,7 +337,9 @@ class SharedPacer:
             raise
         self._rate_per_s = float(rate)
         slots = tuple(int(at_us) for at_us in slots_us)
-        return Reservation(slots, int(script_now_us), self._rate_per_s, int(held_until_us))
+        return Reservation(
+            slots, int(script_now_us), self._rate_per_s, int(held_until_us), _us(lead_s)
+        )
 
     async def throttle(self, hold_s: float, factor: float = 0.5, now_us: int | None = None) -> bool:
         """Hold every daemon's sends for hold_s; the first throttle of an episode (no hold
@@ -314,11 +348,12 @@ class SharedPacer:
             raise ValueError("factor must be between 0 and 1")
         args: list[float | str] = [self._ceiling_per_s, self._floor_per_s, _us(hold_s), factor]
         args += [IDLE_TTL_MS, "" if now_us is None else now_us]
+        asked_at = time.monotonic()
         is_new, rate, held_until_us = await self._call(
             self._throttle_script, keys=self._keys, args=args
         )
         self._rate_per_s = float(rate)
-        self._learn_hold(int(held_until_us), time.monotonic())
+        self._learn_hold(int(held_until_us), asked_at)
         return bool(is_new)
 
     def increase(self, step_per_s: float) -> None:
@@ -329,13 +364,56 @@ class SharedPacer:
         self._step_per_s += step_per_s
 
     def _lease_size(self) -> int:
-        return max(MIN_LEASE_SLOTS, min(MAX_LEASE_SLOTS, int(self._rate_per_s * LEASE_S)))
+        return lease_slots(self._rate_per_s)
+
+    def _release_at(self, slot: _Slot) -> float:
+        """The slot's time on this daemon's monotonic clock."""
+        return slot.stamp_us / US_PER_S + self._clock_offset_s
+
+    async def _wait_for(self, slot: _Slot) -> bool:
+        """Sleep to the slot; True if it may be used now. False if a hold cleared it, if a
+        replacement came back meanwhile and is due before it, or if this caller woke too late."""
+        await self._read_hold_if_stale(slot)
+        late_s = await self._sleep_to(slot)
+        if slot.at_us < self._held_until_us:
+            self._slots.clear()  # a throttling answer came while this caller slept
+            return False
+        return bool(self._slots) and self._slots[0] is slot and late_s <= MAX_WAKE_LATE_S
+
+    async def _sleep_to(self, slot: _Slot) -> float:
+        """Sleep to the slot, or until a lease puts an earlier one (a replacement, due at once)
+        ahead of it; how late this caller woke (below zero when it was woken early)."""
+        loop = asyncio.get_running_loop()
+        # On time.monotonic(), not on loop.time(): uvloop's loop.time() is the start of the
+        # loop's iteration and may be behind, which would release early. The deadline moves
+        # if a lease meanwhile maps the clock better.
+        while (late_s := time.monotonic() - self._release_at(slot)) < 0 and self._slots[0] is slot:
+            self._nap = loop.create_future()
+            timer = loop.call_later(max(-late_s, MIN_SLEEP_S), _wake, self._nap)
+            try:
+                await self._nap
+            finally:
+                timer.cancel()
+                self._nap = None
+        return late_s
+
+    async def _read_hold_if_stale(self, slot: _Slot) -> None:
+        """Read the hold again shortly before a slot that what this daemon knows of it would
+        not cover (HOLD_FRESH_S): another daemon may have been throttled meanwhile. The read
+        goes before the slot, not after it, so its round trip does not make the release late."""
+        if self._release_at(slot) - self._hold_known_at <= HOLD_FRESH_S:
+            return
+        await _sleep_until(self._release_at(slot) - HOLD_READ_LEAD_S)
+        if self._release_at(slot) - self._hold_known_at > HOLD_FRESH_S:  # no lease brought it
+            asked_at = time.monotonic()
+            held_until = await self._call(self._redis.hget, self._keys[0], "hold")
+            self._learn_hold(int(held_until or 0), asked_at)
 
     def _give_up_late_slots(self) -> None:
         """Drop the slots this daemon woke too late for; their ring stamps go back with the
         next lease, to be replaced at once."""
         now = time.monotonic()
-        while self._slots and now - self._slots[0].release_at > MAX_WAKE_LATE_S:
+        while self._slots and now - self._release_at(self._slots[0]) > MAX_WAKE_LATE_S:
             self._given_up_us.append(self._slots.popleft().stamp_us)
 
     def _refill(self) -> asyncio.Task[None]:
@@ -354,36 +432,44 @@ class SharedPacer:
 
     async def _lease(self, scheduled: int, given_up_us: list[int], lag_s: float) -> None:
         """Reserve more slots; replacements are due at once, so they may go first in line."""
+        asked_at = time.monotonic()
         try:
-            reservation = await self._call(self.reserve, scheduled, given_up_us, lag_s=lag_s)
+            reservation = await self._call(
+                self.reserve, scheduled, given_up_us, lag_s=lag_s, lead_s=ANSWER_LEAD_S
+            )
         except BaseException:
             self._given_up_us += given_up_us  # not replaced: send them with the next lease
             raise
-        reserved_at = time.monotonic()
-        self._learn_hold(reservation.held_until_us, reserved_at)
+        self._map_clock(reservation.now_us, time.monotonic())
+        self._learn_hold(reservation.held_until_us, asked_at)
         # Due at its stamp: a slot made up from a stall (its time already past) is due when it
-        # was given out, and only lateness after that is lateness.
-        slots = [
-            _Slot(at_us, stamp_us, reserved_at + (stamp_us - reservation.now_us) / US_PER_S)
-            for at_us in reservation.slots_us
-            for stamp_us in (reservation.stamp_us(at_us),)
-        ]
-        # In time order: a replacement later than a slot still held would make that slot late.
+        # was given out, and only lateness after that is lateness. In time order: a
+        # replacement later than a slot still held would make that slot late.
+        head = self._slots[0] if self._slots else None
+        slots = [_Slot(at_us, reservation.stamp_us(at_us)) for at_us in reservation.slots_us]
         self._slots = collections.deque(
-            sorted([*self._slots, *slots], key=lambda slot: slot.release_at)
+            sorted([*self._slots, *slots], key=lambda slot: slot.stamp_us)
         )
+        if self._slots and self._slots[0] is not head and self._nap and not self._nap.done():
+            self._nap.set_result(None)  # the head sleeps to a later slot: it takes this one
 
-    async def _held_until_now_us(self) -> int:
-        """The hold, read again from Redis if what this daemon knows is older than
-        HOLD_RECHECK_S: another daemon may have been throttled meanwhile."""
-        if time.monotonic() - self._hold_known_at > HOLD_RECHECK_S:
-            held_until = await self._call(self._redis.hget, self._keys[0], "hold")
-            self._learn_hold(int(held_until or 0), time.monotonic())
-        return self._held_until_us
+    def _map_clock(self, redis_now_us: int, received_at: float) -> None:
+        """Redis TIME to time.monotonic(): the answer carried `now` late by its round trip, so
+        the fastest answer maps best. A slow answer (a busy loop, a slow Redis) mapped on its
+        own would make all its slots late, and a late slot bunches with one on time a second
+        later. The mapping drifts later (CLOCK_DRIFT) until an answer confirms it."""
+        drifted_s = self._clock_offset_s + (received_at - self._clock_mapped_at) * CLOCK_DRIFT
+        self._clock_offset_s = min(drifted_s, received_at - redis_now_us / US_PER_S)
+        self._clock_mapped_at = received_at
 
     def _learn_hold(self, held_until_us: int, known_at: float) -> None:
         self._held_until_us = max(self._held_until_us, held_until_us)
-        self._hold_known_at = known_at
+        self._hold_known_at = max(self._hold_known_at, known_at)
+
+
+def lease_slots(rate_per_s: float) -> int:
+    """How many slots one lease takes at this rate (LEASE_S)."""
+    return max(MIN_LEASE_SLOTS, min(MAX_LEASE_SLOTS, int(rate_per_s * LEASE_S)))
 
 
 async def _sleep_until(monotonic_at: float) -> None:
@@ -391,6 +477,11 @@ async def _sleep_until(monotonic_at: float) -> None:
     # is the start of the loop's iteration and may be behind, which would release early.
     while (remaining_s := monotonic_at - time.monotonic()) > 0:  # noqa: ASYNC110
         await asyncio.sleep(max(remaining_s, MIN_SLEEP_S))
+
+
+def _wake(nap: asyncio.Future[None]) -> None:
+    if not nap.done():
+        nap.set_result(None)
 
 
 def _us(seconds: float) -> int:

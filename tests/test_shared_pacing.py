@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -24,10 +25,12 @@ from blastd.embedded import EmbeddedRedis, free_port
 from blastd.pacing import MAX_LAG_S
 from blastd.resources import Dependencies
 from blastd.shared_pacing import (
+    HOLD_FRESH_S,
     IDLE_TTL_MS,
-    LEASE_S,
-    MIN_LEASE_SLOTS,
+    MAX_WAKE_LATE_S,
+    Reservation,
     SharedPacer,
+    lease_slots,
     rate_ring_key,
     rate_state_key,
 )
@@ -86,7 +89,7 @@ async def run_daemons(
     while (now_us := due[0][0]) < until_us:
         index = due[0][1]
         if not leases[index]:
-            count = max(MIN_LEASE_SLOTS, int(daemons[index].rate_per_s * LEASE_S))
+            count = lease_slots(daemons[index].rate_per_s)
             reservation = await daemons[index].reserve(count, now_us=now_us)
             leases[index] = list(reservation.slots_us)
         released_us = max(leases[index].pop(0), now_us)
@@ -165,6 +168,24 @@ async def test_a_slot_given_up_late_is_replaced_at_once_and_leaves_the_ring(
     assert following.slots_us == (T0_US + 25_000,)
     ring = [int(stamp) for stamp in await redis.lrange(rate_ring_key(PREFIX, ACCOUNT), 0, -1)]
     assert ring == [T0_US + 25_000, T0_US + 18_500, T0_US]
+
+
+async def test_slots_due_at_once_are_due_lead_s_after_the_script_ran(
+    clients: list[aioredis.Redis],
+) -> None:
+    """A replacement, and a slot made up from a stall, cannot be used before the answer is
+    back: with lead_s they are due that long after Redis gave them out, and so stamped."""
+    daemon = pacers(clients, 80)[0]
+    first = await daemon.reserve(now_us=T0_US)
+    now_us = T0_US + 12_500 + 20_000  # 20 ms behind the schedule
+
+    made_up = await daemon.reserve(2, now_us=now_us, lag_s=MAX_LAG_S, lead_s=0.005)
+    replaced = await daemon.reserve(0, [first.stamp_us(T0_US)], now_us=now_us, lead_s=0.005)
+
+    assert made_up.slots_us == (T0_US + 12_500, T0_US + 25_000)  # their places on the schedule
+    assert [made_up.stamp_us(at_us) for at_us in made_up.slots_us] == [now_us + 5_000] * 2
+    assert replaced.slots_us == (now_us + 5_000,)
+    assert replaced.stamp_us(now_us + 5_000) == now_us + 5_000
 
 
 @pytest.mark.parametrize("rate_per_s", [2, 80])
@@ -278,6 +299,68 @@ async def test_acquire_does_not_release_inside_a_hold_set_while_it_slept(
     assert seconds * US + micros >= held_until_us
 
 
+@pytest.mark.parametrize("rate_per_s", [10, 80])
+async def test_a_hold_set_by_another_daemon_stops_releases_within_the_freshness_bound(
+    clients: list[aioredis.Redis], rate_per_s: int
+) -> None:
+    """Real clock: the sending daemon learns the hold from its leases, or reads it when they
+    are too far apart (at 10/s it holds slots for 300 ms), so nothing leaves it later than
+    HOLD_FRESH_S after another daemon was told to hold, plus the lateness a release is
+    allowed."""
+    sending, throttled, _ = pacers(clients, rate_per_s)
+    released: list[float] = []
+
+    async def send_forever() -> None:
+        while True:
+            await sending.acquire()
+            released.append(time.monotonic())
+
+    task = asyncio.create_task(send_forever())
+    try:
+        await wait_until(lambda: len(released) >= 5, interval_s=0.01)
+        await throttled.throttle(30.0)
+        throttled_at = time.monotonic()
+        await asyncio.sleep(HOLD_FRESH_S * 3)
+    finally:
+        task.cancel()
+
+    assert [t for t in released if t > throttled_at + HOLD_FRESH_S + MAX_WAKE_LATE_S] == []
+
+
+async def test_slots_of_a_slow_answer_that_fell_due_meanwhile_are_given_up_not_sent_late(
+    clients: list[aioredis.Redis],
+) -> None:
+    """Real clock, 80/s: the third lease's answer comes back 80 ms after Redis gave out its
+    slots. Those due in the first 70 ms are late on Redis's clock, which the ring counts in:
+    they go back with later leases for replacements, instead of leaving late and bunching
+    with the slots a second later."""
+    reservations: list[Reservation] = []
+    given_up_us: list[int] = []
+
+    async def slow_third_answer(
+        fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        result = await fn(*args, **kwargs)
+        if isinstance(result, Reservation):
+            reservations.append(result)
+            given_up_us.extend(args[1])  # type: ignore[call-overload]
+            if len(reservations) == 3:
+                await asyncio.sleep(0.08)
+        return result
+
+    pacer = SharedPacer(
+        clients[0], slow_third_answer, prefix=PREFIX, account=ACCOUNT, rate_per_s=80
+    )
+    for _ in range(12):
+        await pacer.acquire()
+
+    slow = reservations[2]
+    stamps_us = [slow.stamp_us(at_us) for at_us in slow.slots_us]
+    fell_due_us = {stamp_us for stamp_us in stamps_us if stamp_us < slow.now_us + 70_000}
+    assert fell_due_us  # the slow lease had slots due while its answer was on the way
+    assert fell_due_us <= set(given_up_us)
+
+
 async def _newest_reservation_is_after(redis: aioredis.Redis, at_us: int) -> bool:
     newest = await redis.lindex(rate_ring_key(PREFIX, ACCOUNT), 0)
     return newest is not None and int(newest) > at_us
@@ -305,7 +388,7 @@ async def test_acquire_waits_out_a_redis_outage_and_never_releases_unpaced(
         assert recovered["dependency"] == "redis"
         assert isinstance(recovered["attempts"], int)
         assert recovered["attempts"] >= 1
-        lease = max(MIN_LEASE_SLOTS, int(80 * LEASE_S))  # one lease, taken once Redis was back
+        lease = lease_slots(80)  # one lease, taken once Redis was back
         assert await client.llen(rate_ring_key(PREFIX, ACCOUNT)) == lease
     finally:
         await client.aclose()
