@@ -61,7 +61,7 @@ NSPAWN_ROOT := .tmp/nspawn-root
 nspawn-root:
 	tests/systemd/build_root.sh $(NSPAWN_ROOT) .
 
-# One table of every performance figure beside its goal (about 9 minutes).
+# One table of every performance figure beside its goal (about 8 minutes).
 bench: install
 	$(BIN)/python bench/trend.py
 

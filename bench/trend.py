@@ -3,7 +3,7 @@
     .venv/bin/python bench/trend.py [--rounds 3] [--sizes 20000 100000 1000000]
 
 Runs, one after the other on this machine, the benchmarks that hold blastd's performance
-promises, at sizes that keep the whole run to about 9 minutes, and prints one table a
+promises, at sizes that keep the whole run to about 8 minutes, and prints one table a
 later change can be set beside:
 
 - bench/throughput.py at 0 and 50 ms provider latency (20,000 recipients, concurrency 64):
