@@ -79,6 +79,7 @@ bench-more: install
 	$(BIN)/python bench/backend_cost.py --concurrency 256 --rates 0 2000
 	$(BIN)/python bench/pacing_cost.py
 	$(BIN)/python bench/first_send.py
+	$(BIN)/python bench/ledger_statements.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -69,11 +69,14 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def running_stack(*, fsync: bool = True) -> AsyncIterator[Stack]:
-    """Valkey, PostgreSQL and the sandbox, stopped (SIGTERM) and deleted on the way out."""
+async def running_stack(
+    *, fsync: bool = True, postgres_settings: Sequence[str] = ()
+) -> AsyncIterator[Stack]:
+    """Valkey, PostgreSQL (with `postgres_settings`, `name=value` each) and the sandbox, stopped
+    (SIGTERM) and deleted on the way out."""
     with (
         tempfile.TemporaryDirectory(prefix="blastd-bench-") as tmp,
-        _servers(Path(tmp), fsync) as (
+        _servers(Path(tmp), fsync, postgres_settings) as (
             redis_url,
             postgres,
             (sandbox_url, sandbox_pid),
@@ -106,12 +109,14 @@ async def running_stack(*, fsync: bool = True) -> AsyncIterator[Stack]:
 
 
 @contextlib.contextmanager
-def _servers(root: Path, fsync: bool) -> Iterator[tuple[str, EmbeddedPostgres, tuple[str, int]]]:
+def _servers(
+    root: Path, fsync: bool, postgres_settings: Sequence[str]
+) -> Iterator[tuple[str, EmbeddedPostgres, tuple[str, int]]]:
     with contextlib.ExitStack() as stack:
         redis = EmbeddedRedis(root / "redis")
         redis.start()
         stack.callback(redis.stop)
-        postgres = EmbeddedPostgres(root / "postgres", fsync=fsync)
+        postgres = EmbeddedPostgres(root / "postgres", fsync=fsync, settings=postgres_settings)
         postgres.start()
         stack.callback(postgres.stop)
         yield redis.url, postgres, _start_sandbox(stack, root / "sandbox.log")

@@ -235,9 +235,17 @@ class EmbeddedPostgres(EmbeddedServer):
 
     name = "postgres"
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        fsync: bool = True,
+        settings: Sequence[str] = (),
+    ) -> None:
         super().__init__(data_dir, port)
         self.fsync = fsync
+        self.settings = settings  # more `name=value` server settings, e.g. a profiler's
 
     @property
     def url(self) -> str:
@@ -287,6 +295,7 @@ class EmbeddedPostgres(EmbeddedServer):
             f"fsync={'on' if self.fsync else 'off'}",
             "-c",
             "max_connections=200",
+            *(arg for setting in self.settings for arg in ("-c", setting)),
         ]
 
     def pg_ctl(self, *args: str) -> None:
