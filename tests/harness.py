@@ -194,6 +194,34 @@ def spawn_daemon(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]
         )
 
 
+async def finish_after_kills(
+    env: dict[str, str],
+    log_path: Path,
+    admin_port: int,
+    pool: ledger.Pool,
+    sandbox: SandboxHandle,
+    campaign_id: str,
+    done_timeout_s: float,
+) -> None:
+    """After the kills: one more daemon runs the campaign to done and waits until no recipient
+    left 'uncertain' is one the sandbox received (its webhook resolves those), then drains."""
+    final = spawn_daemon(env, log_path)
+    try:
+        await wait_until(lambda: is_ready(admin_port), timeout_s=30)
+        await wait_until(lambda: is_done(pool, campaign_id), timeout_s=done_timeout_s)
+        await wait_until(lambda: _uncertain_received(pool, sandbox), timeout_s=60, interval_s=0.5)
+    finally:
+        final.send_signal(signal.SIGTERM)
+        assert final.wait(timeout=30) == 0
+
+
+async def _uncertain_received(pool: ledger.Pool, sandbox: SandboxHandle) -> bool:
+    """True once no 'uncertain' recipient is one the sandbox actually received."""
+    received = await sandbox.recipients()
+    phones = await pool.fetch("SELECT phone FROM recipients WHERE state = 'uncertain'")
+    return not any(received.get(digits(r["phone"])) for r in phones)
+
+
 async def is_ready(admin_port: int) -> bool:
     """True once the daemon's /readyz answers 200 (it installs its signal handlers before)."""
     try:

@@ -24,10 +24,8 @@ from tests.harness import (
     SandboxHandle,
     Servers,
     daemon_env,
-    is_done,
-    is_ready,
+    finish_after_kills,
     spawn_daemon,
-    wait_until,
     webhook_url,
 )
 
@@ -72,14 +70,8 @@ async def test_sigkill_at_random_moments_loses_nobody_and_sends_nobody_twice(
         process.wait()
         kill_moments.append(round(moment_s, 2))
 
-    final = spawn_daemon(env, tmp_path / "daemon-final.log")
-    try:
-        await wait_until(lambda: is_ready(admin_port), timeout_s=30)
-        await wait_until(lambda: is_done(pool, "crash"), timeout_s=120)
-        await wait_until(lambda: _uncertain_received(pool, sandbox), timeout_s=60, interval_s=0.5)
-    finally:
-        final.send_signal(signal.SIGTERM)
-        assert final.wait(timeout=30) == 0
+    final_log = tmp_path / "daemon-final.log"
+    await finish_after_kills(env, final_log, admin_port, pool, sandbox, "crash", 120)
 
     rows = await pool.fetch("SELECT phone, state, flags FROM recipients")
     received = await sandbox.recipients()
@@ -101,10 +93,3 @@ async def test_sigkill_at_random_moments_loses_nobody_and_sends_nobody_twice(
         f"resolved by webhook {resolved}; duplicates {len(duplicates)}"
     )
     assert await redis.llen("blastd:processing:test-process") == 0
-
-
-async def _uncertain_received(pool: ledger.Pool, sandbox: SandboxHandle) -> bool:
-    """True once no 'uncertain' recipient is one the sandbox actually received."""
-    received = await sandbox.recipients()
-    phones = await pool.fetch("SELECT phone FROM recipients WHERE state = 'uncertain'")
-    return not any(received.get(r["phone"].lstrip("+")) for r in phones)

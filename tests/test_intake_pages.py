@@ -21,8 +21,8 @@ from tests.harness import (
     Servers,
     daemon_env,
     digits,
+    finish_after_kills,
     is_done,
-    is_ready,
     key_job,
     make_settings,
     numbers_from,
@@ -127,13 +127,6 @@ async def test_pages_without_a_valid_recipient_admit_nothing(
     assert (await sandbox.stats())["requests"] == 0
 
 
-async def _uncertain_received(pool: ledger.Pool, sandbox: SandboxHandle) -> bool:
-    """True once no 'uncertain' recipient is one the sandbox actually received."""
-    received = await sandbox.recipients()
-    phones = await pool.fetch("SELECT phone FROM recipients WHERE state = 'uncertain'")
-    return not any(received.get(digits(r["phone"])) for r in phones)
-
-
 @pytest.mark.slow
 async def test_sigkill_in_the_middle_of_the_intake_then_restart_sends_everyone_once(
     servers: Servers,
@@ -160,14 +153,8 @@ async def test_sigkill_in_the_middle_of_the_intake_then_restart_sends_everyone_o
     left = await reports.campaign_status(pool, "killed")
     assert left is not None
 
-    final = spawn_daemon(env, tmp_path / "daemon-final.log")
-    try:
-        await wait_until(lambda: is_ready(admin_port), timeout_s=30)
-        await wait_until(lambda: is_done(pool, "killed"), timeout_s=180)
-        await wait_until(lambda: _uncertain_received(pool, sandbox), timeout_s=60, interval_s=0.5)
-    finally:
-        final.send_signal(signal.SIGTERM)
-        assert final.wait(timeout=30) == 0
+    final_log = tmp_path / "daemon-final.log"
+    await finish_after_kills(env, final_log, admin_port, pool, sandbox, "killed", 180)
     rows = await pool.fetch("SELECT phone, state FROM recipients WHERE campaign_id = 'killed'")
     received = await sandbox.recipients()
     print(
