@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -196,33 +197,35 @@ async def sandbox_counts(stack: Stack) -> tuple[int, int]:
 
 
 async def run_baseline(stack: Stack, bodies: list[bytes], concurrency: int) -> Run:
-    await stack.sandbox_post("reset", {})
-    api_version = CloudApiAccount.model_fields["api_version"].default
-    url = f"{stack.sandbox_url}/{api_version}/{PHONE_NUMBER_ID}/messages"
-    client, sandbox = psutil.Process(), psutil.Process(stack.sandbox_pid)
-    client_cpu_s, sandbox_cpu_s, box_s = cpu_s(client), cpu_s(sandbox), box_cpu_s()
-    seconds = await send_bare(url, bodies, concurrency)
-    client_cpu_s, sandbox_cpu_s = cpu_s(client) - client_cpu_s, cpu_s(sandbox) - sandbox_cpu_s
-    box_s = box_cpu_s() - box_s
-    accepted, duplicates = await sandbox_counts(stack)
-    return Run(
-        "baseline", len(bodies), seconds, accepted, duplicates, client_cpu_s, sandbox_cpu_s, box_s
+    return await _run_in_process(
+        stack, "baseline", len(bodies), lambda url: send_bare(url, bodies, concurrency)
     )
 
 
 async def run_chunked(stack: Stack, numbers: list[str], concurrency: int) -> Run:
+    return await _run_in_process(
+        stack,
+        "chunked",
+        len(numbers),
+        lambda url: send_chunked(stack.pool, url, numbers, concurrency),
+    )
+
+
+async def _run_in_process(
+    stack: Stack, kind: str, messages: int, send: Callable[[str], Awaitable[float]]
+) -> Run:
+    """A loop run by this process against the reset sandbox: its seconds, and the CPU of this
+    process, of the sandbox and of the whole machine meanwhile."""
     await stack.sandbox_post("reset", {})
     api_version = CloudApiAccount.model_fields["api_version"].default
     url = f"{stack.sandbox_url}/{api_version}/{PHONE_NUMBER_ID}/messages"
     client, sandbox = psutil.Process(), psutil.Process(stack.sandbox_pid)
     client_cpu_s, sandbox_cpu_s, box_s = cpu_s(client), cpu_s(sandbox), box_cpu_s()
-    seconds = await send_chunked(stack.pool, url, numbers, concurrency)
+    seconds = await send(url)
     client_cpu_s, sandbox_cpu_s = cpu_s(client) - client_cpu_s, cpu_s(sandbox) - sandbox_cpu_s
     box_s = box_cpu_s() - box_s
     accepted, duplicates = await sandbox_counts(stack)
-    return Run(
-        "chunked", len(numbers), seconds, accepted, duplicates, client_cpu_s, sandbox_cpu_s, box_s
-    )
+    return Run(kind, messages, seconds, accepted, duplicates, client_cpu_s, sandbox_cpu_s, box_s)
 
 
 async def run_blastd(stack: Stack, daemon: Daemon, numbers: list[str], campaign_id: str) -> Run:
