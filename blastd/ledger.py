@@ -132,16 +132,7 @@ async def insert_campaign(
     memory at once; duplicates of a number become 'skipped' rows with reason 'duplicate', and
     with `skip_opted_out` numbers on the opt-out list become 'skipped' with reason 'opted_out'.
     """
-    inserted = await conn.fetchval(
-        "INSERT INTO campaigns (id, type, account, message, options) VALUES ($1, $2, $3, $4, $5) "
-        "ON CONFLICT (id) DO NOTHING RETURNING true",
-        campaign.id,
-        campaign.type,
-        campaign.account,
-        campaign.message,
-        campaign.options,
-    )
-    if not inserted:
+    if not await _insert_campaign_row(conn, campaign, complete=True, length=None):
         return None
     await conn.execute(
         "CREATE TEMP TABLE staged_recipients (seq integer, phone text, vars text, "
@@ -228,16 +219,23 @@ async def insert_campaign_head(
     conn: asyncpg.Connection, campaign: NewCampaign, length: int
 ) -> bool:
     """Insert the campaign row, its intake not complete; False when the id exists already."""
+    return await _insert_campaign_row(conn, campaign, complete=False, length=length)
+
+
+async def _insert_campaign_row(
+    conn: asyncpg.Connection, campaign: NewCampaign, *, complete: bool, length: int | None
+) -> bool:
     return bool(
         await conn.fetchval(
             "INSERT INTO campaigns (id, type, account, message, options, intake_complete, "
-            "intake_length) VALUES ($1, $2, $3, $4, $5, false, $6) "
+            "intake_length) VALUES ($1, $2, $3, $4, $5, $6, $7) "
             "ON CONFLICT (id) DO NOTHING RETURNING true",
             campaign.id,
             campaign.type,
             campaign.account,
             campaign.message,
             campaign.options,
+            complete,
             length,
         )
     )
