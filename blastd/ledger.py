@@ -722,13 +722,6 @@ async def recover_owned(pool: Pool, owner: str) -> int:
         """,
         owner,
     )
-    # Reserved, not yet marked 'sending', by a version that reserved ahead of its intents: no
-    # request left for them.
-    await pool.execute(
-        "UPDATE recipients SET owner = NULL, updated_at = now() "
-        "WHERE owner = $1 AND state = 'pending'",
-        owner,
-    )
     return int(result.split()[-1])
 
 

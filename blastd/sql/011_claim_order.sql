@@ -10,4 +10,6 @@ DROP INDEX recipients_by_state;
 DROP INDEX recipients_pending;
 -- A claim also moves its recipients to 'sending' itself now (the claim is the intent), so no
 -- recipient stays 'pending' under an owner any more; claim_token tells a live claim from an
--- orphan.
+-- orphan. Those an earlier version reserved ahead of their intents had no request out: they
+-- are free again, once, here.
+UPDATE recipients SET owner = NULL, updated_at = now() WHERE state = 'pending' AND owner IS NOT NULL;
