@@ -20,6 +20,7 @@ from blastd.providers.base import Body, TemplateBody, TextBody, VideoBody
 from blastd.recipients import (
     BadEntry,
     RecipientIn,
+    map_in_slices,
     normalize_number,
     stream_recipients_key,
     time_zone_of,
@@ -292,13 +293,15 @@ async def staged_pages(
         entries = stream_recipients_key(
             deps.redis, source.key, size, start=start, expected=source.length, first_page_size=first
         )
+    region = settings.default_region
+
+    def stage(numbered: tuple[int, RecipientIn | BadEntry]) -> ledger.StagedRecipient:
+        return stage_recipient(job, numbered[0], numbered[1], region)
+
     seq = start
     async for page in entries:
-        staged = []
-        for entry in page:
-            staged.append(stage_recipient(job, seq, entry, settings.default_region))
-            seq += 1
-        yield staged
+        yield await map_in_slices(stage, list(enumerate(page, seq)))
+        seq += len(page)
 
 
 async def _inline_pages(

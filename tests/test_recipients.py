@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import phonenumbers
 import pytest
@@ -8,8 +10,10 @@ import redis.asyncio as aioredis
 from blastd.errors import InvalidNumberError
 from blastd.recipients import (
     MAX_ENTRY_BYTES,
+    SLICE_ENTRIES,
     BadEntry,
     RecipientIn,
+    map_in_slices,
     normalize_number,
     parse_recipient_entry,
     stream_recipients_key,
@@ -175,3 +179,22 @@ async def test_stream_marks_malformed_elements_and_keeps_going(
     assert page[1].raw_preview == "'{broken'"
     assert isinstance(page[2], BadEntry)
     assert page[3] == RecipientIn(to="0812-3456-7890")
+
+
+async def test_a_long_page_gives_other_tasks_turns_while_it_is_worked_through() -> None:
+    """A page is normalised a slice at a time, so a send that falls due meanwhile goes out."""
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)  # the ticker's first turn
+    started = ticks
+    done = await map_in_slices(str, range(SLICE_ENTRIES * 4))
+    ticker.cancel()
+    assert done == [str(n) for n in range(SLICE_ENTRIES * 4)]
+    assert ticks - started == 3  # one turn between each two slices
