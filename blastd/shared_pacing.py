@@ -13,7 +13,11 @@ release times. The script keeps what the local Pacer keeps, once for everyone:
   given out before ring[oldest] + 1 s + CLOCK_GUARD_S + MAX_WAKE_LATE_S, so no one-second
   window of releases holds more than R;
 - the hold (Retry-After) and the current AIMD rate, so a throttling answer seen by one daemon
-  holds and slows all of them, and cuts the rate once per episode, not once per daemon.
+  holds and slows all of them, and cuts the rate once per episode, not once per daemon. The
+  rate is kept with the configured rate it was cut from: a daemon configured with another
+  scales it by the change, so raising an account's rate_per_s takes effect on the first lease
+  and not after the climb back that follows a cut, and a cut to half stays half of the new
+  rate.
 
 Times in Redis are microseconds of Redis `TIME`: one clock for all daemons. Redis `TIME` is
 the server's wall clock: a step backwards (not NTP's slewing) would stall the account for the
@@ -124,8 +128,10 @@ if not now then
   now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 end
 local ceiling = tonumber(ARGV[1])
-local state = redis.call('HMGET', KEYS[1], 'rate', 'next', 'hold')
-local rate = math.min(ceiling, (tonumber(state[1]) or ceiling) + tonumber(ARGV[2]))
+local state = redis.call('HMGET', KEYS[1], 'rate', 'next', 'hold', 'ceiling')
+local rate = tonumber(state[1]) or ceiling
+local was = tonumber(state[4]) or ceiling
+rate = math.min(ceiling, rate * ceiling / was + tonumber(ARGV[2]))
 local next_at = tonumber(state[2]) or now
 local hold = tonumber(state[3]) or 0
 local capacity = math.max(1, math.floor(rate))
@@ -176,7 +182,7 @@ if count > 0 then
   redis.call('LPUSH', KEYS[2], unpack(stamps))
   redis.call('LTRIM', KEYS[2], 0, capacity - 1)
 end
-redis.call('HSET', KEYS[1], 'rate', rate, 'next', next_at)
+redis.call('HSET', KEYS[1], 'rate', rate, 'ceiling', ceiling, 'next', next_at)
 local ttl_ms = math.ceil((math.max(stamp, hold) - now) / 1000) + tonumber(ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 redis.call('PEXPIRE', KEYS[2], ttl_ms)
@@ -192,15 +198,17 @@ if not now then
   now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 end
 local ceiling = tonumber(ARGV[1])
-local state = redis.call('HMGET', KEYS[1], 'rate', 'hold')
-local rate = math.min(ceiling, tonumber(state[1]) or ceiling)
+local state = redis.call('HMGET', KEYS[1], 'rate', 'hold', 'ceiling')
+local rate = tonumber(state[1]) or ceiling
+local was = tonumber(state[3]) or ceiling
+rate = math.min(ceiling, rate * ceiling / was)
 local hold = tonumber(state[2]) or 0
 local is_new_episode = hold <= now
 hold = math.max(hold, now + tonumber(ARGV[3]))
 if is_new_episode then
   rate = math.max(tonumber(ARGV[2]), rate * tonumber(ARGV[4]))
 end
-redis.call('HSET', KEYS[1], 'rate', rate, 'hold', hold)
+redis.call('HSET', KEYS[1], 'rate', rate, 'ceiling', ceiling, 'hold', hold)
 local ttl_ms = math.ceil((hold - now) / 1000) + tonumber(ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 redis.call('PEXPIRE', KEYS[2], ttl_ms)

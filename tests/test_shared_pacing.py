@@ -251,6 +251,30 @@ async def test_increase_recovers_the_shared_rate_but_never_above_the_configured_
     assert first.rate_per_s == 80
 
 
+async def test_a_new_configured_rate_applies_on_the_first_lease_and_a_cut_keeps_its_share(
+    clients: list[aioredis.Redis],
+) -> None:
+    """An operator raises the account from 80/s to 1,000/s and restarts: the daemon sends at
+    1,000/s from its first lease, not at 80/s climbing back. A rate cut to half by a throttle
+    is half of whichever rate a daemon is configured with."""
+    old = pacers(clients[:1], 80)[0]
+    await run_daemons([old], T0_US, T0_US + 2 * US)
+    assert old.rate_per_s == 80
+
+    [new] = pacers(clients[1:2], 1000)
+    await new.reserve(now_us=T0_US + 2 * US)
+    assert new.rate_per_s == 1000
+    releases = await run_daemons([new], T0_US + 2 * US, T0_US + 3 * US)
+    assert len(releases) >= 0.98 * 1000
+
+    await new.throttle(0.001, now_us=T0_US + 4 * US)
+    assert new.rate_per_s == 500
+    await old.reserve(now_us=T0_US + 5 * US)
+    assert old.rate_per_s == 40  # half of its own 80, not 500
+    await new.reserve(now_us=T0_US + 6 * US)
+    assert new.rate_per_s == 500
+
+
 @pytest.mark.parametrize("rate_per_s", [80, 1000])
 async def test_an_idle_gap_saves_up_no_slots(
     clients: list[aioredis.Redis], rate_per_s: int
