@@ -10,6 +10,10 @@ achieved/R ((n - 1) / (last - first) over R; the promise is >= 0.98) and the mos
 any one-second window (the promise is <= R). Next to them, the daemons' CPU (user + system)
 and the Redis commands (INFO commandstats, scripts' own commands included), per message.
 
+For each R too, the floor: a bare aiohttp loop in this process sending the same requests paced
+at R (each at its deadline, in a task of its own, no ledger, no Redis), and its CPU per message.
+A request that leaves alone costs several times what it costs among thousands a second.
+
 Last, one daemon with nothing to do: its CPU seconds per minute of idling, from psutil.
 """
 
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import psutil
 import redis.asyncio as aioredis
+import throughput
 import uvloop
 from rich.console import Console
 from rich.table import Table
@@ -91,6 +96,18 @@ async def run_paced(
     return PacedRun(rate_per_s, daemons, arrivals_s, cpu_used, commands)
 
 
+async def bare_paced_ms(stack: Stack, rate_per_s: int, seconds: float) -> float:
+    """CPU ms per message of the bare loop paced at rate_per_s, in this process."""
+    bodies = throughput.request_bodies(phone_numbers(int(rate_per_s * seconds)))
+    run = await throughput.run_in_process(
+        stack,
+        "bare paced",
+        len(bodies),
+        lambda url: throughput.send_bare_paced(url, bodies, rate_per_s),
+    )
+    return run.cpu_us_per_message(run.sender_cpu_s) / 1000
+
+
 async def idle_cpu_s_per_min(stack: Stack, idle_s: float) -> float:
     """One daemon, no campaign: CPU seconds it uses per minute of waiting for work."""
     account = account_settings(stack.sandbox_url, rate_per_s=80, concurrency=10)
@@ -105,7 +122,14 @@ async def idle_cpu_s_per_min(stack: Stack, idle_s: float) -> float:
     return used / idle_s * 60
 
 
-async def run_all(args: argparse.Namespace) -> tuple[list[PacedRun], float]:
+@dataclass(frozen=True, slots=True)
+class PacingCosts:
+    runs: list[PacedRun]
+    bare_ms: dict[int, float]  # R: the bare loop's CPU ms per message paced at R
+    idle_s_per_min: float
+
+
+async def run_all(args: argparse.Namespace) -> PacingCosts:
     async with running_stack() as stack:
         await stack.sandbox_post("config", {"rate_per_s": 0, "latency_ms": 0, "webhook_url": None})
         runs = [
@@ -113,18 +137,28 @@ async def run_all(args: argparse.Namespace) -> tuple[list[PacedRun], float]:
             for rate in args.rates
             for daemons in args.daemons
         ]
-        return runs, await idle_cpu_s_per_min(stack, args.idle_s)
+        bare_ms = {rate: await bare_paced_ms(stack, rate, args.seconds) for rate in args.rates}
+        return PacingCosts(runs, bare_ms, await idle_cpu_s_per_min(stack, args.idle_s))
 
 
-def render(runs: list[PacedRun], idle: float, idle_s: float) -> Table:
+def render(costs: PacingCosts, idle_s: float) -> Table:
     table = Table(
         title="shared pacer, arrivals stamped by the sandbox; per message unless said",
-        caption=f"idle daemon: {idle:.3f} CPU s/min (over {idle_s:g} s)",
+        caption=f"idle daemon: {costs.idle_s_per_min:.3f} CPU s/min (over {idle_s:g} s)",
     )
-    columns = ("R", "daemons", "arrivals", "achieved/R", "max in 1 s", "CPU ms", "redis cmds")
+    columns = (
+        "R",
+        "daemons",
+        "arrivals",
+        "achieved/R",
+        "max in 1 s",
+        "CPU ms",
+        "bare loop CPU ms",
+        "redis cmds",
+    )
     for column in (*columns, "promise"):
         table.add_column(column, justify="right")
-    for run in runs:
+    for run in costs.runs:
         in_1_s = max_in_window(run.arrivals_s, 1.0)
         n = len(run.arrivals_s)
         holds = run.share >= PROMISED_SHARE and in_1_s <= run.rate_per_s
@@ -135,6 +169,7 @@ def render(runs: list[PacedRun], idle: float, idle_s: float) -> Table:
             f"{run.share:.4f}",
             str(in_1_s),
             f"{run.cpu_s * 1000 / n:.3f}",
+            f"{costs.bare_ms[run.rate_per_s]:.3f}",
             f"{run.redis_commands / n:.2f}",
             "holds" if holds else "missed",
         )
@@ -149,8 +184,7 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=30.0, help="idle sample length")
     parser.add_argument("--concurrency", type=int, default=100, help="account concurrency")
     args = parser.parse_args()
-    runs, idle = uvloop.run(run_all(args))
-    Console(width=120).print(render(runs, idle, args.idle_s))
+    Console(width=120).print(render(uvloop.run(run_all(args)), args.idle_s))
 
 
 if __name__ == "__main__":

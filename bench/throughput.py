@@ -136,6 +136,29 @@ async def send_bare(url: str, bodies: list[bytes], concurrency: int) -> float:
         return time.perf_counter() - started
 
 
+async def send_bare_paced(url: str, bodies: list[bytes], rate_per_s: float) -> float:
+    """The bare loop paced, as a hand-written script would pace it: request k leaves in a task
+    of its own at start + k / rate_per_s, the loop sleeping to that deadline between two; seconds
+    from the first request to the last answer."""
+    loop = asyncio.get_running_loop()
+    connector = aiohttp.TCPConnector(keepalive_timeout=30)
+
+    async def send(http: aiohttp.ClientSession, body: bytes) -> None:
+        async with http.post(url, data=body, headers=HEADERS) as response:
+            await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"sandbox answered {response.status}")
+
+    async with aiohttp.ClientSession(connector=connector) as http:
+        started = loop.time()
+        async with asyncio.TaskGroup() as sends:
+            for k, body in enumerate(bodies):
+                if (wait_s := started + k / rate_per_s - loop.time()) > 0:
+                    await asyncio.sleep(wait_s)
+                sends.create_task(send(http, body))
+        return loop.time() - started
+
+
 CHUNK = 500  # the chunked loop's page: recipients read, sent together, written back at once
 
 
@@ -197,13 +220,13 @@ async def sandbox_counts(stack: Stack) -> tuple[int, int]:
 
 
 async def run_baseline(stack: Stack, bodies: list[bytes], concurrency: int) -> Run:
-    return await _run_in_process(
+    return await run_in_process(
         stack, "baseline", len(bodies), lambda url: send_bare(url, bodies, concurrency)
     )
 
 
 async def run_chunked(stack: Stack, numbers: list[str], concurrency: int) -> Run:
-    return await _run_in_process(
+    return await run_in_process(
         stack,
         "chunked",
         len(numbers),
@@ -211,7 +234,7 @@ async def run_chunked(stack: Stack, numbers: list[str], concurrency: int) -> Run
     )
 
 
-async def _run_in_process(
+async def run_in_process(
     stack: Stack, kind: str, messages: int, send: Callable[[str], Awaitable[float]]
 ) -> Run:
     """A loop run by this process against the reset sandbox: its seconds, and the CPU of this
