@@ -219,6 +219,7 @@ async def open_dependencies(
         ledger.open_pool,
         settings.database_url,
         command_timeout_s=settings.db_command_timeout_s,
+        keep_open=True,
     )
     stack.push_async_callback(pool.close)
     applied = await ledger.migrate(pool)
