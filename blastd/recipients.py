@@ -32,8 +32,9 @@ MAX_NUMBER_DIGITS = 17  # libphonenumber's own limit, national prefix included
 # Entries read or normalised between two turns of the event loop. A page of 5,000 takes about
 # 100 ms of CPU; in one go it stalls every send for that long, and a paced account's sends then
 # leave late and together: behind such stalls, bench/multi_rate.py saw 1,003 arrivals in one
-# second at R = 1,000. 250 entries take about 5 ms.
-SLICE_ENTRIES = 250
+# second at R = 1,000. 100 entries take about 2 ms: with 250 (5 ms), a shared pacer's head
+# still woke more than its 5 ms allowance late, and gave its slot up, many times a second.
+SLICE_ENTRIES = 100
 
 T = TypeVar("T")
 U = TypeVar("U")
