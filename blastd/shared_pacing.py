@@ -47,6 +47,17 @@ stamp, so one made up from a stall is due when it was given out. "At once" is AN
 after the script ran, the time its answer takes to come back; a lease that brings a slot due
 before the one the head of the queue sleeps to wakes it.
 
+Replacements follow each other at least half an interval apart (twice the rate), within a
+lease and across leases. A head that woke 50 ms late at 1,000/s gave up 50 slots; replaced at
+the same moment, they left as one burst, reached the sandbox spread over tens of ms, and the
+second from there held more than R: the ring counts releases, not arrivals.
+
+A caller that comes to acquire() with nobody waiting and finds slots already more than
+MAX_RETURN_LAG_S past did not wake late: nobody wanted those slots (the sending loop had
+nothing to send, its claim was late). Their stamps leave the ring with the next lease, but
+they are not replaced, as the local Pacer forgets unclaimed slots. Replaced, a lease's worth
+went out together when a campaign's first claims were slow: 75 requests in 10 ms at 1,000/s.
+
 Slots leased after a hold was set come after it; the slots a daemon leased before need it to
 learn of the hold. It comes with every lease, and a daemon sends on what it knows of it if that
 is at most HOLD_FRESH_S (100 ms) old at the slot; older, it reads the hold again shortly
@@ -117,10 +128,12 @@ ANSWER_LEAD_S = 0.005
 CLOCK_DRIFT = 0.001
 
 # KEYS: state hash, ring list. ARGV: ceiling_per_s, step_per_s, window_us (guard included),
-# return_lag_us, idle_ttl_ms, scheduled, now_us ('' for Redis TIME), lead_us, then the ring
-# stamps of slots given up unused. Those leave the ring, and each gets a replacement at once
-# (lead_us after now), off the schedule; then `scheduled` slots follow on the schedule, none
-# due before lead_us after now. Returns {now_us, rate, hold_us, at_us...}, replacements first.
+# return_lag_us, idle_ttl_ms, scheduled, now_us ('' for Redis TIME), lead_us, replaced, then
+# the ring stamps of slots given up unused. Those leave the ring, and the first `replaced` of
+# them each get a replacement at once (lead_us after now, and half an interval after the
+# account's last replacement), off the schedule; then `scheduled` slots follow on the schedule,
+# none due before lead_us after now. Returns {now_us, rate, hold_us, at_us...}, replacements
+# first.
 RESERVE_LUA = """
 local now = tonumber(ARGV[7])
 if not now then
@@ -128,18 +141,19 @@ if not now then
   now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 end
 local ceiling = tonumber(ARGV[1])
-local state = redis.call('HMGET', KEYS[1], 'rate', 'next', 'hold', 'ceiling')
+local state = redis.call('HMGET', KEYS[1], 'rate', 'next', 'hold', 'ceiling', 'replaced')
 local rate = tonumber(state[1]) or ceiling
 local was = tonumber(state[4]) or ceiling
 rate = math.min(ceiling, rate * ceiling / was + tonumber(ARGV[2]))
 local next_at = tonumber(state[2]) or now
 local hold = tonumber(state[3]) or 0
+local replaced = tonumber(state[5]) or 0
 local capacity = math.max(1, math.floor(rate))
 local interval = math.ceil(1000000 / rate)
 local due = now + tonumber(ARGV[8])
-local replacements = #ARGV - 8
+local replacements = tonumber(ARGV[9])
 local count = replacements + tonumber(ARGV[6])
-for given_up = 9, #ARGV do
+for given_up = 10, #ARGV do
   redis.call('LREM', KEYS[2], 1, ARGV[given_up])
 end
 -- Slot j is checked against the entry at capacity - 1 once j - 1 stamps are pushed: the old
@@ -155,7 +169,8 @@ local stamp = due
 for slot = 1, count do
   local at
   if slot <= replacements then
-    at = math.max(due, hold)
+    at = math.max(due, replaced + math.floor(interval / 2), hold)
+    replaced = at
   else
     if next_at < now - tonumber(ARGV[4]) then
       next_at = now
@@ -182,7 +197,7 @@ if count > 0 then
   redis.call('LPUSH', KEYS[2], unpack(stamps))
   redis.call('LTRIM', KEYS[2], 0, capacity - 1)
 end
-redis.call('HSET', KEYS[1], 'rate', rate, 'ceiling', ceiling, 'next', next_at)
+redis.call('HSET', KEYS[1], 'rate', rate, 'ceiling', ceiling, 'next', next_at, 'replaced', replaced)
 local ttl_ms = math.ceil((math.max(stamp, hold) - now) / 1000) + tonumber(ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 redis.call('PEXPIRE', KEYS[2], ttl_ms)
@@ -295,6 +310,7 @@ class SharedPacer:
         self._nap: asyncio.Future[None] | None = None  # the head's sleep, which a lease may end
         self._slots: collections.deque[_Slot] = collections.deque()  # reserved, not yet used
         self._given_up_us: list[int] = []  # stamps of slots woken too late for, to replace
+        self._unused_us: list[int] = []  # stamps of slots nobody came for, to leave the ring
         self._leasing: asyncio.Task[None] | None = None
         self._turn = asyncio.Lock()
 
@@ -305,6 +321,8 @@ class SharedPacer:
 
     async def acquire(self) -> None:
         """Return when the caller may send: in call order, within the shared rate and hold."""
+        if not self._turn.locked():
+            self._forget_unclaimed_slots()
         async with self._turn:
             while True:
                 self._give_up_late_slots()
@@ -325,17 +343,19 @@ class SharedPacer:
         now_us: int | None = None,
         lag_s: float = MAX_RETURN_LAG_S,
         lead_s: float = 0.0,
+        unused_us: Sequence[int] = (),
     ) -> Reservation:
         """Take the account's next `scheduled` release times, after one at once for each slot
-        given up unused (by its ring stamp); `now_us` replaces Redis TIME (tests only). A
-        schedule at most lag_s behind is kept, its past slots due at once; one further behind
-        restarts at now. "At once" is lead_s after now: no slot is due before."""
+        given up unused (by its ring stamp); the `unused_us` stamps only leave the ring.
+        `now_us` replaces Redis TIME (tests only). A schedule at most lag_s behind is kept, its
+        past slots due at once; one further behind restarts at now. "At once" is lead_s after
+        now: no slot is due before."""
         step_per_s, self._step_per_s = self._step_per_s, 0.0
         # A slot may go out up to MAX_WAKE_LATE_S after its stamp: the window covers that too.
         window_us = _us(WINDOW_S + CLOCK_GUARD_S + MAX_WAKE_LATE_S)
         args: list[float | str] = [self._ceiling_per_s, step_per_s, window_us]
         args += [_us(lag_s), IDLE_TTL_MS, scheduled, "" if now_us is None else now_us]
-        args += [_us(lead_s), *given_up_us]
+        args += [_us(lead_s), len(given_up_us), *given_up_us, *unused_us]
         try:
             script_now_us, rate, held_until_us, *slots_us = await self._reserve_script(
                 keys=self._keys, args=args
@@ -417,6 +437,13 @@ class SharedPacer:
             held_until = await self._call(self._redis.hget, self._keys[0], "hold")
             self._learn_hold(int(held_until or 0), asked_at)
 
+    def _forget_unclaimed_slots(self) -> None:
+        """Drop the slots that passed while nobody waited (module docstring); their ring stamps
+        go back with the next lease, not to be replaced."""
+        now = time.monotonic()
+        while self._slots and now - self._release_at(self._slots[0]) > MAX_RETURN_LAG_S:
+            self._unused_us.append(self._slots.popleft().stamp_us)
+
     def _give_up_late_slots(self) -> None:
         """Drop the slots this daemon woke too late for; their ring stamps go back with the
         next lease, to be replaced at once."""
@@ -432,21 +459,33 @@ class SharedPacer:
                 self._leasing.result()
             scheduled = self._lease_size() if len(self._slots) <= self._lease_size() // 2 else 0
             given_up_us, self._given_up_us = self._given_up_us, []
+            unused_us, self._unused_us = self._unused_us, []
             # A daemon still holding slots is busy, and a stall made it late: make up as much
             # as the local Pacer does. One that ran out may have been idle: save up nothing.
             lag_s = MAX_LAG_S if self._slots or given_up_us else MAX_RETURN_LAG_S
-            self._leasing = asyncio.create_task(self._lease(scheduled, given_up_us, lag_s))
+            self._leasing = asyncio.create_task(
+                self._lease(scheduled, given_up_us, unused_us, lag_s)
+            )
         return self._leasing
 
-    async def _lease(self, scheduled: int, given_up_us: list[int], lag_s: float) -> None:
+    async def _lease(
+        self, scheduled: int, given_up_us: list[int], unused_us: list[int], lag_s: float
+    ) -> None:
         """Reserve more slots; replacements are due at once, so they may go first in line."""
         asked_at = time.monotonic()
+
         try:
             reservation = await self._call(
-                self.reserve, scheduled, given_up_us, lag_s=lag_s, lead_s=ANSWER_LEAD_S
+                self.reserve,
+                scheduled,
+                given_up_us,
+                lag_s=lag_s,
+                lead_s=ANSWER_LEAD_S,
+                unused_us=unused_us,
             )
         except BaseException:
             self._given_up_us += given_up_us  # not replaced: send them with the next lease
+            self._unused_us += unused_us
             raise
         self._map_clock(reservation.now_us, time.monotonic())
         self._learn_hold(reservation.held_until_us, asked_at)

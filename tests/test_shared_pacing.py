@@ -170,6 +170,41 @@ async def test_a_slot_given_up_late_is_replaced_at_once_and_leaves_the_ring(
     assert ring == [T0_US + 25_000, T0_US + 18_500, T0_US]
 
 
+async def test_replacements_go_out_at_twice_the_rate_not_together(
+    clients: list[aioredis.Redis],
+) -> None:
+    """A head that woke 50 ms late at 1,000/s gave up 50 slots, and their replacements all due
+    at once left as one burst, which reached the provider spread out and crowded a later
+    second. Replacements are spaced half an interval apart, within a call and across calls."""
+    daemon = pacers(clients, 80)[0]
+    first = await daemon.reserve(4, now_us=T0_US)
+    stamps = [first.stamp_us(at_us) for at_us in first.slots_us]
+
+    replaced = await daemon.reserve(0, stamps[:3], now_us=T0_US + 60_000)
+    one_more = await daemon.reserve(0, stamps[3:], now_us=T0_US + 61_000)
+
+    assert replaced.slots_us == (T0_US + 60_000, T0_US + 66_250, T0_US + 72_500)
+    assert one_more.slots_us == (T0_US + 78_750,)
+
+
+async def test_slots_that_passed_while_nobody_waited_are_not_made_up_in_a_burst(
+    clients: list[aioredis.Redis],
+) -> None:
+    """The sending loop had nothing to send for 60 ms (a slow claim), so the lease's slots
+    passed unused. The next callers are paced from then on, not sent together to make up."""
+    daemon = pacers(clients, 1000)[0]
+    await daemon.acquire()
+    await asyncio.sleep(0.06)
+
+    released = []
+    for _ in range(30):
+        await daemon.acquire()
+        released.append(time.monotonic())
+
+    # On the schedule, 29 intervals; replacements at twice the rate would be 14.5 ms.
+    assert released[-1] - released[0] >= 0.012
+
+
 async def test_slots_due_at_once_are_due_lead_s_after_the_script_ran(
     clients: list[aioredis.Redis],
 ) -> None:
