@@ -116,6 +116,14 @@ def request_bodies(numbers: list[str]) -> list[bytes]:
     return [request_body(ledger_id, n) for ledger_id, n in enumerate(numbers, start=1)]
 
 
+async def post_bare(http: aiohttp.ClientSession, url: str, body: bytes) -> None:
+    """One request of the bare loop, its answer read and checked."""
+    async with http.post(url, data=body, headers=HEADERS) as response:
+        await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"sandbox answered {response.status}")
+
+
 async def send_bare(url: str, bodies: list[bytes], concurrency: int) -> float:
     """`concurrency` workers over one keep-alive pool; seconds from first request to last answer."""
     connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=30)
@@ -123,10 +131,7 @@ async def send_bare(url: str, bodies: list[bytes], concurrency: int) -> float:
 
     async def work(http: aiohttp.ClientSession) -> None:
         for body in pending:
-            async with http.post(url, data=body, headers=HEADERS) as response:
-                await response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"sandbox answered {response.status}")
+            await post_bare(http, url, body)
 
     async with aiohttp.ClientSession(connector=connector) as http:
         started = time.perf_counter()
@@ -143,19 +148,13 @@ async def send_bare_paced(url: str, bodies: list[bytes], rate_per_s: float) -> f
     loop = asyncio.get_running_loop()
     connector = aiohttp.TCPConnector(keepalive_timeout=30)
 
-    async def send(http: aiohttp.ClientSession, body: bytes) -> None:
-        async with http.post(url, data=body, headers=HEADERS) as response:
-            await response.read()
-            if response.status != 200:
-                raise RuntimeError(f"sandbox answered {response.status}")
-
     async with aiohttp.ClientSession(connector=connector) as http:
         started = loop.time()
         async with asyncio.TaskGroup() as sends:
             for k, body in enumerate(bodies):
                 if (wait_s := started + k / rate_per_s - loop.time()) > 0:
                     await asyncio.sleep(wait_s)
-                sends.create_task(send(http, body))
+                sends.create_task(post_bare(http, url, body))
         return loop.time() - started
 
 
