@@ -321,11 +321,11 @@ class SharedPacer:
 
     async def acquire(self) -> None:
         """Return when the caller may send: in call order, within the shared rate and hold."""
-        if not self._turn.locked():
-            self._forget_unclaimed_slots()
+        if not self._turn.locked():  # nobody waited: the slots past were nobody's
+            self._drop_slots_past(MAX_RETURN_LAG_S, self._unused_us)
         async with self._turn:
             while True:
-                self._give_up_late_slots()
+                self._drop_slots_past(MAX_WAKE_LATE_S, self._given_up_us)  # woken too late
                 if not self._slots:
                     await asyncio.shield(self._refill())  # a cancelled caller leaves it running
                     continue
@@ -437,19 +437,13 @@ class SharedPacer:
             held_until = await self._call(self._redis.hget, self._keys[0], "hold")
             self._learn_hold(int(held_until or 0), asked_at)
 
-    def _forget_unclaimed_slots(self) -> None:
-        """Drop the slots that passed while nobody waited (module docstring); their ring stamps
-        go back with the next lease, not to be replaced."""
+    def _drop_slots_past(self, allowance_s: float, stamps_us: list[int]) -> None:
+        """Drop the slots more than allowance_s past; their ring stamps go to stamps_us, which
+        the next lease takes back: _given_up_us to be replaced, _unused_us only to leave the
+        ring (module docstring)."""
         now = time.monotonic()
-        while self._slots and now - self._release_at(self._slots[0]) > MAX_RETURN_LAG_S:
-            self._unused_us.append(self._slots.popleft().stamp_us)
-
-    def _give_up_late_slots(self) -> None:
-        """Drop the slots this daemon woke too late for; their ring stamps go back with the
-        next lease, to be replaced at once."""
-        now = time.monotonic()
-        while self._slots and now - self._release_at(self._slots[0]) > MAX_WAKE_LATE_S:
-            self._given_up_us.append(self._slots.popleft().stamp_us)
+        while self._slots and now - self._release_at(self._slots[0]) > allowance_s:
+            stamps_us.append(self._slots.popleft().stamp_us)
 
     def _refill(self) -> asyncio.Task[None]:
         """The lease in flight, or a new one: one at a time, so each sees the last one's
@@ -473,7 +467,6 @@ class SharedPacer:
     ) -> None:
         """Reserve more slots; replacements are due at once, so they may go first in line."""
         asked_at = time.monotonic()
-
         try:
             reservation = await self._call(
                 self.reserve,
