@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -31,7 +30,9 @@ from rich.table import Table
 from stack import (
     Stack,
     account_settings,
+    cpu_s,
     phone_numbers,
+    postgres_cpu_s,
     push_job,
     push_recipients,
     recipients_key,
@@ -75,23 +76,11 @@ async def sample(stack: Stack, daemon_pid: int) -> Sample:
     )
     return Sample(
         calls,
-        _cpu_s(psutil.Process(int(server["process_id"]))),
+        cpu_s(psutil.Process(int(server["process_id"]))),
         {key: int(value) for key, value in dict(row).items()},
-        _postgres_cpu_s(stack.root),
-        _cpu_s(psutil.Process(daemon_pid)),
+        postgres_cpu_s(stack.root),
+        cpu_s(psutil.Process(daemon_pid)),
     )
-
-
-def _cpu_s(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
-def _postgres_cpu_s(root: Path) -> float:
-    """The postmaster's CPU and its live children's (the pool's backends stay up)."""
-    pid = int((root / "postgres" / "pgdata" / "postmaster.pid").read_text().split()[0])
-    postmaster = psutil.Process(pid)
-    return _cpu_s(postmaster) + sum(_cpu_s(child) for child in postmaster.children())
 
 
 def difference(before: Sample, after: Sample) -> tuple[dict[str, tuple[int, int]], Any]:

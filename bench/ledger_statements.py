@@ -8,8 +8,8 @@ to the sandbox (no latency, no rate limit), as bench/throughput.py does; the sta
 reset when the job is pushed, so they hold its intake, claims, outcome writes and progress
 counts (and this script's own polling of the campaign's state). Printed per message: each
 statement's execution time (wall time inside PostgreSQL, so it grows when the machine is
-loaded), its calls and rows; and the CPU of every PostgreSQL process, the daemon and the
-sandbox over the campaign.
+loaded), its calls and rows; and the CPU of PostgreSQL (its postmaster and backends), the
+daemon and the sandbox over the campaign.
 
 Run it on a new database at a size where the table grows during the campaign (100,000):
 plans made while the table still looked small showed here first, as statements whose time
@@ -27,7 +27,9 @@ from rich.table import Table
 from stack import (
     Stack,
     account_settings,
+    cpu_s,
     phone_numbers,
+    postgres_cpu_s,
     push_job,
     push_recipients,
     recipients_key,
@@ -35,22 +37,9 @@ from stack import (
     start_daemon,
     wait_until_done,
 )
-from throughput import cpu_s
 
 PROFILED = ("shared_preload_libraries=pg_stat_statements", "pg_stat_statements.track=all")
 CAMPAIGN = "ledger-statements"
-
-
-def postgres_cpu_s() -> float:
-    """CPU seconds of every PostgreSQL process now running (backends, writers, autovacuum)."""
-    total = 0.0
-    for process in psutil.process_iter(["name"]):
-        if "postgres" in (process.info["name"] or ""):
-            try:
-                total += cpu_s(process)
-            except psutil.Error:
-                continue  # a backend that ended meanwhile
-    return total
 
 
 async def statements(stack: Stack, top: int) -> list[tuple[float, int, int, str]]:
@@ -78,12 +67,12 @@ async def run(recipients: int, concurrency: int, top: int) -> None:
             "sandbox": psutil.Process(stack.sandbox_pid),
         }
         before = {name: cpu_s(p) for name, p in processes.items()}
-        postgres_before = postgres_cpu_s()
+        postgres_before = postgres_cpu_s(stack.root)
         await stack.pool.execute("SELECT pg_stat_statements_reset()")
         pushed_at = await push_job(stack.redis, CAMPAIGN)
         times = await wait_until_done(stack.pool, CAMPAIGN, timeout_s=1800)
         cpu = {name: (cpu_s(p) - before[name]) for name, p in processes.items()}
-        cpu["PostgreSQL (every process)"] = postgres_cpu_s() - postgres_before
+        cpu["PostgreSQL (postmaster and backends)"] = postgres_cpu_s(stack.root) - postgres_before
         costliest = await statements(stack, top)
         await daemon.stop()
     seconds = times.done_at - pushed_at

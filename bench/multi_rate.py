@@ -40,6 +40,7 @@ from stack import (
     Daemon,
     Stack,
     account_settings,
+    cpu_s,
     phone_numbers,
     push_job,
     push_recipients,
@@ -99,12 +100,12 @@ async def run_shared(
     account["shared_rate"] = is_shared
     started = await start_daemons(stack, account, daemons)
     processes = [psutil.Process(daemon.pid) for daemon in started]
-    cpu_at_start_s = _cpu_s(processes)  # start-up (imports, migrations) is not sending
+    cpu_at_start_s = cpu_s(*processes)  # start-up (imports, migrations) is not sending
     numbers = phone_numbers(int(rate_per_s * args.seconds))
     await push_recipients(stack.redis, recipients_key(campaign_id), numbers)
     await push_job(stack.redis, campaign_id)
     await wait_until_done(stack.pool, campaign_id, timeout_s=args.seconds * 4 + 60)
-    cpu_s = _cpu_s(processes) - cpu_at_start_s
+    sending_cpu_s = cpu_s(*processes) - cpu_at_start_s
     for daemon in started:
         exit_code = await daemon.stop()
         if exit_code != 0:
@@ -113,11 +114,7 @@ async def run_shared(
     states = await recipient_states(stack.pool, campaign_id)
     split = [_sent_by(daemon, campaign_id) for daemon in started]
     sent = states.get("sent", 0)
-    return MultiRun(rate_per_s, daemons, is_shared, arrivals_s, sent, split, cpu_s)
-
-
-def _cpu_s(processes: list[psutil.Process]) -> float:
-    return sum(process.cpu_times().user + process.cpu_times().system for process in processes)
+    return MultiRun(rate_per_s, daemons, is_shared, arrivals_s, sent, split, sending_cpu_s)
 
 
 def _sent_by(daemon: Daemon, campaign_id: str) -> int:

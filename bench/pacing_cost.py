@@ -32,6 +32,7 @@ from rich.table import Table
 from stack import (
     Stack,
     account_settings,
+    cpu_s,
     phone_numbers,
     push_job,
     push_recipients,
@@ -65,10 +66,6 @@ async def redis_commands(redis: aioredis.Redis) -> int:
     return sum(int(entry["calls"]) for entry in stats.values())
 
 
-def cpu_s(processes: list[psutil.Process]) -> float:
-    return sum(p.cpu_times().user + p.cpu_times().system for p in processes)
-
-
 async def run_paced(
     stack: Stack, rate_per_s: int, daemons: int, args: argparse.Namespace
 ) -> PacedRun:
@@ -83,10 +80,10 @@ async def run_paced(
         stack.redis, recipients_key(campaign_id), phone_numbers(int(rate_per_s * args.seconds))
     )
     await asyncio.sleep(SETTLE_S)
-    cpu_before, commands_before = cpu_s(processes), await redis_commands(stack.redis)
+    cpu_before, commands_before = cpu_s(*processes), await redis_commands(stack.redis)
     await push_job(stack.redis, campaign_id)
     await wait_until_done(stack.pool, campaign_id, timeout_s=args.seconds * 4 + 60, poll_s=0.1)
-    cpu_used = cpu_s(processes) - cpu_before
+    cpu_used = cpu_s(*processes) - cpu_before
     # The two INFO calls and the bench's own polls are a handful of commands in thousands.
     commands = await redis_commands(stack.redis) - commands_before
     for daemon in started:
@@ -114,9 +111,9 @@ async def idle_cpu_s_per_min(stack: Stack, idle_s: float) -> float:
     [daemon] = await start_daemons(stack, account, 1)
     process = psutil.Process(daemon.pid)
     await asyncio.sleep(SETTLE_S * 3)
-    before = cpu_s([process])
+    before = cpu_s(process)
     await asyncio.sleep(idle_s)
-    used = cpu_s([process]) - before
+    used = cpu_s(process) - before
     await daemon.stop()
     stack.daemons.remove(daemon)
     return used / idle_s * 60

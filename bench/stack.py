@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import orjson
+import psutil
 import redis.asyncio as aioredis
 
 from blastd.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
@@ -39,6 +40,30 @@ TEXT = "Halo! Promo November: diskon 20% untuk semua produk sampai akhir bulan."
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 60.0
 PUSH_CHUNK = 10_000
+
+
+def cpu_s(*processes: psutil.Process) -> float:
+    """CPU seconds (user + system) the processes have used, summed."""
+    total = 0.0
+    for process in processes:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def postgres_cpu_s(root: Path) -> float:
+    """CPU seconds of the stack's PostgreSQL: the postmaster and its live children (the
+    daemons' pools keep their backends up; one that ends between two samples takes its CPU
+    with it)."""
+    pid = int((root / "postgres" / "pgdata" / "postmaster.pid").read_text().split()[0])
+    postmaster = psutil.Process(pid)
+    total = cpu_s(postmaster)
+    for child in postmaster.children():
+        try:
+            total += cpu_s(child)
+        except psutil.Error:
+            continue  # a backend that ended meanwhile
+    return total
 
 
 @dataclass

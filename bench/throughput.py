@@ -54,6 +54,7 @@ from stack import (
     Daemon,
     Stack,
     account_settings,
+    cpu_s,
     phone_numbers,
     push_job,
     push_recipients,
@@ -90,11 +91,6 @@ class Run:
 
     def cpu_us_per_message(self, cpu_s: float) -> float:
         return cpu_s / self.messages * 1e6
-
-
-def cpu_s(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
 
 
 def box_cpu_s() -> float:
