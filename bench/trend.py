@@ -43,6 +43,9 @@ PACED_RATES = (80, 1000)
 PACER_DAEMONS = (1, 3)
 PACED_SECONDS = 10.0
 IDLE_S = 30.0
+# "Near 0" for an idle daemon, made a number: 1 % of a core, 0.6 CPU seconds a minute. What
+# still wakes it (campaign poll, intake timeout, lease, health probe) costs about a quarter.
+IDLE_GOAL_S_PER_MIN = 0.6
 FIRST_SEND_RATE = 50.0
 
 
@@ -112,7 +115,13 @@ def pacing_figures(costs: pacing_cost.PacingCosts, unpaced_ms: float) -> list[Fi
                 )
             )
     figures.append(
-        Figure("idle daemon CPU (s per minute)", f"{costs.idle_s_per_min:.3f}", "", "near 0", True)
+        Figure(
+            "idle daemon CPU (s per minute)",
+            f"{costs.idle_s_per_min:.3f}",
+            "",
+            f"<= {IDLE_GOAL_S_PER_MIN} (1 % of a core)",
+            costs.idle_s_per_min <= IDLE_GOAL_S_PER_MIN,
+        )
     )
     for run in costs.runs:
         busiest = max_in_window(run.arrivals_s, 1.0)
